@@ -1,0 +1,189 @@
+"""Bulk indexing: scan -> decode (worker processes) -> encode -> one transaction per batch.
+
+Each batch is committed to the database in one transaction (images and their vectors together),
+then added to the in-memory FAISS index; the index file is written when the run ends. A run killed
+at any moment therefore loses at most the batch in flight, and the next run (or any open) brings
+the FAISS file up to date from the database: every good image ends up indexed exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .encoders import REGISTRY, encoder_class
+from .errors import InvalidArgumentError, UnknownModelError
+from .images import infer_spec, scan
+from .ingest import Decoded, decode_all, plan
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexReport:
+    """What a bulk run did. ``failed`` lists (path, reason) for every file that was skipped."""
+
+    model: str
+    scanned: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    duplicates: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.scanned / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "scanned": self.scanned, "added": self.added, "updated": self.updated,
+                "unchanged": self.unchanged, "duplicates": self.duplicates,
+                "failed": [{"path": p, "reason": r} for p, r in self.failed],
+                "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 1)}
+
+
+class _Batch:
+    """Decoded files waiting to be encoded and committed together."""
+
+    def __init__(self) -> None:
+        self.pixels: list[np.ndarray] = []
+        self.keys: list[int | str] = []  # image id, or sha256 of an image not stored yet
+        self.new_images: list[dict[str, Any]] = []
+        self.changed: list[dict[str, Any]] = []
+        self.deleted: list[int] = []  # paths whose new content is stored under another path already
+        self.touched: list[tuple[int, float]] = []  # same content, new mtime
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+
+def _ensure_model(engine: Engine, data: str, model: str, metric: str | None) -> None:
+    """``--model pixels`` on a library without it creates it from the data (pixels needs no training)."""
+    existing = engine.store.model(model)
+    if existing is not None:
+        if metric is not None and metric != existing.metric:
+            raise InvalidArgumentError(f"model {model!r} was made with --metric {existing.metric}; "
+                                       f"create another model for {metric}")
+        return
+    if model in REGISTRY and not encoder_class(model).needs_training:
+        spec = infer_spec([f.path for f in scan(data) if f.size >= 0])
+        engine.create_model(model, model, data, image_size=spec.image_size, channels=spec.channels,
+                            metric=metric or "l2")
+        return
+    raise UnknownModelError(model, [m.name for m in engine.store.models()])
+
+
+def bulk_index(engine: Engine, data: str, model: str, *, metric: str | None = None, batch_size: int = 2048,
+               workers: int | None = None, progress: bool = False) -> IndexReport:
+    started = time.perf_counter()
+    _ensure_model(engine, data, model, metric)
+    with engine.writing():
+        encoder = engine.encoder(model)
+        row = engine.model(model)
+        index = engine.vector_index(model)
+        known = engine.store.known_files(row.id)
+        work = plan(data, known)
+        report = IndexReport(model, scanned=work.scanned, unchanged=work.unchanged)
+        state = _State(known, engine.store.all_shas() if work.todo else {}, set(index.ids().tolist()))
+        bar = _progress(len(work.todo), progress)
+        batch = _Batch()
+        try:
+            for item in decode_all(work.todo, encoder.spec, engine.max_pixels, workers):
+                bar.update(1)
+                _route(item, state, batch, report)
+                if len(batch) + len(batch.touched) >= batch_size:
+                    _flush(engine, row.id, encoder, index, batch, state)
+                    batch = _Batch()
+            _flush(engine, row.id, encoder, index, batch, state)
+        finally:
+            bar.close()
+            index.stamp.count, index.stamp.last_entry_id = engine.store.entry_stamp(row.id)
+            engine.save_index(model)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+@dataclass
+class _State:
+    """What a run knows while it routes files: the store's view plus what it has added."""
+
+    known: dict[str, tuple[int, int, float | None, str, bool]]  # path -> id, bytes, mtime, sha, indexed
+    shas: dict[str, int]  # sha256 -> image id, for every stored image
+    indexed: set[int]  # image ids in this model's index
+    seen: dict[str, str] = field(default_factory=dict)  # sha256 -> path, files met in this run
+
+
+def _route(item: Decoded, state: _State, batch: _Batch, report: IndexReport) -> None:
+    """Decide what one decoded file is: failed, unchanged, duplicate, changed or new."""
+    info, meta = item.file, item.meta
+    if item.error is not None or meta is None or item.pixels is None:
+        report.failed.append((info.path, item.error or "unknown error"))
+        log.warning("skipped %s: %s", info.path, item.error)
+        return
+    old = state.known.get(info.path)
+    if old is not None and old[3] == meta.sha256:  # same content, only touched
+        state.seen.setdefault(meta.sha256, info.path)
+        batch.touched.append((old[0], info.mtime))
+        if old[0] in state.indexed:
+            report.unchanged += 1
+        else:
+            _queue(batch, state, old[0], item.pixels)
+            report.added += 1
+        return
+    first = state.seen.setdefault(meta.sha256, info.path)
+    stored = state.shas.get(meta.sha256)
+    if first != info.path or stored is not None:
+        report.duplicates += 1
+        log.info("%s: same content as %s", info.path, first if first != info.path else "a stored image")
+        if old is not None:
+            batch.deleted.append(old[0])  # this path's old content is gone; its new content is stored
+            state.indexed.discard(old[0])
+        if stored is not None and stored not in state.indexed:
+            _queue(batch, state, stored, item.pixels)  # stored elsewhere, not yet in this model's index
+        return
+    values = {"path": info.path, "sha256": meta.sha256, "width": meta.width, "height": meta.height,
+              "format": meta.format, "mode": meta.mode, "label": info.label, "bytes": meta.bytes,
+              "mtime": info.mtime}
+    if old is None:
+        batch.new_images.append(values)
+        _queue(batch, state, meta.sha256, item.pixels)
+        report.added += 1
+    else:
+        batch.changed.append({"id": old[0], **values})
+        _queue(batch, state, old[0], item.pixels)
+        report.updated += 1
+
+
+def _queue(batch: _Batch, state: _State, key: int | str, pixels: np.ndarray) -> None:
+    batch.keys.append(key)
+    batch.pixels.append(pixels)
+    if isinstance(key, int):
+        state.indexed.add(key)  # queued counts as indexed: never queue one image twice
+
+
+def _flush(engine: Engine, model_id: int, encoder: Any, index: Any, batch: _Batch, state: _State) -> None:
+    if not (len(batch) or batch.touched or batch.deleted):
+        return
+    vectors = encoder.encode(np.stack(batch.pixels)) if len(batch) else np.zeros((0, encoder.dim), np.float32)
+    blobs = [v.tobytes() for v in vectors]  # (dim,) float32 each
+    new_ids = engine.store.write_batch(model_id, batch.new_images, batch.changed, list(zip(batch.keys, blobs)),
+                                       deleted=batch.deleted, touched=batch.touched)
+    state.shas.update(new_ids)
+    ids = np.array([new_ids[k] if isinstance(k, str) else k for k in batch.keys], dtype=np.int64)
+    index.remove(np.concatenate([ids, np.array(batch.deleted, dtype=np.int64)]))
+    index.add(ids, vectors)
+    state.indexed.update(ids.tolist())
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", disable=not enabled or total == 0, leave=False, dynamic_ncols=True)

@@ -1,0 +1,97 @@
+"""Reading many files fast: a folder scan compared with the store, then decoding in worker processes.
+
+Only files that are new or changed on disk (size or mtime), or not yet in the model's index, are
+read at all; hashing and decoding run in a process pool (Pillow and hashlib are CPU-bound) while
+the parent process encodes and commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ImageError
+from .images import DEFAULT_MAX_PIXELS, FileInfo, ImageMeta, InputSpec, decode_file, scan
+
+log = logging.getLogger(__name__)
+
+#: Below this many files a process pool costs more to start than it saves.
+POOL_THRESHOLD = 1500
+
+
+@dataclass
+class Decoded:
+    """One file after reading: either ``meta`` and ``pixels`` (S, S, C) uint8, or an error."""
+
+    file: FileInfo
+    meta: ImageMeta | None = None
+    pixels: np.ndarray | None = None
+    error: str | None = None
+
+
+@dataclass
+class Plan:
+    """Which scanned files need reading; the rest are unchanged and already indexed."""
+
+    todo: list[FileInfo] = field(default_factory=list)
+    unchanged: int = 0
+    scanned: int = 0
+
+
+def plan(root: str, known: dict[str, tuple[int, int, float | None, str, bool]]) -> Plan:
+    """Compare a scan with ``known`` (path -> id, bytes, mtime, sha, indexed) from the store."""
+    out = Plan()
+    for info in scan(root):
+        out.scanned += 1
+        old = known.get(info.path)
+        if old is not None and old[4] and old[1] == info.size and old[2] == info.mtime:
+            out.unchanged += 1
+        else:
+            out.todo.append(info)
+    return out
+
+
+def _decode(job: tuple[FileInfo, InputSpec, int]) -> Decoded:
+    info, spec, max_pixels = job
+    if info.size < 0:
+        return Decoded(info, error="cannot read file (broken or looping symlink)")
+    try:
+        meta, pixels = decode_file(info.path, spec, max_pixels)
+    except ImageError as exc:
+        return Decoded(info, error=exc.reason)
+    return Decoded(info, meta, pixels)
+
+
+def decode_all(files: list[FileInfo], spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS,
+               workers: int | None = None) -> Iterator[Decoded]:
+    """Decode ``files`` in order, in a process pool when there are many."""
+    jobs: Iterable[tuple[FileInfo, InputSpec, int]] = ((f, spec, max_pixels) for f in files)
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    if workers <= 1 or len(files) < POOL_THRESHOLD:
+        yield from map(_decode, jobs)
+        return
+    # forkserver: the parent may have torch (and its OpenMP threads) loaded; forking that is unsafe.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["embedsearch.ingest"])
+    with ctx.Pool(workers) as pool:
+        yield from pool.imap(_decode, jobs, chunksize=128)
+
+
+def load_folder(root: str, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS
+                ) -> tuple[np.ndarray, list[str | None], list[tuple[str, str]]]:
+    """Every good image under ``root`` as (N, S, S, C) uint8, their labels, and the failures."""
+    files = list(scan(root))
+    images, labels, failed = [], [], []
+    for item in decode_all(files, spec, max_pixels):
+        if item.error is not None:
+            failed.append((item.file.path, item.error))
+        else:
+            images.append(item.pixels)
+            labels.append(item.file.label)
+    stacked = np.stack(images) if images else np.zeros((0, *spec.shape), np.uint8)
+    return stacked, labels, failed

@@ -1,0 +1,300 @@
+"""The networks: a plain autoencoder and a variational one built from the same blocks.
+
+Both take ``(N, C, S, S)`` float images in [0, 1]. The decoder outputs logits; ``decode`` applies
+the sigmoid, while losses are computed from the logits (BCE-with-logits is stable where
+``log(sigmoid(.))`` is not). The VAE differs from the AE only where the theory says: a second
+linear head for the log-variance, the reparameterised sample z = mu + sigma * eps during training,
+and the KL term of the loss. Its embedding is the mean mu, so encoding stays deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidArgumentError
+
+ARCHS = ("conv", "mlp")
+LIKELIHOODS = ("bernoulli", "gaussian")
+#: Output channels of the first two stride-2 stages; any later stage keeps the last width.
+CONV_CHANNELS = (32, 64)
+CONV_KERNEL = 4  # with stride 2 and padding 1 a 4x4 kernel halves an even size exactly
+#: Extra stride-2 stages are added while the feature map is even and larger than this, so that
+#: 64x64 or 128x128 inputs do not end in a huge dense layer (28 -> 7, 32 -> 8, 64 -> 8, 128 -> 8).
+CONV_MIN_MAP = 8
+MLP_HIDDEN = (512, 256)
+NEG_SLOPE = 0.2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a network before loading its weights."""
+
+    arch: str
+    image_size: int
+    channels: int
+    latent_dim: int
+    variational: bool
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise InvalidArgumentError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.channels not in (1, 3):
+            raise InvalidArgumentError(f"channels must be 1 or 3, not {self.channels}")
+        if not 1 <= self.latent_dim <= 4096:
+            raise InvalidArgumentError(f"latent_dim must be between 1 and 4096, not {self.latent_dim}")
+        if self.image_size < 1:
+            raise InvalidArgumentError(f"image size must be positive, not {self.image_size}")
+        if self.arch == "conv" and self.image_size % 4:
+            raise InvalidArgumentError(
+                f"the conv architecture needs an image size that is a multiple of 4 (28, 32, 64, 128 ...), "
+                f"not {self.image_size}; choose such a size or the mlp architecture"
+            )
+
+    @property
+    def pixels(self) -> int:
+        return self.channels * self.image_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        return cls(str(values["arch"]), int(values["image_size"]), int(values["channels"]),
+                   int(values["latent_dim"]), bool(values["variational"]))
+
+
+def conv_widths(image_size: int) -> list[int]:
+    """Output channels of each stride-2 conv stage for a square input of ``image_size``."""
+    widths = list(CONV_CHANNELS)
+    side = image_size // 4
+    while side > CONV_MIN_MAP and side % 2 == 0:
+        widths.append(widths[-1])
+        side //= 2
+    return widths
+
+
+def _act() -> nn.Module:
+    return nn.LeakyReLU(NEG_SLOPE)
+
+
+class ConvEncoderBody(nn.Module):
+    """Strided convolutions, then flatten: (N, C, S, S) -> (N, W * s * s) with s = S / 2**stages."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        widths = conv_widths(config.image_size)
+        layers: list[nn.Module] = []
+        in_ch = config.channels
+        for width in widths:
+            layers += [nn.Conv2d(in_ch, width, CONV_KERNEL, stride=2, padding=1), _act()]
+            in_ch = width
+        self.net = nn.Sequential(*layers, nn.Flatten())
+        side = config.image_size >> len(widths)
+        self.features = widths[-1] * side * side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (N, C, S, S) -> (N, features)
+
+
+class ConvDecoder(nn.Module):
+    """The mirror image: linear, unflatten, transposed convs: (N, L) -> logits (N, C, S, S)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        widths = conv_widths(config.image_size)
+        side = config.image_size >> len(widths)
+        layers: list[nn.Module] = [
+            nn.Linear(config.latent_dim, widths[-1] * side * side), _act(),
+            nn.Unflatten(1, (widths[-1], side, side)),
+        ]
+        outs = widths[-2::-1] + [config.channels]  # e.g. [64, 32] -> [32, C]
+        for i, (in_ch, out_ch) in enumerate(zip(widths[::-1], outs)):
+            layers.append(nn.ConvTranspose2d(in_ch, out_ch, CONV_KERNEL, stride=2, padding=1))
+            if i < len(outs) - 1:  # no activation on the logits
+                layers.append(_act())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)  # (N, L) -> (N, C, S, S)
+
+
+class MLPEncoderBody(nn.Module):
+    """Flatten, then two hidden layers: (N, C, S, S) -> (N, MLP_HIDDEN[-1])."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h1, h2 = MLP_HIDDEN
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(config.pixels, h1), _act(), nn.Linear(h1, h2), _act())
+        self.features = h2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (N, C, S, S) -> (N, h2)
+
+
+class MLPDecoder(nn.Module):
+    """The mirror image: (N, L) -> logits (N, C, S, S)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h1, h2 = MLP_HIDDEN
+        shape = (config.channels, config.image_size, config.image_size)
+        self.net = nn.Sequential(
+            nn.Linear(config.latent_dim, h2), _act(), nn.Linear(h2, h1), _act(),
+            nn.Linear(h1, config.pixels), nn.Unflatten(1, shape),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)  # (N, L) -> (N, C, S, S)
+
+
+@dataclass
+class LossTerms:
+    """Batch means of the per-image terms; ``total`` = recon + beta * kl is what is minimised."""
+
+    total: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+
+
+def reconstruction_loss(logits: torch.Tensor, x: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """Negative log-likelihood of ``x`` under the decoder, summed per image: (N, C, S, S) -> (N,).
+
+    bernoulli: binary cross-entropy (x in [0, 1] is treated as a probability).
+    gaussian: squared error of sigmoid(logits), i.e. a fixed-variance Gaussian with constants dropped.
+    """
+    dims = tuple(range(1, x.ndim))
+    if likelihood == "bernoulli":
+        return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=dims)
+    if likelihood == "gaussian":
+        return (torch.sigmoid(logits) - x).square().sum(dim=dims)
+    raise InvalidArgumentError(f"unknown likelihood {likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per row: (N, L), (N, L) -> (N,).
+
+    Closed form 0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2); exactly 0 at mu = 0, logvar = 0.
+    """
+    return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=1)
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """z = mu + sigma * eps with eps ~ N(0, I) drawn from ``generator``: (N, L) -> (N, L)."""
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)  # (N, L)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+class Autoencoder(nn.Module):
+    """Deterministic autoencoder: z = head(body(x)), x' = sigmoid(decoder(z))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.body: ConvEncoderBody | MLPEncoderBody
+        self.decoder: ConvDecoder | MLPDecoder
+        if config.arch == "conv":
+            self.body, self.decoder = ConvEncoderBody(config), ConvDecoder(config)
+        else:
+            self.body, self.decoder = MLPEncoderBody(config), MLPDecoder(config)
+        self.head = nn.Linear(self.body.features, config.latent_dim)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))  # (N, C, S, S) -> (N, L)
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)  # (N, L) -> (N, C, S, S)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decode_logits(z))  # (N, L) -> (N, C, S, S) in [0, 1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode_logits(self.encode(x))  # (N, C, S, S) -> logits (N, C, S, S)
+
+    def loss(self, x: torch.Tensor, likelihood: str, beta: float = 1.0,
+             generator: torch.Generator | None = None) -> LossTerms:
+        """Reconstruction loss of a batch; ``beta`` and ``generator`` only matter to the VAE."""
+        recon = reconstruction_loss(self(x), x, likelihood).mean()
+        return LossTerms(recon, recon, torch.zeros((), device=x.device))
+
+
+class VariationalAutoencoder(Autoencoder):
+    """VAE: the same body with two heads, mean ``head`` and log-variance ``logvar_head``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.logvar_head = nn.Linear(self.body.features, config.latent_dim)
+
+    def encode_dist(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)  # (N, F)
+        return self.head(h), self.logvar_head(h)  # mu (N, L), logvar (N, L)
+
+    def loss(self, x: torch.Tensor, likelihood: str, beta: float = 1.0,
+             generator: torch.Generator | None = None) -> LossTerms:
+        """Negative ELBO with a beta-weighted KL; z is sampled, so a generator is required."""
+        if generator is None:
+            raise InvalidArgumentError("the VAE loss samples z and needs a torch.Generator")
+        mu, logvar = self.encode_dist(x)  # (N, L) each
+        z = reparameterize(mu, logvar, generator)  # (N, L)
+        recon = reconstruction_loss(self.decode_logits(z), x, likelihood).mean()
+        kl = kl_divergence(mu, logvar).mean()
+        return LossTerms(recon + beta * kl, recon, kl)
+
+
+def build_model(config: ModelConfig, seed: int) -> Autoencoder:
+    """A freshly initialised network; the initial weights depend on ``seed`` only.
+
+    The global torch RNG is forked so that building a model never disturbs the caller's stream.
+    """
+    cls = VariationalAutoencoder if config.variational else Autoencoder
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    if config.arch == "conv":
+        # NHWC is both how images arrive and what oneDNN convolutions run fastest on (measured).
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def images_to_tensor(images: torch.Tensor) -> torch.Tensor:
+    """(N, S, S, C) uint8 -> (N, C, S, S) float32 in [0, 1], channels_last in memory (a view).
+
+    The one conversion used for training and encoding alike, so both see identical inputs.
+    """
+    x = images.to(torch.float32).mul_(1.0 / 255.0)  # (N, S, S, C)
+    return x.permute(0, 3, 1, 2)  # (N, C, S, S)
+
+
+def tensor_to_images(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, S, S) float in [0, 1] -> (N, S, S, C) uint8, rounded."""
+    return x.permute(0, 2, 3, 1).mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def pick_device() -> torch.device:
+    """CUDA, else Apple MPS, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def use_all_cores() -> None:
+    """Let torch use every core this process may run on.
+
+    The affinity mask is used where the OS has one: in a container limited to 2 of 64 cores,
+    ``os.cpu_count()`` says 64 and 64 threads would thrash.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if torch.get_num_threads() != cores:
+        torch.set_num_threads(cores)
