@@ -153,7 +153,9 @@ class PCAEncoder(Encoder):
         mean = x.mean(axis=0)
         x -= mean
         components = _top_components(x, options.dim, options.seed)
-        return cls(spec, options.dim, options, mean.astype(np.float32), components.astype(np.float32))
+        # Contiguous copies: safetensors writes an array's raw buffer, so a strided view would be garbled.
+        return cls(spec, options.dim, options, np.ascontiguousarray(mean, dtype=np.float32),
+                   np.ascontiguousarray(components, dtype=np.float32))
 
     def save(self, directory: Path) -> Path:
         from safetensors.numpy import save_file
@@ -161,7 +163,8 @@ class PCAEncoder(Encoder):
         path = directory / WEIGHTS_FILE
         if self.mean is None or self.components is None:
             raise ModelError("this PCA model has no weights to save")
-        save_file({"mean": self.mean, "components": self.components}, str(path))
+        save_file({"mean": np.ascontiguousarray(self.mean), "components": np.ascontiguousarray(self.components)},
+                  str(path))
         return path
 
     @classmethod

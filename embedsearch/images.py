@@ -120,8 +120,11 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """Open, check the pixel limit, take the first frame, apply EXIF orientation and decode."""
+def _open(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, str, str]:
+    """Open, check the pixel limit, take the first frame, apply EXIF orientation and decode.
+
+    Returns the image with the file's format and mode (a transposed copy no longer knows them).
+    """
     if not data:
         raise ImageError(name, "empty file")
     with warnings.catch_warnings():
@@ -140,6 +143,7 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise ImageError(name, f"{width}x{height} is more than {max_pixels} pixels (decompression bomb?)")
     if width < 1 or height < 1:
         raise ImageError(name, f"image has no pixels ({width}x{height})")
+    fmt, mode = (im.format or "unknown").upper(), im.mode
     try:
         im.seek(0)  # first frame of an animation
         im.load()
@@ -148,7 +152,7 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise ImageError(name, f"cannot decode ({exc})") from None
     except Image.DecompressionBombError:
         raise ImageError(name, f"more than {max_pixels} pixels (decompression bomb?)") from None
-    return im
+    return im, fmt, mode
 
 
 def _to_mode(im: Image.Image, channels: int) -> Image.Image:
@@ -188,8 +192,8 @@ def to_array(im: Image.Image, spec: InputSpec) -> np.ndarray:
 def decode_bytes(data: bytes, spec: InputSpec, name: str = "<bytes>",
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[ImageMeta, np.ndarray]:
     """Bytes of an image file -> its metadata and a ``(S, S, C)`` uint8 array. Raises ImageError."""
-    im = _open(data, name, max_pixels)
-    meta = ImageMeta(sha256(data), im.width, im.height, (im.format or "unknown").upper(), im.mode, len(data))
+    im, fmt, mode = _open(data, name, max_pixels)
+    meta = ImageMeta(sha256(data), im.width, im.height, fmt, mode, len(data))
     try:
         return meta, to_array(im, spec)
     except (OSError, ValueError) as exc:
@@ -202,7 +206,7 @@ def decode_file(path: str, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS
 
 def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """An image file decoded and oriented, in its own mode (used for grids and thumbnails)."""
-    return _open(read_bytes(str(path)), str(path), max_pixels)
+    return _open(read_bytes(str(path)), str(path), max_pixels)[0]
 
 
 def probe(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, bool]:

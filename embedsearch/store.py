@@ -224,7 +224,7 @@ class Store:
                 s.execute(update(Image), [{"id": i, "mtime": m} for i, m in touched])
             if new_images:
                 rows = s.execute(insert(Image).returning(Image.sha256, Image.id), new_images)
-                ids = dict(rows.tuples().all())
+                ids = dict(rows.all())
             for values in changed:
                 image_id = values.pop("id")
                 s.execute(update(Image).where(Image.id == image_id).values(**values))
@@ -241,7 +241,7 @@ class Store:
 
     def all_shas(self) -> dict[str, int]:
         with self.session() as s:
-            return dict(s.execute(select(Image.sha256, Image.id)).tuples().all())
+            return dict(s.execute(select(Image.sha256, Image.id)).all())
 
     def entries_after(self, model_id: int, after: int) -> list[tuple[int, int, bytes]]:
         """(entry id, image id, vector) of the entries newer than ``after``."""
@@ -276,4 +276,4 @@ class Store:
     def entry_counts(self) -> dict[int, int]:
         with self.session() as s:
             rows = s.execute(select(IndexEntry.model_id, func.count()).group_by(IndexEntry.model_id))
-            return dict(rows.tuples().all())
+            return dict(rows.all())

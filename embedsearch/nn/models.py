@@ -265,13 +265,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def images_to_tensor(images: torch.Tensor) -> torch.Tensor:
-    """(N, S, S, C) uint8 -> (N, C, S, S) float32 in [0, 1], channels_last in memory (a view).
+def unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1], same shape: the one conversion training and encoding share."""
+    return images.to(torch.float32).mul_(1.0 / 255.0)
 
-    The one conversion used for training and encoding alike, so both see identical inputs.
-    """
-    x = images.to(torch.float32).mul_(1.0 / 255.0)  # (N, S, S, C)
-    return x.permute(0, 3, 1, 2)  # (N, C, S, S)
+
+def images_to_tensor(images: torch.Tensor) -> torch.Tensor:
+    """(N, S, S, C) uint8 -> (N, C, S, S) float32 in [0, 1], channels_last in memory (a view)."""
+    return unit_float(images).permute(0, 3, 1, 2)  # (N, C, S, S)
 
 
 def tensor_to_images(x: torch.Tensor) -> torch.Tensor:

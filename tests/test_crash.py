@@ -1,0 +1,82 @@
+"""A bulk run killed with SIGKILL at any moment, then run again, indexes every good image exactly once."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embedsearch.engine import Engine
+from embedsearch.synth import make_image_array
+
+N_GOOD = 2400
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("crash-corpus")
+    images, labels = make_image_array(N_GOOD, 28, 1, seed=3)
+    for i, (arr, label) in enumerate(zip(images, labels)):
+        folder = root / f"class{label}"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(arr[..., 0], "L").save(folder / f"{i:05d}.png")
+    (root / "bad.png").write_text("not an image")
+    (root / "empty.jpg").write_bytes(b"")
+    return root
+
+
+def entries(db: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return conn.execute("SELECT count(*) FROM index_entries").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def run_index(home: Path, data: Path, kill_after_entries: int | None, kill_after_s: float | None) -> bool:
+    """Run a bulk index; True if it was killed before it finished."""
+    cmd = [sys.executable, "-m", "embedsearch", "-q", "--home", str(home), "index", str(data),
+           "--model", "pixels", "--batch-size", "150", "--workers", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    started = time.monotonic()
+    while proc.poll() is None:
+        waited = time.monotonic() - started
+        if (kill_after_entries is not None and entries(home / "library.db") >= kill_after_entries) or \
+                (kill_after_s is not None and waited >= kill_after_s):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    return proc.wait(timeout=120) == -signal.SIGKILL
+
+
+def test_kill_and_rerun_indexes_every_good_image_exactly_once(tmp_path: Path, corpus: Path) -> None:
+    home = tmp_path / "lib"
+    rng = np.random.default_rng(0)
+    kills = [(1, None), (N_GOOD // 2, None), (None, float(rng.uniform(0.2, 2.0))), (N_GOOD - 300, None)]
+    killed, counts = [], []
+    for after_entries, after_s in kills:
+        killed.append(run_index(home, corpus, after_entries, after_s))
+        counts.append(entries(home / "library.db"))
+    assert sum(killed) >= 3, killed  # the runs really died part-way ...
+    assert 0 < counts[0] < counts[1] < N_GOOD, counts  # ... with part of the work committed
+    final = subprocess.run([sys.executable, "-m", "embedsearch", "--home", str(home), "index", str(corpus),
+                            "--model", "pixels", "--json"], capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    with Engine(home) as engine:
+        model = engine.model("pixels")
+        db_ids = engine.store.entry_image_ids(model.id)
+        assert len(db_ids) == len(set(db_ids)) == N_GOOD == engine.info().images
+        index_ids = engine.vector_index("pixels").ids()
+        assert sorted(index_ids.tolist()) == sorted(db_ids)  # FAISS and metadata agree, no duplicates
+        # and the index file on disk agrees too, without any catching up
+        from embedsearch.index import VectorIndex
+
+        on_disk = VectorIndex.load(engine.index_path("pixels"), model.dim, model.metric)
+        assert sorted(on_disk.ids().tolist()) == sorted(db_ids)

@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import noise_image, png_bytes
+from embedsearch.engine import Engine, QueryResult
+from embedsearch.errors import DataError, InvalidArgumentError, ModelError, UnknownModelError
+
+
+def results(engine: Engine, paths: list[str], model: str, k: int = 5) -> list[QueryResult]:
+    return [r for r in engine.query(paths, model, k) if isinstance(r, QueryResult)]
+
+
+def test_index_then_query_returns_the_image_itself_first(engine: Engine, shapes: Path) -> None:
+    report = engine.index(str(shapes), "pixels")
+    assert (report.added, report.failed, report.duplicates) == (48, [], 0)
+    query = sorted((shapes / "star").iterdir())[2]
+    [result] = results(engine, [str(query)], "pixels")
+    top = result.results[0]
+    assert top.path == str(query) and top.distance == 0.0 and top.label == "star"
+    assert [n.rank for n in result.results] == [1, 2, 3, 4, 5]
+
+
+def test_pixels_model_is_created_from_the_data(engine: Engine, shapes: Path) -> None:
+    engine.index(str(shapes), "pixels")
+    [info] = engine.models()
+    assert (info.kind, info.image_size, info.channels, info.dim, info.vectors) == ("pixels", 32, 3, 3072, 48)
+
+
+def test_second_run_adds_nothing_and_changed_files_are_reencoded(engine: Engine, shapes: Path) -> None:
+    engine.index(str(shapes), "pixels")
+    again = engine.index(str(shapes), "pixels")
+    assert (again.added, again.updated, again.unchanged) == (0, 0, 48)
+    target = sorted((shapes / "circle").iterdir())[0]
+    target.write_bytes(png_bytes(noise_image(7, 32)))
+    os.utime(target, (1e9, 1e9))
+    third = engine.index(str(shapes), "pixels")
+    assert (third.added, third.updated, third.unchanged) == (0, 1, 47)
+    [result] = results(engine, [str(target)], "pixels", k=1)
+    assert result.results[0].path == str(target) and result.results[0].distance == 0.0
+    assert engine.info().models[0].vectors == 48
+
+
+def test_identical_files_are_stored_once(engine: Engine, shapes: Path) -> None:
+    src = sorted((shapes / "ring").iterdir())[0]
+    shutil.copy(src, shapes / "ring" / "copy.png")
+    shutil.copy(src, shapes / "copy-at-top.png")
+    report = engine.index(str(shapes), "pixels")
+    assert (report.added, report.duplicates) == (48, 2)
+    assert engine.info().images == 48
+
+
+def test_bad_files_are_listed_and_never_stop_the_run(engine: Engine, shapes: Path) -> None:
+    (shapes / "empty.png").write_bytes(b"")
+    (shapes / "text.png").write_text("not an image")
+    good = png_bytes(noise_image(3, 32))
+    (shapes / "cut.png").write_bytes(good[: len(good) // 2])
+    report = engine.index(str(shapes), "pixels")
+    reasons = {Path(p).name: r for p, r in report.failed}
+    assert set(reasons) == {"empty.png", "text.png", "cut.png"}
+    assert reasons["empty.png"] == "empty file"
+    assert report.added == 48
+
+
+def test_remove_a_file_and_a_folder(engine: Engine, shapes: Path) -> None:
+    engine.index(str(shapes), "pixels")
+    one = sorted((shapes / "arrow").iterdir())[0]
+    assert engine.remove([str(one)]) == 1
+    assert engine.remove([str(shapes / "cross")]) == 6
+    assert engine.info().models[0].vectors == 41
+    hits = results(engine, [str(one)], "pixels", k=50)[0].results
+    assert all(h.path != str(one) and h.label != "cross" for h in hits) and len(hits) == 41
+    with pytest.raises(DataError, match="no indexed image"):
+        engine.remove([str(one)])
+
+
+def test_pca_train_index_query_and_round_trip(tmp_path: Path, shapes: Path) -> None:
+    home = tmp_path / "lib"
+    with Engine(home) as engine:
+        info = engine.create_model("pca8", "pca", str(shapes), options={"dim": 8})
+        assert (info.dim, info.kind) == (8, "pca")
+        engine.index(str(shapes), "pca8")
+        probe = sorted((shapes / "square").iterdir())[1]
+        before, _, _ = engine.encode_files([str(probe)], "pca8")
+        first = results(engine, [str(probe)], "pca8", k=1)[0].results[0]
+        assert first.path == str(probe) and first.distance == pytest.approx(0.0, abs=1e-5)
+    with Engine(home) as reopened:  # weights and index files load back to identical vectors
+        after, _, _ = reopened.encode_files([str(probe)], "pca8")
+        assert np.array_equal(before, after)
+        assert reopened.models()[0].vectors == 48
+
+
+def test_tampered_checkpoint_is_refused(tmp_path: Path, shapes: Path) -> None:
+    with Engine(tmp_path / "lib") as engine:
+        engine.create_model("pca", "pca", str(shapes), options={"dim": 4})
+        weights = tmp_path / "lib" / "models" / "pca" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with Engine(tmp_path / "lib") as engine, pytest.raises(ModelError, match="does not match"):
+        engine.encoder("pca")
+    weights.unlink()
+    with Engine(tmp_path / "lib") as engine, pytest.raises(ModelError, match="missing"):
+        engine.encoder("pca")
+
+
+def test_user_errors_are_package_errors(engine: Engine, shapes: Path, tmp_path: Path) -> None:
+    with pytest.raises(UnknownModelError, match="unknown model 'nope'"):
+        engine.index(str(shapes), "nope")
+    engine.index(str(shapes), "pixels")
+    with pytest.raises(DataError, match="no such file"):
+        list(engine.query([str(tmp_path / "missing.png")], "pixels"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        list(engine.query([str(tmp_path / "empty")], "pixels"))
+    with pytest.raises(InvalidArgumentError, match="exists already"):
+        engine.create_model("pixels", "pixels", str(shapes))
+    with pytest.raises(InvalidArgumentError, match="metric"):
+        engine.index(str(shapes), "pixels", metric="cosine")
+
+
+def test_cosine_model_and_folder_query(engine: Engine, shapes: Path) -> None:
+    engine.create_model("cos", "pca", str(shapes), metric="cosine", options={"dim": 6})
+    engine.index(str(shapes), "cos")
+    out = results(engine, [str(shapes / "circle")], "cos", k=3)
+    assert len(out) == 6
+    for r in out:
+        assert r.results[0].path == r.query and 0 <= r.results[0].distance < 1e-5
+
+
+def test_index_file_is_rebuilt_when_deleted(tmp_path: Path, shapes: Path) -> None:
+    with Engine(tmp_path / "lib") as engine:
+        engine.index(str(shapes), "pixels")
+    (tmp_path / "lib" / "indexes" / "pixels.faiss").unlink()
+    with Engine(tmp_path / "lib") as engine:
+        assert len(engine.vector_index("pixels")) == 48

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, text
+
+from embedsearch.errors import StoreError
+from embedsearch.store import Store, alembic_config
+
+
+def test_migrated_schema_matches_the_orm_models(tmp_path: Path) -> None:
+    """alembic check: autogenerate finds nothing to do after upgrade head (no drift)."""
+    from alembic import command
+
+    store = Store(f"sqlite:///{tmp_path / 'lib.db'}")
+    with store.engine.begin() as conn:
+        command.check(alembic_config(conn))
+
+
+def test_open_is_idempotent_and_creates_the_tables(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'lib.db'}"
+    Store(url).close()
+    store = Store(url)  # second open: upgrade head is a no-op
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"images", "models", "index_entries", "alembic_version"} <= tables
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'lib.db'}")
+    with store.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+
+
+def test_deleting_an_image_deletes_its_entries(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'lib.db'}")
+    model = store.add_model(name="m", kind="pixels", config={}, dim=2, metric="l2", image_size=1, channels=1)
+    image = {"path": "/a.png", "sha256": "0" * 64, "width": 1, "height": 1, "format": "PNG", "mode": "L",
+             "label": None, "bytes": 1, "mtime": 0.0}
+    ids = store.write_batch(model.id, [image], [], [("0" * 64, b"\0" * 8)])
+    assert store.entry_stamp(model.id) == (1, 1)
+    store.delete_images(list(ids.values()))
+    assert store.entry_stamp(model.id)[0] == 0
+
+
+def test_unreadable_database_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "lib.db"
+    bad.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="cannot open the metadata database"):
+        Store(f"sqlite:///{bad}")
+
+
+def test_bad_url_is_a_clear_error() -> None:
+    with pytest.raises(StoreError, match="cannot use database URL"):
+        Store("nosuchdialect://x")
