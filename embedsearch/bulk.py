@@ -89,6 +89,7 @@ def bulk_index(engine: Engine, data: str, model: str, *, metric: str | None = No
         encoder = engine.encoder(model)
         row = engine.model(model)
         index = engine.vector_index(model)
+        index.sync(engine.store, row.id)  # under the lock: include what other writers committed
         known = engine.store.known_files(row.id)
         work = plan(data, known)
         report = IndexReport(model, scanned=work.scanned, unchanged=work.unchanged)

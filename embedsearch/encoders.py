@@ -178,18 +178,18 @@ class PCAEncoder(Encoder):
 def _top_components(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     """The k leading right singular vectors of centred ``x`` (N, D) -> (k, D), sign-fixed."""
     n, d = x.shape
-    if d <= 4096:
-        cov = (x.T @ x).astype(np.float64)  # (D, D)
-        _, vecs = np.linalg.eigh(cov)
-        comps = vecs[:, ::-1][:, :k].T  # (k, D), largest eigenvalues first
+    if d <= 2048:  # many images of few pixels (28x28 grey): eigenvectors of the D x D covariance
+        _, vecs = np.linalg.eigh((x.T @ x).astype(np.float64))  # (D, D), ascending eigenvalues
+        comps = vecs[:, ::-1][:, :k].T  # (k, D)
+    elif n <= 2048:  # few images of many pixels: SVD of the N x D data itself
+        comps = np.linalg.svd(x, full_matrices=False)[2][:k]
     else:
         # Randomised SVD (Halko et al. 2011): exact enough for k << D and far cheaper than eigh.
         rng = np.random.default_rng(seed)
         q, _ = np.linalg.qr(x @ rng.standard_normal((d, k + 10), dtype=np.float32))  # (N, k+10)
         for _ in range(4):
             q, _ = np.linalg.qr(x @ (x.T @ q))
-        _, _, vt = np.linalg.svd(q.T @ x, full_matrices=False)  # (k+10, D)
-        comps = vt[:k]
+        comps = np.linalg.svd(q.T @ x, full_matrices=False)[2][:k]  # (k, D)
     # Make the largest-magnitude loading of each component positive, so results are deterministic.
     signs = np.sign(comps[np.arange(k), np.abs(comps).argmax(axis=1)])
     return comps * signs[:, None]

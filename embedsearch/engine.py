@@ -99,6 +99,7 @@ class Engine:
         self.store = Store(self.db_url)
         self._encoders: dict[str, Encoder] = {}
         self._indexes: dict[str, VectorIndex] = {}
+        self._models: dict[str, Model] = {}
 
     def close(self) -> None:
         self.store.close()
@@ -137,10 +138,16 @@ class Engine:
 
     # -- models -------------------------------------------------------------------------------
     def model(self, name: str) -> Model:
-        model = self.store.model(name)
-        if model is None:
-            raise UnknownModelError(name, [m.name for m in self.store.models()])
-        return model
+        if name not in self._models:
+            model = self.store.model(name)
+            if model is None:
+                raise UnknownModelError(name, [m.name for m in self.store.models()])
+            self._models[name] = model
+        return self._models[name]
+
+    def _forget(self, name: str) -> None:
+        for cache in (self._models, self._encoders, self._indexes):
+            cache.pop(name, None)
 
     def models(self) -> list[ModelInfo]:
         counts = self.store.entry_counts()
@@ -220,8 +227,8 @@ class Engine:
                 checkpoint_sha256=file_sha256(weights) if weights else None)
             for suffix in ("", ".json"):
                 Path(str(self.index_path(name)) + suffix).unlink(missing_ok=True)
+        self._forget(name)
         self._encoders[name] = encoder
-        self._indexes.pop(name, None)
         return self._model_info(model, 0)
 
     def delete_model(self, name: str) -> None:
@@ -231,20 +238,35 @@ class Engine:
             for suffix in ("", ".json"):
                 Path(str(self.index_path(name)) + suffix).unlink(missing_ok=True)
             shutil.rmtree(self.model_dir(name), ignore_errors=True)
-        self._encoders.pop(name, None)
-        self._indexes.pop(name, None)
+        self._forget(name)
 
     # -- indexes ------------------------------------------------------------------------------
     def vector_index(self, name: str) -> VectorIndex:
-        """The model's FAISS index, loaded from its file and brought in step with the database."""
-        model = self.model(name)
+        """The model's FAISS index: loaded from its file and brought in step with the database once.
+
+        Later changes made through this Engine are applied as they happen; those of other
+        processes show after :meth:`refresh`.
+        """
         index = self._indexes.get(name)
         if index is None:
+            model = self.model(name)
             path = self.index_path(name)
             index = VectorIndex.load(path, model.dim, model.metric) if path.exists() else VectorIndex(model.dim, model.metric)
+            index.sync(self.store, model.id)
             self._indexes[name] = index
-        index.sync(self.store, model.id)
         return index
+
+    def refresh(self) -> None:
+        """Pick up what other processes committed: new models, new or removed vectors."""
+        before = dict(self._models)
+        self._models.clear()
+        for name, index in list(self._indexes.items()):
+            model = self.store.model(name)
+            if model is None or name not in before or model.id != before[name].id:
+                self._forget(name)  # deleted or retrained elsewhere: load afresh when next used
+                continue
+            self._models[name] = model
+            index.sync(self.store, model.id)
 
     def save_index(self, name: str) -> None:
         index = self._indexes.get(name)
@@ -277,11 +299,11 @@ class Engine:
             raise InvalidArgumentError("k must be at least 1")
         index = self.vector_index(model)
         dist, ids = index.search(vectors, min(k, max(len(index), 1)))
-        found = self.store.images(sorted({int(i) for i in ids.ravel() if i >= 0}))
+        found = self.store.labels_paths(sorted({int(i) for i in ids.ravel() if i >= 0}))
         out = []
         for drow, irow in zip(dist, ids):
             hits = [(float(d), int(i)) for d, i in zip(drow, irow) if i >= 0 and int(i) in found]
-            out.append([Neighbour(r, i, found[i].path, found[i].label, d) for r, (d, i) in enumerate(hits, 1)])
+            out.append([Neighbour(r, i, *found[i], d) for r, (d, i) in enumerate(hits, 1)])
         return out
 
     def query(self, images: list[str], model: str, k: int = 10, batch_size: int = 256
@@ -316,7 +338,8 @@ class Engine:
                 ids.extend(m.id for m in matches)
             removed = self.store.delete_images(ids)
             for model in self.store.models():
-                index = self.vector_index(model.name)  # sync drops the deleted vectors
+                index = self.vector_index(model.name)
+                index.sync(self.store, model.id)  # drops the deleted vectors
                 index.save(self.index_path(model.name))
         return removed
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -75,9 +76,10 @@ def decode_all(files: list[FileInfo], spec: InputSpec, max_pixels: int = DEFAULT
     if workers <= 1 or len(files) < POOL_THRESHOLD:
         yield from map(_decode, jobs)
         return
-    # forkserver: the parent may have torch (and its OpenMP threads) loaded; forking that is unsafe.
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["embedsearch.ingest"])
+    # fork on Linux: fast, and it does not re-run the caller's __main__ module (spawn does, which
+    # breaks scripts without an ``if __name__ == "__main__"`` guard). The children only run Pillow
+    # and hashlib, never torch or OpenMP, so a parent with torch's threads forks safely.
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with ctx.Pool(workers) as pool:
         yield from pool.imap(_decode, jobs, chunksize=128)
 

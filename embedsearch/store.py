@@ -193,6 +193,15 @@ class Store:
         with self.session() as s:
             return {im.id: im for im in s.scalars(select(Image).where(Image.id.in_(list(ids))))}
 
+    def labels_paths(self, ids: Sequence[int]) -> dict[int, tuple[str | None, str | None]]:
+        """id -> (path, label): the hot path of every query, so plain Core rows, no ORM objects."""
+        stmt = select(Image.id, Image.path, Image.label).where(Image.id.in_(list(ids)))
+        try:
+            with self.engine.connect() as conn:
+                return {row[0]: (row[1], row[2]) for row in conn.execute(stmt)}
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database error: {exc.orig or exc}") from None
+
     def image_by_path(self, path: str) -> Image | None:
         with self.session() as s:
             return s.scalar(select(Image).where(Image.path == path))
@@ -223,7 +232,9 @@ class Store:
             if touched:
                 s.execute(update(Image), [{"id": i, "mtime": m} for i, m in touched])
             if new_images:
-                rows = s.execute(insert(Image).returning(Image.sha256, Image.id), new_images)
+                # Core inserts (Table, not the ORM class): the ORM's per-row bookkeeping costs more
+                # than SQLite itself at thousands of rows per batch.
+                rows = s.execute(insert(Image.__table__).returning(Image.sha256, Image.id), new_images)
                 ids = dict(rows.all())
             for values in changed:
                 image_id = values.pop("id")
@@ -235,8 +246,8 @@ class Store:
             s.execute(delete(IndexEntry).where(IndexEntry.model_id == model_id,
                                                IndexEntry.image_id.in_([i for i, _ in resolved])))
             if resolved:
-                s.execute(insert(IndexEntry), [{"model_id": model_id, "image_id": i, "vector": v}
-                                               for i, v in resolved])
+                s.execute(insert(IndexEntry.__table__), [{"model_id": model_id, "image_id": i, "vector": v}
+                                                         for i, v in resolved])
             return ids
 
     def all_shas(self) -> dict[str, int]:

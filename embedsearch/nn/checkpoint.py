@@ -147,6 +147,13 @@ def read_resume(workdir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     return doc, tensors
 
 
+def remove_stale_temps(workdir: Path) -> None:
+    """Delete temporary files a killed run of ours left behind (never anybody else's)."""
+    for name in ("weights.safetensors", RESUME_JSON, "resume-*.safetensors"):
+        for stale in workdir.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
 def clear_resume(workdir: Path) -> None:
     """Forget an earlier run's resume state (a fresh run must never be resumed from it)."""
     (workdir / RESUME_JSON).unlink(missing_ok=True)

@@ -18,7 +18,7 @@ import torch
 from ..encoders import WEIGHTS_FILE, Encoder, Options
 from ..errors import InvalidArgumentError, ModelError
 from ..images import InputSpec
-from .models import (Autoencoder, ModelConfig, VariationalAutoencoder, count_parameters, images_to_tensor,
+from .models import (Autoencoder, ModelConfig, VariationalAutoencoder, count_parameters, from_numpy, images_to_tensor,
                      pick_device, tensor_to_images, use_all_cores)
 from .train import AEOptions, TrainReport, VAEOptions, check_images, load_weights, save_weights, train
 
@@ -68,6 +68,7 @@ class NeuralEncoder(Encoder):
         return cls(spec, opts.latent_dim, opts, model, report)
 
     def save(self, directory: Path) -> Path:
+        Path(directory).mkdir(parents=True, exist_ok=True)
         path = Path(directory) / WEIGHTS_FILE
         save_weights(path, self.model, self._options(self.options), self.report)
         return path
@@ -80,8 +81,7 @@ class NeuralEncoder(Encoder):
         config = ModelConfig(opts.arch, spec.image_size, spec.channels, opts.latent_dim, cls.variational)
         use_all_cores()
         model, meta = load_weights(Path(directory) / WEIGHTS_FILE, config, pick_device())
-        report = TrainReport.from_dict(meta["report"]) if isinstance(meta.get("report"), dict) else None
-        return cls(spec, dim, opts, model, report)
+        return cls(spec, dim, opts, model, _saved_report(meta))
 
     # -- inference ------------------------------------------------------------------------------
 
@@ -89,7 +89,7 @@ class NeuralEncoder(Encoder):
         """(N, S, S, C) uint8 -> (B, C, S, S) float batches on the model's device."""
         check_images(images, self.spec)
         for start in range(0, len(images), ENCODE_BATCH):
-            chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + ENCODE_BATCH]))
+            chunk = from_numpy(images[start:start + ENCODE_BATCH])  # (B, S, S, C) uint8
             yield images_to_tensor(chunk.to(self.device))
 
     @staticmethod
@@ -112,7 +112,7 @@ class NeuralEncoder(Encoder):
         parts: list[np.ndarray] = []
         with torch.inference_mode():
             for start in range(0, len(z), ENCODE_BATCH):
-                batch = torch.from_numpy(np.ascontiguousarray(z[start:start + ENCODE_BATCH])).to(self.device)
+                batch = from_numpy(z[start:start + ENCODE_BATCH]).to(self.device)  # (B, L)
                 parts.append(tensor_to_images(self.model.decode(batch)).cpu().numpy())
         return np.concatenate(parts) if parts else np.zeros((0, *self.spec.shape), dtype=np.uint8)
 
@@ -136,6 +136,14 @@ class NeuralEncoder(Encoder):
         if self.report is not None:
             facts.update(_report_facts(self.report, self.variational))
         return facts
+
+
+def _saved_report(meta: dict[str, Any]) -> TrainReport | None:
+    """The training report stored with the weights; it is informative only, so damage is tolerated."""
+    try:
+        return TrainReport.from_dict(meta["report"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _report_facts(report: TrainReport, variational: bool) -> dict[str, Any]:

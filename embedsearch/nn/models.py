@@ -10,9 +10,11 @@ and the KL term of the loss. Its embedding is the mean mu, so encoding stays det
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -265,6 +267,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def from_numpy(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``array``'s memory, C-contiguous; read-only arrays are fine (never written)."""
+    with warnings.catch_warnings():
+        # Arrays from np.frombuffer or memory maps are read-only; we only ever read them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
 def unit_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float32 in [0, 1], same shape: the one conversion training and encoding share."""
     return images.to(torch.float32).mul_(1.0 / 255.0)
@@ -291,11 +301,14 @@ def pick_device() -> torch.device:
 
 
 def use_all_cores() -> None:
-    """Let torch use every core this process may run on.
+    """Let torch use every core this process may run on, unless OMP_NUM_THREADS says otherwise.
 
     The affinity mask is used where the OS has one: in a container limited to 2 of 64 cores,
-    ``os.cpu_count()`` says 64 and 64 threads would thrash.
+    ``os.cpu_count()`` says 64 and 64 threads would thrash. An explicit OMP_NUM_THREADS wins, so
+    that on a shared machine a user can keep training or serving from taking every core.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if torch.get_num_threads() != cores:
-        torch.set_num_threads(cores)
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(wanted) if wanted.isdigit() and int(wanted) > 0 else cores
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

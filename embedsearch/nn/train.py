@@ -24,7 +24,7 @@ from ..encoders import WEIGHTS_FILE, Options
 from ..errors import InvalidArgumentError, ModelError
 from ..images import InputSpec
 from . import checkpoint as ckpt
-from .models import (ARCHS, LIKELIHOODS, Autoencoder, ModelConfig, build_model, images_to_tensor, pick_device,
+from .models import (ARCHS, LIKELIHOODS, Autoencoder, ModelConfig, build_model, from_numpy, images_to_tensor, pick_device,
                      unit_float, use_all_cores)
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class _Data:
 
     def __init__(self, images: np.ndarray, device: torch.device) -> None:
         self.device = device
-        raw = torch.from_numpy(np.ascontiguousarray(images))  # (N, S, S, C) uint8, no copy
+        raw = from_numpy(images)  # (N, S, S, C) uint8, no copy
         self.converted = images.size * 4 <= FLOAT_BUDGET
         self.store = unit_float(raw) if self.converted else raw  # (N, S, S, C)
 
@@ -233,6 +233,7 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
 
     def fit(self, resume: bool) -> TrainReport:
+        ckpt.remove_stale_temps(self.workdir)
         start = self._restore() if resume else 0
         if not resume:
             ckpt.clear_resume(self.workdir)
@@ -317,14 +318,16 @@ class Trainer:
         self._check_same_run(doc)
         model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         ckpt.load_model_state(self.model, model_state, self.workdir / str(doc["tensors"]))
-        ckpt.optimizer_from_tensors(self.optimizer, tensors, doc["optimizer"])
         try:
+            ckpt.optimizer_from_tensors(self.optimizer, tensors, doc["optimizer"])
             self.shuffle_gen.set_state(tensors["rng.shuffle"])
             self.noise_gen.set_state(tensors["rng.noise"])
-        except (KeyError, RuntimeError) as exc:
-            raise ModelError(f"the resume state's random generator state is unusable ({exc})") from None
-        self.report = TrainReport.from_dict(doc["report"])
-        self.report.resumed_from = epoch = int(doc["epoch"])
+            report = TrainReport.from_dict(doc["report"])
+            epoch = int(doc["epoch"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"the resume state in {self.workdir} is incomplete ({exc!r}); train without resume") from None
+        self.report = report
+        self.report.resumed_from = epoch
         log.info("resuming after epoch %d of %d (best so far: epoch %d)", epoch, self.options.epochs,
                  self.report.best_epoch)
         return epoch

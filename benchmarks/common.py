@@ -1,0 +1,40 @@
+"""Shared helpers of the benchmark scripts: where the data is, how to print the machine."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASETS = ROOT.parent / "shared" / "datasets"
+FASHION = DATASETS / "fashion-mnist"
+OUT = ROOT / "benchmarks" / "out"
+
+
+def machine() -> str:
+    return (f"{platform.node()} | {platform.machine()} | {os.cpu_count()} cores | Python {platform.python_version()} | "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
+def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray, str]:
+    """(N, 28, 28) uint8 images, labels and a description; generated shapes when the data is absent."""
+    from embedsearch.idx import read_idx_pair
+
+    prefix = "t10k" if split == "test" else "train"
+    images, labels = FASHION / f"{prefix}-images-idx3-ubyte.gz", FASHION / f"{prefix}-labels-idx1-ubyte.gz"
+    if images.exists() and labels.exists():
+        x, y = read_idx_pair(images, labels)
+        return x, y, f"Fashion-MNIST {split} ({len(x)} images)"
+    from embedsearch.synth import make_image_array
+
+    n = 10_000 if split == "test" else 60_000
+    x, y = make_image_array(n, 28, 1, seed=0 if split == "train" else 1)
+    return x[..., 0], y, f"generated shapes ({n} images; {FASHION} not found)"
+
+
+def percentile_ms(samples: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(samples) * 1000.0, q))
