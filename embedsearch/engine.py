@@ -23,9 +23,9 @@ import numpy as np
 from . import __version__
 from .encoders import REGISTRY, Encoder, encoder_class, write_config
 from .errors import DataError, ImageError, InvalidArgumentError, LockedError, ModelError, UnknownModelError
-from .images import DEFAULT_MAX_PIXELS, InputSpec, decode_file, infer_spec, scan
+from .datasets import data_spec, load_dataset
+from .images import DEFAULT_MAX_PIXELS, InputSpec, decode_file, scan
 from .index import METRICS, VectorIndex
-from .ingest import load_folder
 from .store import Model, Store
 
 log = logging.getLogger(__name__)
@@ -180,36 +180,48 @@ class Engine:
     def create_model(self, name: str, kind: str, data: str | None = None, *, image_size: int | None = None,
                      channels: int | None = None, metric: str = "l2", options: dict[str, Any] | None = None,
                      resume: bool = False, replace: bool = False) -> ModelInfo:
-        """Make (train) a named model from the images under ``data`` and register it."""
+        """Make (train) a named model from ``data`` (a folder or an IDX images file) and register it."""
+        cls = encoder_class(kind)
+        cls.Options.from_dict(options or {})  # refuse bad options before reading any data
+        if image_size is not None and channels is not None:
+            spec = InputSpec(image_size, channels)
+        elif data is None:
+            raise DataError(f"model kind {kind!r} needs DATA (or --image-size and --channels)")
+        else:
+            spec = data_spec(data, image_size, channels)
+        images = np.zeros((0, *spec.shape), np.uint8)
+        if cls.needs_training:
+            if data is None:
+                raise DataError(f"model kind {kind!r} needs DATA to learn from")
+            dataset = load_dataset(data, spec, self.max_pixels)
+            for path, reason in dataset.failed:
+                log.warning("skipped %s: %s", path, reason)
+            images = dataset.images
+        return self.fit_model(name, kind, images, spec, metric=metric, options=options, resume=resume,
+                              replace=replace, source=data)
+
+    def fit_model(self, name: str, kind: str, images: np.ndarray, spec: InputSpec, *, metric: str = "l2",
+                  options: dict[str, Any] | None = None, resume: bool = False, replace: bool = False,
+                  source: str | None = None) -> ModelInfo:
+        """Train a model of ``kind`` on (N, S, S, C) uint8 ``images`` and register it as ``name``."""
         cls = encoder_class(kind)
         opts = cls.Options.from_dict(options or {})
         if metric not in METRICS:
             raise InvalidArgumentError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
         if not name or "/" in name or name.startswith("."):
             raise InvalidArgumentError(f"{name!r} is not a usable model name")
-        existing = self.store.model(name)
-        if existing is not None and not (replace or resume):
+        if self.store.model(name) is not None and not (replace or resume):
             raise InvalidArgumentError(f"model {name!r} exists already; pass --replace to retrain it "
                                        "(its index is emptied) or choose another --name")
-        if cls.needs_training or image_size is None or channels is None:
-            if data is None:
-                raise DataError(f"model kind {kind!r} needs DATA to learn from")
-            files = [f.path for f in scan(data) if f.size >= 0]
-            spec = infer_spec(files, image_size, channels)
-        else:
-            spec = InputSpec(image_size, channels)
-        images = np.zeros((0, *spec.shape), np.uint8)
-        if cls.needs_training:
-            images, _, failed = load_folder(data, spec, self.max_pixels)
-            for path, reason in failed:
-                log.warning("skipped %s: %s", path, reason)
-            if len(images) == 0:
-                raise DataError(f"{data}: no usable images to train on")
+        if cls.needs_training and len(images) == 0:
+            raise DataError(f"{source or 'the data'}: no usable images to train on")
+        if images.shape[1:] != spec.shape:
+            raise InvalidArgumentError(f"images of shape {images.shape[1:]} do not match the input {spec.shape}")
         workdir = self.model_dir(name)
         workdir.mkdir(parents=True, exist_ok=True)
         log.info("making %s model %r (%dx%dx%d input) from %d images", kind, name, *spec.shape, len(images))
         encoder = cls.fit(images, spec, opts, workdir, resume=resume)
-        return self._register(name, encoder, metric, data, len(images))
+        return self._register(name, encoder, metric, source, len(images))
 
     def _register(self, name: str, encoder: Encoder, metric: str, data: str | None, n: int) -> ModelInfo:
         workdir = self.model_dir(name)

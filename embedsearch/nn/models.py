@@ -29,6 +29,8 @@ CONV_KERNEL = 4  # with stride 2 and padding 1 a 4x4 kernel halves an even size 
 #: Extra stride-2 stages are added while the feature map is even and larger than this, so that
 #: 64x64 or 128x128 inputs do not end in a huge dense layer (28 -> 7, 32 -> 8, 64 -> 8, 128 -> 8).
 CONV_MIN_MAP = 8
+#: Width of a dense hidden layer between the conv features and the code (0: none).
+CONV_DENSE = 0
 MLP_HIDDEN = (512, 256)
 NEG_SLOPE = 0.2
 
@@ -96,9 +98,13 @@ class ConvEncoderBody(nn.Module):
         for width in widths:
             layers += [nn.Conv2d(in_ch, width, CONV_KERNEL, stride=2, padding=1), _act()]
             in_ch = width
-        self.net = nn.Sequential(*layers, nn.Flatten())
         side = config.image_size >> len(widths)
         self.features = widths[-1] * side * side
+        layers.append(nn.Flatten())
+        if CONV_DENSE:
+            layers += [nn.Linear(self.features, CONV_DENSE), _act()]
+            self.features = CONV_DENSE
+        self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (N, C, S, S) -> (N, features)
@@ -111,10 +117,13 @@ class ConvDecoder(nn.Module):
         super().__init__()
         widths = conv_widths(config.image_size)
         side = config.image_size >> len(widths)
-        layers: list[nn.Module] = [
-            nn.Linear(config.latent_dim, widths[-1] * side * side), _act(),
-            nn.Unflatten(1, (widths[-1], side, side)),
-        ]
+        features = widths[-1] * side * side
+        layers: list[nn.Module] = []
+        if CONV_DENSE:
+            layers += [nn.Linear(config.latent_dim, CONV_DENSE), _act(), nn.Linear(CONV_DENSE, features), _act()]
+        else:
+            layers += [nn.Linear(config.latent_dim, features), _act()]
+        layers.append(nn.Unflatten(1, (widths[-1], side, side)))
         outs = widths[-2::-1] + [config.channels]  # e.g. [64, 32] -> [32, C]
         for i, (in_ch, out_ch) in enumerate(zip(widths[::-1], outs)):
             layers.append(nn.ConvTranspose2d(in_ch, out_ch, CONV_KERNEL, stride=2, padding=1))
