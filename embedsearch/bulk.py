@@ -179,8 +179,9 @@ def _flush(engine: Engine, model_id: int, encoder: Any, index: Any, batch: _Batc
                                        deleted=batch.deleted, touched=batch.touched)
     state.shas.update(new_ids)
     ids = np.array([new_ids[k] if isinstance(k, str) else k for k in batch.keys], dtype=np.int64)
-    index.remove(np.concatenate([ids, np.array(batch.deleted, dtype=np.int64)]))
-    index.add(ids, vectors)
+    with engine.index_lock:
+        index.remove(np.concatenate([ids, np.array(batch.deleted, dtype=np.int64)]))
+        index.add(ids, vectors)
     state.indexed.update(ids.tolist())
 
 

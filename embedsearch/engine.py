@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .encoders import Encoder
 from .errors import DataError, ImageError, InvalidArgumentError, LockedError
 from .images import DEFAULT_MAX_PIXELS, decode_file, scan
 from .index import VectorIndex
+from .library import ImagesMixin
 from .modeling import ModelInfo, ModelsMixin
 from .store import Model, Store
 
@@ -61,7 +63,7 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
-class Engine(ModelsMixin):
+class Engine(ModelsMixin, ImagesMixin):
     """An opened library. Cheap to open: models and indexes load on first use."""
 
     def __init__(self, home: str | os.PathLike[str] | None = None, db: str | None = None,
@@ -74,6 +76,10 @@ class Engine(ModelsMixin):
         self._encoders: dict[str, Encoder] = {}
         self._indexes: dict[str, VectorIndex] = {}
         self._models: dict[str, Model] = {}
+        self._generated: set[int] | None = None  # ids of generated images, loaded on first search
+        # FAISS indexes are not safe to search while another thread adds to them: every in-process
+        # change and search of an index holds this lock (each search takes about a millisecond).
+        self.index_lock = threading.RLock()
 
     def close(self) -> None:
         self.store.close()
@@ -128,6 +134,7 @@ class Engine(ModelsMixin):
 
     def refresh(self) -> None:
         """Pick up what other processes committed: new models, new or removed vectors."""
+        self._generated = None
         before = dict(self._models)
         self._models.clear()
         for name, index in list(self._indexes.items()):
@@ -163,12 +170,23 @@ class Engine(ModelsMixin):
             return np.zeros((0, encoder.dim), np.float32), used, failed
         return encoder.encode(np.stack(arrays)), used, failed
 
-    def search_vectors(self, vectors: np.ndarray, model: str, k: int = 10) -> list[list[Neighbour]]:
-        """Nearest indexed images of each vector (N, dim), with their metadata."""
+    def generated_ids(self) -> set[int]:
+        if self._generated is None:
+            self._generated = self.store.generated_ids()
+        return self._generated
+
+    def search_vectors(self, vectors: np.ndarray, model: str, k: int = 10,
+                       include_generated: bool = False) -> list[list[Neighbour]]:
+        """Nearest indexed images of each vector (N, dim), with their metadata.
+
+        Generated images (``generate --add``) are left out unless ``include_generated``.
+        """
         if k < 1:
             raise InvalidArgumentError("k must be at least 1")
-        index = self.vector_index(model)
-        dist, ids = index.search(vectors, min(k, max(len(index), 1)))
+        exclude = set() if include_generated else self.generated_ids()
+        with self.index_lock:
+            index = self.vector_index(model)
+            dist, ids = index.search(vectors, min(k, max(len(index), 1)), exclude)
         found = self.store.labels_paths(sorted({int(i) for i in ids.ravel() if i >= 0}))
         out = []
         for drow, irow in zip(dist, ids):

@@ -95,12 +95,21 @@ class VectorIndex:
             return 0
         return int(self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(distances, ids), each (N, k); id -1 means no result. L2: Euclidean; cosine: 1 - cos."""
+    def search(self, vectors: np.ndarray, k: int, exclude: set[int] | frozenset[int] = frozenset()
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, ids), each (N, k); id -1 means no result. L2: Euclidean; cosine: 1 - cos.
+
+        Ids in ``exclude`` are never returned (FAISS skips them during the scan).
+        """
         x = self._prepare(vectors)  # (N, dim)
         # One query is fastest on one thread; a batch profits from all cores.
         faiss.omp_set_num_threads(1 if len(x) < 16 else os.cpu_count() or 1)
-        scores, ids = self.index.search(x, k)
+        params = None
+        if exclude:
+            skip = faiss.IDSelectorBatch(np.fromiter(exclude, dtype=np.int64))
+            params = faiss.SearchParameters(sel=faiss.IDSelectorNot(skip))
+            params.keep = skip  # the SWIG wrapper does not own the selector: keep it alive
+        scores, ids = self.index.search(x, k, params=params)
         if self.metric == "cosine":
             dist = np.clip(1.0 - scores, 0.0, 2.0)
         else:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint,
-    create_engine, delete, event, func, insert, select, update,
+    JSON, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint,
+    create_engine, delete, event, false, func, insert, select, update,
 )
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import SQLAlchemyError
@@ -50,6 +50,10 @@ class Image(Base):
     bytes: Mapped[int] = mapped_column(Integer)
     mtime: Mapped[float | None] = mapped_column(Float)
     added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    #: Made by a model's decoder (embedsearch generate --add), not found on disk or uploaded.
+    generated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false(), index=True)
+    #: Where a generated image came from: model, mode, seed, source images.
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Model(Base):
@@ -192,6 +196,26 @@ class Store:
     def images(self, ids: Sequence[int]) -> dict[int, Image]:
         with self.session() as s:
             return {im.id: im for im in s.scalars(select(Image).where(Image.id.in_(list(ids))))}
+
+    def all_shas_for(self, shas: Sequence[str]) -> dict[str, int]:
+        with self.session() as s:
+            return dict(s.execute(select(Image.sha256, Image.id).where(Image.sha256.in_(list(shas)))).all())
+
+    def entry_ids_of(self, model_id: int, image_ids: Sequence[int]) -> set[int]:
+        """Which of ``image_ids`` have an entry in the model's index."""
+        with self.session() as s:
+            return set(s.scalars(select(IndexEntry.image_id).where(
+                IndexEntry.model_id == model_id, IndexEntry.image_id.in_(list(image_ids)))))
+
+    def models_of(self, image_id: int) -> list[str]:
+        with self.session() as s:
+            stmt = (select(Model.name).join(IndexEntry, IndexEntry.model_id == Model.id)
+                    .where(IndexEntry.image_id == image_id).order_by(Model.name))
+            return list(s.scalars(stmt))
+
+    def generated_ids(self) -> set[int]:
+        with self.session() as s:
+            return set(s.scalars(select(Image.id).where(Image.generated)))
 
     def labels_paths(self, ids: Sequence[int]) -> dict[int, tuple[str | None, str | None]]:
         """id -> (path, label): the hot path of every query, so plain Core rows, no ORM objects."""
