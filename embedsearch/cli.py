@@ -113,8 +113,10 @@ def index(ctx: click.Context, data: str, model: str, metric: str | None, batch_s
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Neighbours per query.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per query.")
 @click.option("--grid", type=click.Path(dir_okay=False), help="Write a PNG: each query, then its neighbours.")
+@click.option("--include-generated", is_flag=True, help="Also return generated images (generate --add).")
 @click.pass_context
-def query(ctx: click.Context, images: tuple[str, ...], model: str, k: int, as_json: bool, grid: str | None) -> None:
+def query(ctx: click.Context, images: tuple[str, ...], model: str, k: int, as_json: bool, grid: str | None,
+          include_generated: bool) -> None:
     """Find the indexed images nearest to each IMAGE (files, or folders of images).
 
     \b
@@ -125,7 +127,7 @@ def query(ctx: click.Context, images: tuple[str, ...], model: str, k: int, as_js
     from .engine import QueryResult
 
     results, failed = [], 0
-    for item in _engine(ctx).query(list(images), model, k):
+    for item in _engine(ctx).query(list(images), model, k, include_generated=include_generated):
         if not isinstance(item, QueryResult):
             click.echo(f"skipped {item[0]}: {item[1]}", err=True)
             failed += 1
@@ -192,16 +194,22 @@ def train(ctx: click.Context, data: str, kind: str, name: str | None, image_size
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--generated", is_flag=True, help="Remove every generated image (generate --add).")
 @click.pass_context
-def remove(ctx: click.Context, paths: tuple[str, ...]) -> None:
+def remove(ctx: click.Context, paths: tuple[str, ...], generated: bool) -> None:
     """Forget indexed images (a folder: every image under it). The files themselves stay.
 
     \b
     Example:
       embedsearch remove photos/old/
+      embedsearch remove --generated
     """
-    click.echo(f"removed {_engine(ctx).remove(list(paths))} images")
+    if not paths and not generated:
+        raise click.UsageError("name PATH... to remove, or --generated")
+    engine = _engine(ctx)
+    removed = (engine.remove(list(paths)) if paths else 0) + (engine.remove_generated() if generated else 0)
+    click.echo(f"removed {removed} images")
 
 
 @main.command(context_settings=CONTEXT)
@@ -262,6 +270,57 @@ def demo(ctx: click.Context, per_class: int, seed: int) -> None:
     for result in outcome.results:
         _print_result(result)
     click.echo(outcome.summary)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--model", required=True, help="A VAE (or, with --between, an AE) model.")
+@click.option("-n", "n", default=16, show_default=True, type=click.IntRange(1, 4096), help="Candidates to draw.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0), help="Prior scale.")
+@click.option("--near", metavar="IMAGE", help="Sample around this image (file or image id): z = mu + spread*sigma*eps.")
+@click.option("--spread", default=1.0, show_default=True, type=click.FloatRange(0))
+@click.option("--between", nargs=2, metavar="A B", help="Decode the path between two images' codes.")
+@click.option("--steps", default=8, show_default=True, type=click.IntRange(2, 1000))
+@click.option("--slerp", is_flag=True, help="Spherical instead of linear interpolation.")
+@click.option("--grid", type=click.Path(dir_okay=False), help="One PNG: candidates (and neighbours) in a grid.")
+@click.option("--out", type=click.Path(file_okay=False), help="One PNG + JSON sidecar per candidate.")
+@click.option("--search", is_flag=True, help="Find each candidate's nearest indexed real images.")
+@click.option("-k", "k", default=5, show_default=True, type=click.IntRange(1, 100), help="Neighbours with --search.")
+@click.option("--add", is_flag=True, help="Store the candidates in the library, marked generated.")
+@click.option("--include-generated", is_flag=True, help="Let --search return generated images too.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def generate(ctx: click.Context, model: str, n: int, seed: int, temperature: float, near: str | None,
+             spread: float, between: tuple[str, str] | None, steps: int, slerp: bool, grid: str | None,
+             out: str | None, search: bool, k: int, add: bool, include_generated: bool, as_json: bool) -> None:
+    """New candidate images from a VAE: from the prior, near an image, or between two images.
+
+    \b
+    Example:
+      embedsearch generate --model vae -n 16 --grid samples.png
+      embedsearch generate --model vae --near photos/cat.png --spread 0.5 --search --grid near.png
+      embedsearch generate --model ae --between a.png b.png --steps 8 --slerp --grid path.png
+    """
+    from .generate import candidates_grid, write_candidates
+
+    result = _engine(ctx).generate(model, n=n, seed=seed, temperature=temperature, near=near, spread=spread,
+                                   between=tuple(between) if between else None, steps=steps, slerp=slerp,
+                                   search_k=k if search else 0, add=add, include_generated=include_generated)
+    if grid:
+        click.echo(f"wrote {candidates_grid(result, Path(grid))}", err=True)
+    if out:
+        click.echo(f"wrote {len(write_candidates(result, Path(out)))} candidates to {out}", err=True)
+    if as_json:
+        _emit({"model": result.model, "mode": result.mode, "seed": result.seed, "sources": result.sources,
+               **result.settings, "candidates": [{"index": c.index, "id": c.id, "latent": c.latent,
+                                                  "neighbours": [asdict(nb) for nb in c.neighbours]}
+                                                 for c in result.candidates]})
+        return
+    click.echo(f"{len(result.candidates)} candidates from {result.model!r} ({result.mode}, seed {result.seed})"
+               + (f"; stored as ids {[c.id for c in result.candidates]}" if add else ""))
+    for cand in result.candidates if search else []:
+        near_ones = ", ".join(f"{nb.label or '-'} {nb.distance:.3f} {nb.path}" for nb in cand.neighbours)
+        click.echo(f"  #{cand.index}: {near_ones}")
 
 
 @main.group(context_settings=CONTEXT)

@@ -156,6 +156,12 @@ class Engine(ModelsMixin, ImagesMixin):
 
         return bulk_index(self, data, model, **kwargs)
 
+    def generate(self, model: str, **kwargs: Any) -> Any:
+        """Candidates from a model's decoder; see :func:`embedsearch.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, model, **kwargs)
+
     def encode_files(self, paths: list[str], model: str) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
         """Vectors (N, dim) of image files, with the paths used and the failures."""
         encoder = self.encoder(model)
@@ -194,8 +200,8 @@ class Engine(ModelsMixin, ImagesMixin):
             out.append([Neighbour(r, i, *found[i], d) for r, (d, i) in enumerate(hits, 1)])
         return out
 
-    def query(self, images: list[str], model: str, k: int = 10, batch_size: int = 256
-              ) -> Iterator[QueryResult | tuple[str, str]]:
+    def query(self, images: list[str], model: str, k: int = 10, batch_size: int = 256,
+              include_generated: bool = False) -> Iterator[QueryResult | tuple[str, str]]:
         """Neighbours of each image (folders expand to their images), in batches.
 
         Yields a QueryResult per good image and a (path, reason) tuple per file that failed.
@@ -212,7 +218,7 @@ class Engine(ModelsMixin, ImagesMixin):
         for start in range(0, len(files), batch_size):
             vectors, used, failed = self.encode_files(files[start : start + batch_size], model)
             yield from failed
-            for path, hits in zip(used, self.search_vectors(vectors, model, k)):
+            for path, hits in zip(used, self.search_vectors(vectors, model, k, include_generated)):
                 yield QueryResult(path, model, hits)
 
     def remove(self, paths: list[str]) -> int:

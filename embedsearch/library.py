@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ImageError, InvalidArgumentError, NotFoundError
-from .images import decode_bytes
+from .images import decode_bytes, sha256
 from .index import atomic_write
 
 if TYPE_CHECKING:
     from .engine import Engine, Neighbour
+    from .generate import Generation
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,52 @@ class ImagesMixin:
             raise NotFoundError(f"image {image_id} is not in model {model!r}'s index")
         vector = np.frombuffer(found[0][1], dtype=np.float32)[None]  # (1, dim)
         return self.search_vectors(vector, model, k, include_generated)[0]
+
+    def add_generated(self: Engine, generation: Generation) -> None:
+        """Store candidates as generated images with their provenance, in the generating model's index."""
+        from .generate import to_png
+
+        model, encoder = self.model(generation.model), self.encoder(generation.model)
+        pngs = [to_png(c.image) for c in generation.candidates]
+        vectors = encoder.encode(np.stack([c.image for c in generation.candidates]))  # (N, dim)
+        digests = [sha256(p) for p in pngs]
+        with self.writing():
+            known = self.store.all_shas_for(digests)
+            first: dict[str, int] = {}  # digest -> index of the first candidate with those bytes
+            rows = []
+            for i, (cand, png, digest) in enumerate(zip(generation.candidates, pngs, digests)):
+                if digest in known or digest in first:
+                    continue
+                first[digest] = i
+                path = self.stored_path(digest, "PNG", "generated")
+                atomic_write(path, png)
+                rows.append({"path": str(path), "sha256": digest, "width": cand.image.shape[1],
+                             "height": cand.image.shape[0], "format": "PNG",
+                             "mode": "L" if cand.image.shape[-1] == 1 else "RGB", "label": None,
+                             "bytes": len(png), "mtime": None, "generated": True,
+                             "provenance": generation.provenance(cand)})
+            ids = self.store.write_batch(model.id, rows, [], [(d, vectors[i].tobytes()) for d, i in first.items()])
+            with self.index_lock:
+                new = np.array([ids[d] for d in first], dtype=np.int64)
+                self.vector_index(model.name).add(new, vectors[list(first.values())])
+                self.generated_ids().update(new.tolist())
+        for cand, digest in zip(generation.candidates, digests):
+            cand.id = ids.get(digest, known.get(digest))
+
+    def remove_generated(self: Engine) -> int:
+        """Delete every generated image: rows, vectors and files."""
+        with self.writing():
+            ids = sorted(self.store.generated_ids())
+            records = self.store.images(ids)
+            removed = self.store.delete_images(ids)
+            with self.index_lock:
+                for name in list(self._indexes):
+                    self._indexes[name].remove(np.array(ids, dtype=np.int64))
+            self._generated = set()
+        for row in records.values():
+            if row.path and self.owns(Path(row.path)):
+                Path(row.path).unlink(missing_ok=True)
+        return removed
 
     def stats(self: Engine) -> dict[str, Any]:
         counts = self.store.counts()

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from .engine import QueryResult
 
 
-def _tile(path: str | None, caption: str) -> Tile:
+def image_tile(path: str | None, caption: str) -> Tile:
     if path is None:
         return Tile(None, caption)
     try:
@@ -26,7 +26,7 @@ def query_grid(results: list[QueryResult], out: Path, tile_size: int = 96) -> Pa
     """One row per query: the query image, then each neighbour captioned '#rank distance'."""
     rows = []
     for result in results:
-        row = [_tile(result.query, "query")]
-        row += [_tile(n.path, f"#{n.rank} {n.distance:.3f}") for n in result.results]
+        row = [image_tile(result.query, "query")]
+        row += [image_tile(n.path, f"#{n.rank} {n.distance:.3f}") for n in result.results]
         rows.append(row)
     return save_grid(rows, out, tile_size=tile_size, row_titles=[Path(r.query).name for r in results])
