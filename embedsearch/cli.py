@@ -323,6 +323,35 @@ def generate(ctx: click.Context, model: str, n: int, seed: int, temperature: flo
         click.echo(f"  #{cand.index}: {near_ones}")
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--repair", is_flag=True, help="Rebuild index files, re-encode damaged vectors, drop orphans.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def check(ctx: click.Context, repair: bool, as_json: bool) -> None:
+    """Verify that index, metadata, checkpoints and stored files agree. Exit 0 only when they do.
+
+    \b
+    Example:
+      embedsearch check
+      embedsearch check --repair --json
+    """
+    report = _engine(ctx).check(repair)
+    if as_json:
+        _emit(report.to_dict())
+    else:
+        for name, m in report.models.items():
+            click.echo(f"{name}: {m.entries} entries, {m.vectors_in_file} vectors in its index file, "
+                       f"checkpoint {m.checkpoint}")
+        for line in report.repaired:
+            click.echo(f"repaired: {line}")
+        for line in report.notes:
+            click.echo(f"note: {line}")
+        for line in report.problems:
+            click.echo(f"problem: {line}")
+        click.echo("consistent" if report.ok else "NOT consistent; run 'embedsearch check --repair'")
+    ctx.exit(0 if report.ok else 1)
+
+
 @main.group(context_settings=CONTEXT)
 def db() -> None:
     """Database maintenance."""

@@ -76,13 +76,30 @@ class Engine(ModelsMixin, ImagesMixin):
         self._encoders: dict[str, Encoder] = {}
         self._indexes: dict[str, VectorIndex] = {}
         self._models: dict[str, Model] = {}
+        self._dirty: set[str] = set()  # indexes changed in memory since their file was written
         self._generated: set[int] | None = None  # ids of generated images, loaded on first search
         # FAISS indexes are not safe to search while another thread adds to them: every in-process
         # change and search of an index holds this lock (each search takes about a millisecond).
         self.index_lock = threading.RLock()
 
     def close(self) -> None:
+        if self._dirty:
+            try:
+                self.flush()
+            except LockedError as exc:  # the file is a cache: the next open catches up anyway
+                log.warning("index files not saved: %s", exc)
         self.store.close()
+
+    def flush(self) -> None:
+        """Write the index files that single-image changes (uploads, deletions) left behind."""
+        with self.writing():
+            for name in sorted(self._dirty):
+                index = self._indexes.get(name)
+                if index is not None:
+                    with self.index_lock:
+                        index.sync(self.store, self.model(name).id)
+                        index.save(self.index_path(name))
+            self._dirty.clear()
 
     def __enter__(self) -> Engine:
         return self
@@ -161,6 +178,12 @@ class Engine(ModelsMixin, ImagesMixin):
         from .generate import generate
 
         return generate(self, model, **kwargs)
+
+    def check(self, repair: bool = False) -> Any:
+        """Verify (and with ``repair``, mend) index, metadata, checkpoints and stored files."""
+        from .check import check
+
+        return check(self, repair)
 
     def encode_files(self, paths: list[str], model: str) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
         """Vectors (N, dim) of image files, with the paths used and the failures."""

@@ -92,6 +92,7 @@ class ImagesMixin:
                     index = self.vector_index(model.name)
                     index.remove(np.array([image_id]))
                     index.add(np.array([image_id]), vector)
+                    self._dirty.add(model.name)
         if image_id is None:  # every target model had it already
             raise InvalidArgumentError("nothing was indexed")
         return Added(image_id, existing is None, meta.sha256)
@@ -119,6 +120,7 @@ class ImagesMixin:
             with self.index_lock:
                 for name in list(self._indexes):
                     self._indexes[name].remove(np.array([image_id]))
+                    self._dirty.add(name)
             if self._generated is not None:
                 self._generated.discard(image_id)
         if record.path and self.owns(Path(record.path)):
@@ -173,6 +175,7 @@ class ImagesMixin:
             with self.index_lock:
                 new = np.array([ids[d] for d in first], dtype=np.int64)
                 self.vector_index(model.name).add(new, vectors[list(first.values())])
+                self._dirty.add(model.name)
                 self.generated_ids().update(new.tolist())
         for cand, digest in zip(generation.candidates, digests):
             cand.id = ids.get(digest, known.get(digest))
@@ -186,6 +189,7 @@ class ImagesMixin:
             with self.index_lock:
                 for name in list(self._indexes):
                     self._indexes[name].remove(np.array(ids, dtype=np.int64))
+                    self._dirty.add(name)
             self._generated = set()
         for row in records.values():
             if row.path and self.owns(Path(row.path)):
