@@ -150,17 +150,22 @@ class Engine(ModelsMixin, ImagesMixin):
         return index
 
     def refresh(self) -> None:
-        """Pick up what other processes committed: new models, new or removed vectors."""
-        self._generated = None
-        before = dict(self._models)
-        self._models.clear()
-        for name, index in list(self._indexes.items()):
-            model = self.store.model(name)
-            if model is None or name not in before or model.id != before[name].id:
-                self._forget(name)  # deleted or retrained elsewhere: load afresh when next used
-                continue
-            self._models[name] = model
-            index.sync(self.store, model.id)
+        """Pick up what other processes committed: new models, new or removed vectors.
+
+        Safe beside searching threads: the model cache is swapped in one step and every index is
+        synced under ``index_lock``, so a search sees an index before or after, never half-way.
+        """
+        fresh = {m.name: m for m in self.store.models()}
+        generated = self.store.generated_ids()
+        with self.index_lock:
+            for name, index in list(self._indexes.items()):
+                old, new = self._models.get(name), fresh.get(name)
+                if new is None or old is None or new.id != old.id:
+                    self._forget(name)  # deleted or retrained elsewhere: load afresh when next used
+                    continue
+                index.sync(self.store, new.id)
+            self._models = fresh
+            self._generated = generated
 
     def save_index(self, name: str) -> None:
         index = self._indexes.get(name)

@@ -1,0 +1,204 @@
+"""HTTP service throughput and latency over a 70k-image library (conv VAE, 28x28 grey).
+
+    .venv/bin/python benchmarks/serve.py [--seconds 10] [--uploads 200]
+
+Builds (once; reused while it holds 70k vectors) ``benchmarks/out/serve-home``: Fashion-MNIST
+train + test written as PNG files (``benchmarks/out/fmnist-png``, shared with index_query.py;
+generated shapes when ../shared/datasets is absent), a conv VAE trained for 1 epoch on the 60k
+training images, and every PNG indexed through ``engine.index``. Then it starts the service as a
+separate process (uvicorn on 127.0.0.1) and drives it with 1 and 8 client threads (httpx), each
+sending ``POST /api/search`` (an image upload, k=10) in a loop bounded by time and count. Last,
+one client uploads new images one at a time (store + index into every model), then deletes them.
+
+Targets (issue: serve; 2 cores): search by upload p50 <= 15 ms and p99 <= 50 ms with 8 clients,
+>= 150 requests/s; upload + index of one image p50 <= 30 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import OUT, ROOT, fashion_mnist, machine, percentile_ms
+
+HOME = OUT / "serve-home"
+PNGS = OUT / "fmnist-png"
+MAX_REQUESTS_PER_CLIENT = 20_000
+SERVER = ("import sys, uvicorn; from embedsearch.service import create_app; "
+          "uvicorn.run(create_app(sys.argv[1]), host='127.0.0.1', port=int(sys.argv[2]), log_level='warning')")
+
+
+def write_pngs() -> int:
+    """The 70k PNG files (reused when index_query.py or an earlier run finished writing them)."""
+    from embedsearch.idx import export_pngs
+
+    marker = PNGS / ".complete"
+    if marker.exists():
+        return int(marker.read_text())
+    shutil.rmtree(PNGS, ignore_errors=True)
+    count = 0
+    for split in ("train", "test"):
+        x, y, what = fashion_mnist(split)
+        count += export_pngs(x, y, PNGS, prefix=f"{split}-")
+        print(f"wrote {what} as PNG")
+    marker.write_text(str(count))
+    return count
+
+
+def build_library(n: int) -> None:
+    """A conv VAE (1 epoch on the training split) with every PNG indexed; skipped when already built."""
+    from embedsearch.engine import Engine
+    from embedsearch.images import InputSpec
+
+    marker = HOME / ".complete"
+    if marker.exists():
+        print(f"reusing {HOME} ({marker.read_text().strip()})")
+        return
+    shutil.rmtree(HOME, ignore_errors=True)
+    with Engine(HOME) as engine:
+        x, _, what = fashion_mnist("train")
+        start = time.perf_counter()
+        engine.fit_model("vae", "vae", x[..., None], InputSpec(28, 1), options={"epochs": 1, "arch": "conv"},
+                         source=what)
+        print(f"trained a conv VAE for 1 epoch on {what}: {time.perf_counter() - start:.1f} s")
+        start = time.perf_counter()
+        report = engine.index(str(PNGS), "vae")
+        print(f"indexed {report.added:,} PNG files with the VAE in {time.perf_counter() - start:.1f} s "
+              f"({report.duplicates} duplicates stored once)")
+        marker.write_text(f"{n:,} PNG files, {report.added:,} images in model 'vae'")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(port: int) -> subprocess.Popen[bytes]:
+    import httpx
+
+    # As 'embedsearch serve' does: one torch thread per request, the requests run in parallel.
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(HOME), str(port)], env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not come up within 120 s")
+
+
+def query_images(count: int) -> list[bytes]:
+    files = sorted((PNGS).rglob("test-*.png"))
+    rng = np.random.default_rng(0)
+    return [files[i].read_bytes() for i in rng.choice(len(files), count, replace=False)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux): a figure that other load on the machine barely moves."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(url: str, clients: int, seconds: float, images: list[bytes]) -> tuple[list[float], int, float]:
+    """Each client thread posts searches until time is up; returns latencies, errors and wall time."""
+    import httpx
+
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    stop_at = time.perf_counter() + seconds
+
+    def client(c: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            for j in range(MAX_REQUESTS_PER_CLIENT):
+                if time.perf_counter() >= stop_at:
+                    return
+                data = images[(c * 7919 + j) % len(images)]
+                t0 = time.perf_counter()
+                r = http.post("/api/search", files={"file": ("q.png", data)}, data={"model": "vae", "k": "10"})
+                latencies[c].append(time.perf_counter() - t0)
+                errors[c] += r.status_code != 200
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [x for per in latencies for x in per], sum(errors), time.perf_counter() - start
+
+
+def uploads(url: str, count: int) -> tuple[list[float], list[float]]:
+    """Upload ``count`` new images one at a time, then delete them; (upload, delete) latencies."""
+    import httpx
+    from PIL import Image
+
+    rng = np.random.default_rng(time.time_ns() % 2**32)
+    added, up, down = [], [], []
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for _ in range(count):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L").save(buf, format="PNG")
+            t0 = time.perf_counter()
+            r = http.post("/api/images", files={"files": ("new.png", buf.getvalue())})
+            up.append(time.perf_counter() - t0)
+            r.raise_for_status()
+            added.append(r.json()["images"][0]["id"])
+        for image_id in added:
+            t0 = time.perf_counter()
+            http.delete(f"/api/images/{image_id}").raise_for_status()
+            down.append(time.perf_counter() - t0)
+    return up, down
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="load per client count")
+    parser.add_argument("--uploads", type=int, default=200)
+    args = parser.parse_args()
+    print(machine())
+    print(f"load average before the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (other work competes for the cores)")
+    n = write_pngs()
+    build_library(n)
+    port = free_port()
+    server = start_server(port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        vectors = next(m["vectors"] for m in httpx.get(f"{url}/api/models").json()["models"] if m["name"] == "vae")
+        images = query_images(500)
+        load(url, 2, 3.0, images)  # warm-up: model, index, caches, connections
+        for clients in (1, 8):
+            server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
+            lat, errors, wall = load(url, clients, args.seconds, images)
+            server_cpu, client_cpu = cpu_seconds(server.pid) - server_cpu, time.process_time() - client_cpu
+            print(f"POST /api/search (vae, k=10, {vectors:,} vectors), {clients} client{'s' if clients > 1 else ''}: "
+                  f"{len(lat):,} requests in {wall:.1f} s -> {len(lat) / wall:,.0f} requests/s, "
+                  f"p50 {percentile_ms(lat, 50):.1f} ms, p99 {percentile_ms(lat, 99):.1f} ms, {errors} errors; "
+                  f"CPU per request: server {server_cpu / len(lat) * 1000:.2f} ms, "
+                  f"clients {client_cpu / len(lat) * 1000:.2f} ms")
+        up, down = uploads(url, args.uploads)
+        print(f"POST /api/images (store + index one 28x28 PNG), 1 client, {len(up)} uploads: "
+              f"p50 {percentile_ms(up, 50):.1f} ms, p99 {percentile_ms(up, 99):.1f} ms; "
+              f"DELETE p50 {percentile_ms(down, 50):.1f} ms")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
