@@ -27,11 +27,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from embedsearch.images import InputSpec  # noqa: E402
-from embedsearch.nn.encoder import AEEncoder, NeuralEncoder, VAEEncoder  # noqa: E402
-from embedsearch.nn.models import ModelConfig, build_model  # noqa: E402
+from embedsearch.images import InputSpec
+from embedsearch.nn.encoder import AEEncoder, NeuralEncoder, VAEEncoder
+from embedsearch.nn.models import ModelConfig, build_model
 
 FASHION = REPO.parent / "shared" / "datasets" / "fashion-mnist" / "train-images-idx3-ubyte.gz"
 KINDS: list[type[NeuralEncoder]] = [AEEncoder, VAEEncoder]

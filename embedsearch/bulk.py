@@ -84,8 +84,8 @@ def _ensure_model(engine: Engine, data: str, model: str, metric: str | None) -> 
 def bulk_index(engine: Engine, data: str, model: str, *, metric: str | None = None, batch_size: int = 2048,
                workers: int | None = None, progress: bool = False) -> IndexReport:
     started = time.perf_counter()
-    _ensure_model(engine, data, model, metric)
-    with engine.writing():
+    with engine.writing():  # decide whether to create the model under the lock: no other run may race us
+        _ensure_model(engine, data, model, metric)
         encoder = engine.encoder(model)
         row = engine.model(model)
         index = engine.vector_index(model)
@@ -120,6 +120,9 @@ class _State:
     shas: dict[str, int]  # sha256 -> image id, for every stored image
     indexed: set[int]  # image ids in this model's index
     seen: dict[str, str] = field(default_factory=dict)  # sha256 -> path, files met in this run
+    #: sha256 -> (values, pixels) of files met as copies of a stored image: if that image's own
+    #: file turns out to have changed later in the run, the copy takes its place.
+    copies: dict[str, tuple[dict[str, Any], np.ndarray]] = field(default_factory=dict)
 
 
 def _route(item: Decoded, state: _State, batch: _Batch, report: IndexReport) -> None:
@@ -139,9 +142,14 @@ def _route(item: Decoded, state: _State, batch: _Batch, report: IndexReport) -> 
             _queue(batch, state, old[0], item.pixels)
             report.added += 1
         return
+    values = {"path": info.path, "sha256": meta.sha256, "width": meta.width, "height": meta.height,
+              "format": meta.format, "mode": meta.mode, "label": info.label, "bytes": meta.bytes,
+              "mtime": info.mtime}
     first = state.seen.setdefault(meta.sha256, info.path)
     stored = state.shas.get(meta.sha256)
     if first != info.path or stored is not None:
+        if stored is not None and old is None:
+            state.copies.setdefault(meta.sha256, (values, item.pixels))
         report.duplicates += 1
         log.info("%s: same content as %s", info.path, first if first != info.path else "a stored image")
         if old is not None:
@@ -150,16 +158,26 @@ def _route(item: Decoded, state: _State, batch: _Batch, report: IndexReport) -> 
         if stored is not None and stored not in state.indexed:
             _queue(batch, state, stored, item.pixels)  # stored elsewhere, not yet in this model's index
         return
-    values = {"path": info.path, "sha256": meta.sha256, "width": meta.width, "height": meta.height,
-              "format": meta.format, "mode": meta.mode, "label": info.label, "bytes": meta.bytes,
-              "mtime": info.mtime}
     if old is None:
         batch.new_images.append(values)
         _queue(batch, state, meta.sha256, item.pixels)
         report.added += 1
+    elif old[3] in state.copies:
+        # Its old content lives on in a copy met earlier: the stored image moves to the copy's path
+        # (re-encoded, as its row is rewritten) and this file becomes a new image.
+        copy_values, copy_pixels = state.copies.pop(old[3])
+        batch.changed.append({"id": old[0], **copy_values})
+        _queue(batch, state, old[0], copy_pixels)
+        batch.new_images.append(values)
+        _queue(batch, state, meta.sha256, item.pixels)
+        report.duplicates -= 1
+        report.updated += 1
+        report.added += 1
     else:
         batch.changed.append({"id": old[0], **values})
         _queue(batch, state, old[0], item.pixels)
+        state.shas.pop(old[3], None)  # its old content is gone: a later copy of it is new, not a duplicate
+        state.shas[meta.sha256] = old[0]
         report.updated += 1
 
 

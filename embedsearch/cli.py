@@ -368,3 +368,16 @@ def db_upgrade(ctx: click.Context) -> None:
     """
     engine = _engine(ctx)
     click.echo(f"{engine.db_url}: schema is at the newest revision")
+
+
+def _register_commands() -> None:
+    """Commands that live in their own modules (imported lazily by their bodies)."""
+    from .cli_compare import compare, export_images
+    from .cli_serve import serve
+
+    main.add_command(serve)
+    main.add_command(compare)
+    main.add_command(export_images, "export-images")
+
+
+_register_commands()

@@ -76,6 +76,7 @@ class Engine(ModelsMixin, ImagesMixin):
         self._encoders: dict[str, Encoder] = {}
         self._indexes: dict[str, VectorIndex] = {}
         self._models: dict[str, Model] = {}
+        self._writer_lock: Any = None
         self._dirty: set[str] = set()  # indexes changed in memory since their file was written
         self._generated: set[int] | None = None  # ids of generated images, loaded on first search
         # FAISS indexes are not safe to search while another thread adds to them: every in-process
@@ -116,10 +117,16 @@ class Engine(ModelsMixin, ImagesMixin):
 
     @contextmanager
     def writing(self, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-        """Hold the library's writer lock; say so on the log when another writer makes us wait."""
+        """Hold the library's writer lock; say so on the log when another writer makes us wait.
+
+        Re-entrant within a thread (one FileLock object per Engine counts its holds), so an
+        operation that must decide and write atomically can call others that lock too.
+        """
         from filelock import FileLock, Timeout
 
-        lock = FileLock(str(self.home / "library.lock"))
+        if self._writer_lock is None:
+            self._writer_lock = FileLock(str(self.home / "library.lock"))
+        lock = self._writer_lock
         try:
             lock.acquire(timeout=0)
         except Timeout:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import faiss
 import numpy as np
@@ -53,6 +55,11 @@ def build_index(vectors: np.ndarray, metric: str = "l2") -> faiss.Index:
     index = faiss.IndexFlatIP(x.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(x.shape[1])
     index.add(x)
     return index
+
+
+def add_vectors(index: faiss.Index, vectors: np.ndarray, metric: str = "l2") -> None:
+    """Append rows to an index made by :func:`build_index` (same metric); they get the next row numbers."""
+    index.add(_prepared(vectors, metric))
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, metric: str = "l2") -> np.ndarray:
@@ -228,13 +235,31 @@ def active_dims(mu: np.ndarray, threshold: float = 0.01) -> int:
     return int((mu.astype(np.float64).var(axis=0) > threshold).sum()) if len(mu) else 0
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """FAISS, and torch if an encoder has loaded it (never imported here), on one thread for a while."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else 0
+    faiss.omp_set_num_threads(1)
+    if torch is not None:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(all_threads())
+        if torch is not None:
+            torch.set_num_threads(before)
+
+
 def time_single_queries(encode: Callable[[np.ndarray], np.ndarray], index: faiss.Index, images: np.ndarray,
                         k: int, metric: str = "l2", repeats: int = 200) -> float:
-    """Median milliseconds of one query (encode one image + search), on one FAISS thread."""
+    """Median milliseconds of one query (encode one image + search) on one thread.
+
+    One thread, because an interactive query runs alone and threads only add overhead to it.
+    """
     if not len(images):
         return 0.0
-    faiss.omp_set_num_threads(1)  # an interactive query runs alone; threads only add overhead
-    try:
+    with one_thread():
         encode(images[:1])  # warm-up: first-call allocations are not a query's cost
         samples = []
         for i in range(repeats):
@@ -242,6 +267,4 @@ def time_single_queries(encode: Callable[[np.ndarray], np.ndarray], index: faiss
             vector = _prepared(encode(images[i % len(images)][None]), metric)
             index.search(vector, k)
             samples.append(time.perf_counter() - started)
-    finally:
-        faiss.omp_set_num_threads(all_threads())
     return float(np.median(samples) * 1000.0)

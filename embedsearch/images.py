@@ -12,6 +12,8 @@ import hashlib
 import io
 import logging
 import os
+import stat
+import struct
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -31,6 +33,9 @@ EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif"
 DEFAULT_MAX_PIXELS = 50_000_000
 #: ``train`` infers the input size from the data but never beyond this.
 MAX_INFERRED_SIZE = 64
+#: What Pillow's many decoders raise on damaged input (each plug-in has its own habits).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
+                  NotImplementedError, RuntimeError, ZeroDivisionError, struct.error)
 _GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
 
@@ -100,7 +105,8 @@ def scan(root: str | os.PathLike[str]) -> Iterator[FileInfo]:
                     yield from walk(entry.path, label if label is not None else entry.name)
                 elif os.path.splitext(entry.name)[1].lower() in EXTENSIONS:
                     st = entry.stat()
-                    yield FileInfo(entry.path, st.st_size, st.st_mtime, label)
+                    regular = stat.S_ISREG(st.st_mode)  # a FIFO or device would block or never end
+                    yield FileInfo(entry.path, st.st_size if regular else -1, st.st_mtime, label)
             except OSError:
                 # A dangling or looping symlink: report it like any unreadable file.
                 yield FileInfo(entry.path, -1, 0.0, label)
@@ -108,7 +114,18 @@ def scan(root: str | os.PathLike[str]) -> Iterator[FileInfo]:
     yield from walk(str(root_path.resolve()), None)
 
 
+def _regular(path: str) -> None:
+    """Refuse anything but a regular file: opening a FIFO named x.png would wait forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ImageError(path, f"cannot read file ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise ImageError(path, "not a regular file")
+
+
 def read_bytes(path: str) -> bytes:
+    _regular(path)
     try:
         with open(path, "rb") as fh:
             return fh.read()
@@ -136,7 +153,7 @@ def _open(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, str, st
             raise ImageError(name, "not an image (or not a supported format)") from None
         except Image.DecompressionBombError:
             raise ImageError(name, f"more than {max_pixels} pixels (decompression bomb?)") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        except _DECODE_ERRORS as exc:
             raise ImageError(name, f"cannot decode ({exc})") from None
     width, height = im.size
     if width * height > max_pixels:
@@ -148,7 +165,7 @@ def _open(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, str, st
         im.seek(0)  # first frame of an animation
         im.load()
         im = ImageOps.exif_transpose(im) or im
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError) as exc:
+    except _DECODE_ERRORS as exc:
         raise ImageError(name, f"cannot decode ({exc})") from None
     except Image.DecompressionBombError:
         raise ImageError(name, f"more than {max_pixels} pixels (decompression bomb?)") from None
@@ -196,7 +213,7 @@ def decode_bytes(data: bytes, spec: InputSpec, name: str = "<bytes>",
     meta = ImageMeta(sha256(data), im.width, im.height, fmt, mode, len(data))
     try:
         return meta, to_array(im, spec)
-    except (OSError, ValueError) as exc:
+    except _DECODE_ERRORS as exc:
         raise ImageError(name, f"cannot convert ({exc})") from None
 
 
@@ -217,13 +234,15 @@ def _probe_png(head: bytes) -> tuple[int, int, bool] | None:
     if len(head) < 26 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
         return None
     colour_type = head[25]
-    if colour_type not in (0, 2, 4, 6):  # 3 = palette: Pillow must look at the palette
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if colour_type not in (0, 2, 4, 6) or not width or not height:  # 3 = palette: Pillow must look
         return None
-    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"), colour_type in (0, 4)
+    return width, height, colour_type in (0, 4)
 
 
 def probe(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, bool]:
     """(width, height, is_grey) from the header alone; raises ImageError like decoding would."""
+    _regular(path)
     try:
         with open(path, "rb") as fh:
             quick = _probe_png(fh.read(32))
@@ -237,7 +256,7 @@ def probe(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, bo
             with Image.open(path) as im:  # reads the header only
                 grey = im.mode in _GREY_MODES or (im.mode == "P" and _grey_palette(im))
                 return im.width, im.height, grey
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+    except (UnidentifiedImageError, Image.DecompressionBombError, *_DECODE_ERRORS):
         raise ImageError(path, "not an image, or unreadable") from None
 
 
@@ -259,6 +278,8 @@ def infer_spec(paths: list[str], image_size: int | None = None, channels: int | 
         try:
             width, height, grey = probe(path)
         except ImageError:
+            continue
+        if min(width, height) < 1:
             continue
         sizes[max(width, height)] += 1
         all_grey = all_grey and grey

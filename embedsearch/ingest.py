@@ -60,7 +60,7 @@ def plan(root: str, known: dict[str, tuple[int, int, float | None, str, bool]]) 
 def _decode(job: tuple[FileInfo, InputSpec, int]) -> Decoded:
     info, spec, max_pixels = job
     if info.size < 0:
-        return Decoded(info, error="cannot read file (broken or looping symlink)")
+        return Decoded(info, error="cannot read file (not a regular file, or a broken or looping symlink)")
     try:
         meta, pixels = decode_file(info.path, spec, max_pixels)
     except ImageError as exc:

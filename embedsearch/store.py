@@ -91,12 +91,19 @@ class IndexEntry(Base):
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling runs DDL outside transactions, so a kill during a
+    # migration would leave half a schema. Let SQLAlchemy emit BEGIN itself (see _sqlite_begin).
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN")
 
 
 def migrations_dir() -> Path:
@@ -128,7 +135,21 @@ def make_engine(url: str) -> SAEngine:
         raise StoreError(f"cannot use database URL {url!r}: {exc}") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
     return engine
+
+
+def _migration_lock(url: str) -> Any:
+    """Processes opening one new SQLite library at once must not both create its tables."""
+    from contextlib import nullcontext
+
+    from filelock import FileLock
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return nullcontext()  # server databases serialise DDL themselves
+    return FileLock(parsed.database + ".migrate.lock", timeout=120)
 
 
 class Store:
@@ -138,7 +159,8 @@ class Store:
         self.url = url
         self.engine = make_engine(url)
         try:
-            upgrade(self.engine)
+            with _migration_lock(url):
+                upgrade(self.engine)
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot open the metadata database {url}: {exc.orig or exc}") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -255,17 +277,18 @@ class Store:
                 s.execute(delete(Image).where(Image.id.in_(list(deleted))))
             if touched:
                 s.execute(update(Image), [{"id": i, "mtime": m} for i, m in touched])
-            if new_images:
-                # Core inserts (Table, not the ORM class): the ORM's per-row bookkeeping costs more
-                # than SQLite itself at thousands of rows per batch.
-                rows = s.execute(insert(Image.__table__).returning(Image.sha256, Image.id), new_images)
-                ids = dict(rows.all())
+            # Updates first: a new image may take the path or the content a changed one gives up.
             for values in changed:
                 image_id = values.pop("id")
                 s.execute(update(Image).where(Image.id == image_id).values(**values))
                 values["id"] = image_id
                 # New content: every model's vector of this image is stale.
                 s.execute(delete(IndexEntry).where(IndexEntry.image_id == image_id))
+            if new_images:
+                # Core inserts (Table, not the ORM class): the ORM's per-row bookkeeping costs more
+                # than SQLite itself at thousands of rows per batch.
+                rows = s.execute(insert(Image.__table__).returning(Image.sha256, Image.id), new_images)
+                ids = dict(rows.all())
             resolved = [(ids[key] if isinstance(key, str) else key, vec) for key, vec in entries]
             s.execute(delete(IndexEntry).where(IndexEntry.model_id == model_id,
                                                IndexEntry.image_id.in_([i for i, _ in resolved])))

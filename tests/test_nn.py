@@ -14,17 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from embedsearch.encoders import WEIGHTS_FILE, encoder_class  # noqa: E402
-from embedsearch.errors import InvalidArgumentError, ModelError  # noqa: E402
-from embedsearch.images import InputSpec  # noqa: E402
-from embedsearch.nn import checkpoint  # noqa: E402
-from embedsearch.nn.encoder import AEEncoder, VAEEncoder  # noqa: E402
-from embedsearch.nn.models import (ModelConfig, build_model, kl_divergence, reconstruction_loss,  # noqa: E402
-                                   reparameterize)
-from embedsearch.nn.train import AEOptions, Trainer, VAEOptions, train  # noqa: E402
+from embedsearch.encoders import WEIGHTS_FILE, encoder_class
+from embedsearch.errors import InvalidArgumentError, ModelError
+from embedsearch.images import InputSpec
+from embedsearch.nn import checkpoint
+from embedsearch.nn.encoder import AEEncoder, VAEEncoder
+from embedsearch.nn.models import ModelConfig, build_model, kl_divergence, reconstruction_loss, reparameterize
+from embedsearch.nn.train import AEOptions, Trainer, VAEOptions, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,6 +172,7 @@ def test_resume_trains_only_the_missing_epochs_and_matches_a_straight_run(
     spec = InputSpec(28, 1)
     options = VAEOptions(latent_dim=8, epochs=4, batch_size=8, val_fraction=0.25)
     with caplog.at_level(logging.INFO, logger="embedsearch.nn.train"):
+        caplog.clear()  # only the resumed run's epochs (an earlier CLI test may have set INFO already)
         resumed = VAEEncoder.fit(images, spec, options, tmp_path / "split", resume=True)
     trained = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert trained == ["3/4", "4/4"]
@@ -246,7 +245,7 @@ def test_save_load_round_trip_gives_identical_vectors(kind: str, tmp_path: Path)
     assert np.array_equal(loaded.encode(images), enc.encode(images))
     summary = loaded.summary()
     assert summary == json.loads(json.dumps(summary))  # fit for config.json
-    assert summary["kind"] == kind and summary["epochs_trained"] == 2 and summary["data"]["train_images"] == 6
+    assert summary["kind"] == kind and summary["epochs_trained"] == 2 and summary["train_images"] == 6
     assert ("beta" in summary) == (kind == "vae")
 
 

@@ -18,8 +18,17 @@ import torch
 from ..encoders import WEIGHTS_FILE, Encoder, Options
 from ..errors import InvalidArgumentError, ModelError
 from ..images import InputSpec
-from .models import (Autoencoder, ModelConfig, VariationalAutoencoder, count_parameters, from_numpy, images_to_tensor,
-                     pick_device, tensor_to_images, use_all_cores)
+from .models import (
+    Autoencoder,
+    ModelConfig,
+    VariationalAutoencoder,
+    count_parameters,
+    from_numpy,
+    images_to_tensor,
+    pick_device,
+    tensor_to_images,
+    use_all_cores,
+)
 from .train import AEOptions, TrainReport, VAEOptions, check_images, load_weights, save_weights, train
 
 ENCODE_BATCH = 256
@@ -149,7 +158,7 @@ def _saved_report(meta: dict[str, Any]) -> TrainReport | None:
 def _report_facts(report: TrainReport, variational: bool) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "epochs_trained": report.epochs, "best_epoch": report.best_epoch, "device": report.device,
-        "data": {"train_images": report.train_images, "val_images": report.val_images},
+        "train_images": report.train_images, "val_images": report.val_images,
         "train_seconds": round(sum(h.seconds for h in report.history), 3),
     }
     if report.history:

@@ -31,6 +31,7 @@ CONV_KERNEL = 4  # with stride 2 and padding 1 a 4x4 kernel halves an even size 
 CONV_MIN_MAP = 8
 #: Width of a dense hidden layer between the conv features and the code (0: none).
 CONV_DENSE = 0
+CONV_BN = False
 MLP_HIDDEN = (512, 256)
 NEG_SLOPE = 0.2
 
@@ -96,7 +97,9 @@ class ConvEncoderBody(nn.Module):
         layers: list[nn.Module] = []
         in_ch = config.channels
         for width in widths:
-            layers += [nn.Conv2d(in_ch, width, CONV_KERNEL, stride=2, padding=1), _act()]
+            layers += [nn.Conv2d(in_ch, width, CONV_KERNEL, stride=2, padding=1)]
+            if CONV_BN: layers.append(nn.BatchNorm2d(width))
+            layers.append(_act())
             in_ch = width
         side = config.image_size >> len(widths)
         self.features = widths[-1] * side * side
@@ -126,8 +129,10 @@ class ConvDecoder(nn.Module):
         layers.append(nn.Unflatten(1, (widths[-1], side, side)))
         outs = widths[-2::-1] + [config.channels]  # e.g. [64, 32] -> [32, C]
         for i, (in_ch, out_ch) in enumerate(zip(widths[::-1], outs)):
-            layers.append(nn.ConvTranspose2d(in_ch, out_ch, CONV_KERNEL, stride=2, padding=1))
+            layers.append(nn.ConvTranspose2d(in_ch, out_ch, CONV_KERNEL, stride=2, padding=1,
+                                             output_padding=4 - CONV_KERNEL))  # exactly doubles the size
             if i < len(outs) - 1:  # no activation on the logits
+                if CONV_BN: layers.append(nn.BatchNorm2d(out_ch))
                 layers.append(_act())
         self.net = nn.Sequential(*layers)
 

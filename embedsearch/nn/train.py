@@ -24,8 +24,18 @@ from ..encoders import WEIGHTS_FILE, Options
 from ..errors import InvalidArgumentError, ModelError
 from ..images import InputSpec
 from . import checkpoint as ckpt
-from .models import (ARCHS, LIKELIHOODS, Autoencoder, ModelConfig, build_model, from_numpy, images_to_tensor, pick_device,
-                     unit_float, use_all_cores)
+from .models import (
+    ARCHS,
+    LIKELIHOODS,
+    Autoencoder,
+    ModelConfig,
+    build_model,
+    from_numpy,
+    images_to_tensor,
+    pick_device,
+    unit_float,
+    use_all_cores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +43,7 @@ log = logging.getLogger(__name__)
 #: converted on the fly instead (a 4x larger copy of a big RGB set would not fit in memory).
 FLOAT_BUDGET = 4 * 2**30
 EVAL_BATCH = 512
+COSINE_LR = False
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
@@ -67,7 +78,8 @@ class AEOptions(Options):
         if self.arch not in ARCHS:
             raise InvalidArgumentError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.likelihood not in LIKELIHOODS:
-            raise InvalidArgumentError(f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
+            raise InvalidArgumentError(
+                f"unknown likelihood {self.likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
         _check_int("latent_dim", self.latent_dim, 1, 4096)
         _check_int("epochs", self.epochs, 1, 1_000_000)
         _check_int("batch_size", self.batch_size, 1, 1 << 20)
@@ -276,7 +288,11 @@ class Trainer:
         for step in range(steps):
             idx = order[step * size:(step + 1) * size]
             x = self.data.batch(idx)  # (B, C, S, S)
-            beta = self.options.kl_weight(epoch - 1 + step / steps)  # ramps within epochs too
+            progress = epoch - 1 + step / steps  # in epochs
+            beta = self.options.kl_weight(progress)  # ramps within epochs too
+            if COSINE_LR:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.options.lr * 0.5 * (1 + math.cos(math.pi * progress / self.options.epochs))
             terms = self.model.loss(x, self.options.likelihood, beta, self.noise_gen)
             self.optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
@@ -325,7 +341,8 @@ class Trainer:
             report = TrainReport.from_dict(doc["report"])
             epoch = int(doc["epoch"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise ModelError(f"the resume state in {self.workdir} is incomplete ({exc!r}); train without resume") from None
+            raise ModelError(
+                f"the resume state in {self.workdir} is incomplete ({exc!r}); train without resume") from None
         self.report = report
         self.report.resumed_from = epoch
         log.info("resuming after epoch %d of %d (best so far: epoch %d)", epoch, self.options.epochs,
