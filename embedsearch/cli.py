@@ -352,6 +352,24 @@ def check(ctx: click.Context, repair: bool, as_json: bool) -> None:
     ctx.exit(0 if report.ok else 1)
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--model", required=True, help="An AE or VAE model.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.pass_context
+def reconstruct(ctx: click.Context, images: tuple[str, ...], model: str, out: str) -> None:
+    """Write a grid: the IMAGEs (at the model's input) above their reconstructions.
+
+    \b
+    Example:
+      embedsearch reconstruct cat.png dog.png --model vae --out recon.png
+    """
+    from .render import reconstruction_grid
+
+    originals, recons, used = _engine(ctx).reconstruct(list(images), model)
+    click.echo(f"wrote {reconstruction_grid(originals, recons, used, Path(out))}")
+
+
 @main.group(context_settings=CONTEXT)
 def db() -> None:
     """Database maintenance."""

@@ -197,6 +197,20 @@ class Engine(ModelsMixin, ImagesMixin):
 
         return check(self, repair)
 
+    def reconstruct(self, paths: list[str], model: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(N, S, S, C) originals at the model's input and their reconstructions, with the paths used."""
+        encoder = self.encoder(model)
+        if not hasattr(encoder, "reconstruct"):
+            raise InvalidArgumentError(f"model {model!r} ({encoder.kind}) has no decoder to reconstruct with")
+        arrays, used = [], []
+        for path in paths:
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: no such image file")
+            arrays.append(decode_file(path, encoder.spec, self.max_pixels)[1])
+            used.append(path)
+        originals = np.stack(arrays)
+        return originals, encoder.reconstruct(originals), used
+
     def encode_files(self, paths: list[str], model: str) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
         """Vectors (N, dim) of image files, with the paths used and the failures."""
         encoder = self.encoder(model)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 from typing import TYPE_CHECKING
 
 from .errors import ImageError
@@ -30,3 +33,14 @@ def query_grid(results: list[QueryResult], out: Path, tile_size: int = 96) -> Pa
         row += [image_tile(n.path, f"#{n.rank} {n.distance:.3f}") for n in result.results]
         rows.append(row)
     return save_grid(rows, out, tile_size=tile_size, row_titles=[Path(r.query).name for r in results])
+
+
+def _pil(image: np.ndarray) -> Image.Image:
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def reconstruction_grid(originals: np.ndarray, recons: np.ndarray, names: list[str], out: Path) -> Path:
+    """Originals (top row) above their reconstructions (bottom row)."""
+    rows = [[Tile(_pil(im), Path(n).name) for im, n in zip(originals, names)],
+            [Tile(_pil(im), "reconstruction") for im in recons]]
+    return save_grid(rows, out, row_titles=["original", "decoded"])

@@ -11,7 +11,7 @@ from PIL import Image
 
 from embedsearch.cli import main
 
-COMMANDS = ["index", "query", "train", "remove", "info", "models", "demo", "db upgrade", "generate", "check", "serve", "compare", "export-images"]
+COMMANDS = ["index", "query", "train", "remove", "info", "models", "demo", "db upgrade", "generate", "check", "serve", "compare", "export-images", "reconstruct"]
 
 
 def run(home: Path, *args: str) -> tuple[int, str, str]:

@@ -135,3 +135,20 @@ def test_cli_generate_grid_out_json_and_remove(library: tuple[Path, Path], tmp_p
     assert bad.exit_code == 1 and "plain autoencoder" in bad.stderr
     removed = CliRunner().invoke(main, ["--home", str(home), "remove", "--generated"])
     assert "removed 3 images" in removed.stdout
+
+
+def test_reconstruct_writes_originals_above_reconstructions(library: tuple[Path, Path], tmp_path: Path) -> None:
+    home, data = library
+    images = [first_image(data, "circle"), first_image(data, "star")]
+    out = tmp_path / "recon.png"
+    result = CliRunner().invoke(main, ["--home", str(home), "reconstruct", *images, "--model", "vae", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.width > 2 * 28 and im.height > 2 * 28
+    with Engine(home) as engine:
+        originals, recons, used = engine.reconstruct(images, "vae")
+        assert originals.shape == recons.shape == (2, 28, 28, 1) and used == images
+    bad = CliRunner().invoke(main, ["--home", str(home), "reconstruct", images[0], "--model", "pixels", "--out", str(out)])
+    assert bad.exit_code == 1 and "no decoder" in bad.stderr
