@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +54,25 @@ def engine(tmp_path: Path):
 
     with Engine(tmp_path / "home") as eng:
         yield eng
+
+
+@contextmanager
+def live_server(app: Any) -> Iterator[str]:
+    """uvicorn on a free loopback port in a thread (service and browser tests)."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import noise_image, png_bytes
+from conftest import noise_image, png_bytes, live_server
 from embedsearch.engine import Engine
 from embedsearch.errors import (DataError, ImageError, InvalidArgumentError, LockedError, ModelError, NotFoundError,
                                 StoreError, UnknownModelError)
@@ -314,28 +314,6 @@ def test_token_for_reads(library: Library) -> None:
 
 
 # -- concurrency and other writers -----------------------------------------------------------------
-
-@contextmanager
-def live_server(app: Any) -> Iterator[str]:
-    """uvicorn on a free loopback port in a thread."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
 
 def test_gate_lets_the_refresher_in_only_between_requests() -> None:
     gate = Gate()
