@@ -8,11 +8,7 @@ clicks a result, and saves screenshots to tests/artifacts/ for a person to look 
 from __future__ import annotations
 
 import re
-import socket
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
