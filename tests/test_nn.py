@@ -114,12 +114,12 @@ def test_conv_refuses_a_size_that_is_not_a_multiple_of_4(tmp_path: Path) -> None
 @pytest.mark.parametrize("cls", [AEEncoder, VAEEncoder])
 def test_tiny_model_overfits_a_handful_of_images(cls: type, tmp_path: Path) -> None:
     # Binary images, so that the Bernoulli loss can fall towards 0 (grey pixels have an entropy floor);
-    # each image 8 times per epoch, so that few epochs (and checkpoints) give many steps.
+    # each image 16 times per epoch, so that few epochs (and checkpoints) give many steps.
     images = shapes(8, 28, 1, binary=True)
-    options = {"latent_dim": 16, "epochs": 25, "lr": 3e-3, "val_fraction": 0.0}
+    options = {"latent_dim": 16, "epochs": 5, "lr": 3e-3, "val_fraction": 0.0}
     if cls is VAEEncoder:
         options["beta"] = 0.05  # a little KL still lets 8 images be told apart
-    enc = fit(cls, np.repeat(images, 8, axis=0), tmp_path, **options)
+    enc = fit(cls, np.repeat(images, 16, axis=0), tmp_path, **options)
     history = enc.report.history
     assert history[-1].train_recon < history[0].train_recon / 5
     err = np.abs(enc.reconstruct(images).astype(int) - images).mean()

@@ -23,15 +23,20 @@ from ..errors import InvalidArgumentError
 
 ARCHS = ("conv", "mlp")
 LIKELIHOODS = ("bernoulli", "gaussian")
+# The conv design was chosen by measurement on Fashion-MNIST (AE, latent 32, 10 epochs, L2;
+# precision@10 of the 10k test images against the 60k training images; 2 CPU cores). Plain 4x4
+# convs reached 0.836; 3x3 kernels cost 9/16 of their compute, and batch norm plus a dense hidden
+# layer of 256 lift it to 0.840 (seeds 0 and 1) at about the same speed. A dense layer of 512
+# reached 0.842 but trains 30% slower; a cosine learning-rate decay, lr 2e-3, shift augmentation
+# and the gaussian likelihood did not help.
 #: Output channels of the first two stride-2 stages; any later stage keeps the last width.
 CONV_CHANNELS = (32, 64)
-CONV_KERNEL = 4  # with stride 2 and padding 1 a 4x4 kernel halves an even size exactly
+CONV_KERNEL = 3  # stride 2, padding 1: halves an even size; the decoder adds output_padding 1
 #: Extra stride-2 stages are added while the feature map is even and larger than this, so that
 #: 64x64 or 128x128 inputs do not end in a huge dense layer (28 -> 7, 32 -> 8, 64 -> 8, 128 -> 8).
 CONV_MIN_MAP = 8
-#: Width of a dense hidden layer between the conv features and the code (0: none).
-CONV_DENSE = 0
-CONV_BN = False
+#: Width of the dense hidden layer between the conv features and the code (both directions).
+CONV_DENSE = 256
 MLP_HIDDEN = (512, 256)
 NEG_SLOPE = 0.2
 
@@ -88,52 +93,50 @@ def _act() -> nn.Module:
     return nn.LeakyReLU(NEG_SLOPE)
 
 
+def _down(in_ch: int, out_ch: int) -> list[nn.Module]:
+    """Conv stage: (N, in, s, s) -> (N, out, s/2, s/2)."""
+    return [nn.Conv2d(in_ch, out_ch, CONV_KERNEL, stride=2, padding=1), nn.BatchNorm2d(out_ch), _act()]
+
+
+def _up(in_ch: int, out_ch: int, last: bool) -> list[nn.Module]:
+    """Transposed-conv stage: (N, in, s, s) -> (N, out, 2s, 2s); the last one outputs plain logits."""
+    conv = nn.ConvTranspose2d(in_ch, out_ch, CONV_KERNEL, stride=2, padding=1, output_padding=1)
+    return [conv] if last else [conv, nn.BatchNorm2d(out_ch), _act()]
+
+
 class ConvEncoderBody(nn.Module):
-    """Strided convolutions, then flatten: (N, C, S, S) -> (N, W * s * s) with s = S / 2**stages."""
+    """Strided conv stages, flatten, dense: (N, C, S, S) -> (N, CONV_DENSE)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         widths = conv_widths(config.image_size)
+        side = config.image_size >> len(widths)  # S / 2**stages
         layers: list[nn.Module] = []
-        in_ch = config.channels
-        for width in widths:
-            layers += [nn.Conv2d(in_ch, width, CONV_KERNEL, stride=2, padding=1)]
-            if CONV_BN: layers.append(nn.BatchNorm2d(width))
-            layers.append(_act())
-            in_ch = width
-        side = config.image_size >> len(widths)
-        self.features = widths[-1] * side * side
-        layers.append(nn.Flatten())
-        if CONV_DENSE:
-            layers += [nn.Linear(self.features, CONV_DENSE), _act()]
-            self.features = CONV_DENSE
+        for in_ch, out_ch in zip([config.channels, *widths[:-1]], widths):
+            layers += _down(in_ch, out_ch)
+        layers += [nn.Flatten(), nn.Linear(widths[-1] * side * side, CONV_DENSE), _act()]
         self.net = nn.Sequential(*layers)
+        self.features = CONV_DENSE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # (N, C, S, S) -> (N, features)
+        return self.net(x)  # (N, C, S, S) -> (N, CONV_DENSE)
 
 
 class ConvDecoder(nn.Module):
-    """The mirror image: linear, unflatten, transposed convs: (N, L) -> logits (N, C, S, S)."""
+    """The mirror image: dense, unflatten, transposed conv stages: (N, L) -> logits (N, C, S, S)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         widths = conv_widths(config.image_size)
         side = config.image_size >> len(widths)
-        features = widths[-1] * side * side
-        layers: list[nn.Module] = []
-        if CONV_DENSE:
-            layers += [nn.Linear(config.latent_dim, CONV_DENSE), _act(), nn.Linear(CONV_DENSE, features), _act()]
-        else:
-            layers += [nn.Linear(config.latent_dim, features), _act()]
-        layers.append(nn.Unflatten(1, (widths[-1], side, side)))
-        outs = widths[-2::-1] + [config.channels]  # e.g. [64, 32] -> [32, C]
+        layers: list[nn.Module] = [
+            nn.Linear(config.latent_dim, CONV_DENSE), _act(),
+            nn.Linear(CONV_DENSE, widths[-1] * side * side), _act(),
+            nn.Unflatten(1, (widths[-1], side, side)),
+        ]
+        outs = [*widths[-2::-1], config.channels]  # e.g. widths [32, 64] -> stages 64->32, 32->C
         for i, (in_ch, out_ch) in enumerate(zip(widths[::-1], outs)):
-            layers.append(nn.ConvTranspose2d(in_ch, out_ch, CONV_KERNEL, stride=2, padding=1,
-                                             output_padding=4 - CONV_KERNEL))  # exactly doubles the size
-            if i < len(outs) - 1:  # no activation on the logits
-                if CONV_BN: layers.append(nn.BatchNorm2d(out_ch))
-                layers.append(_act())
+            layers += _up(in_ch, out_ch, last=i == len(outs) - 1)
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 #: converted on the fly instead (a 4x larger copy of a big RGB set would not fit in memory).
 FLOAT_BUDGET = 4 * 2**30
 EVAL_BATCH = 512
-COSINE_LR = False
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
@@ -290,9 +289,6 @@ class Trainer:
             x = self.data.batch(idx)  # (B, C, S, S)
             progress = epoch - 1 + step / steps  # in epochs
             beta = self.options.kl_weight(progress)  # ramps within epochs too
-            if COSINE_LR:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.options.lr * 0.5 * (1 + math.cos(math.pi * progress / self.options.epochs))
             terms = self.model.loss(x, self.options.likelihood, beta, self.noise_gen)
             self.optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
