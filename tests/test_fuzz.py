@@ -352,6 +352,7 @@ def test_valid_magic_over_random_bodies_decode_or_raise_image_error(magic: bytes
 
 @settings(FUZZ, max_examples=300)
 @given(seed=st.integers(0, len(OTHER) - 1), ops=st.lists(_ops, min_size=1, max_size=4), spec=st.sampled_from(SPECS))
-def test_mutated_files_of_other_formats_decode_or_raise_image_error(seed: int, ops: list[Op], spec: InputSpec) -> None:
+def test_mutated_files_of_other_formats_decode_or_raise_image_error(seed: int, ops: list[Op],
+                                                                    spec: InputSpec) -> None:
     """The other formats Pillow opens (ICO, DDS, JPEG 2000, PCX, PPM, SGI, TGA, QOI, BLP, XBM, MSP, AVIF)."""
     check_decode(mutate(OTHER, seed, ops), spec, TEST_MAX_PIXELS)

@@ -26,7 +26,7 @@ from conftest import noise_image, png_bytes
 from PIL import Image
 
 from embedsearch.engine import Engine, QueryResult
-from embedsearch.errors import DataError, ImageError, InvalidArgumentError
+from embedsearch.errors import DataError, ImageError
 from embedsearch.images import InputSpec, decode_bytes
 
 #: The Engine runs use a lowered pixel limit, so that a real (decodable) image can be over it.
@@ -293,16 +293,12 @@ def test_empty_folder_on_a_new_library_is_a_clear_error_and_creates_no_model(tmp
         assert engine.models() == []
 
 
-ZERO_SIZE_BUG = ("BUG: infer_spec counts a 0x0 PNG header (probe's fast path) and fails with 'image size must be "
-                 "between 1 and 1024, not 0'")
-
-
 @pytest.mark.parametrize("files", [
     pytest.param({"text.png": b"not an image", "empty.jpg": b""}, id="text-and-empty"),
-    pytest.param({"text.png": b"not an image", "zero.png": png_declaring(0, 0)}, id="with-a-0x0-png",
-                 ),
+    pytest.param({"text.png": b"not an image", "zero.png": png_declaring(0, 0)}, id="with-a-0x0-png"),
 ])
 def test_folder_of_only_bad_files_on_a_new_library_is_a_clear_error(tmp_path: Path, files: dict[str, bytes]) -> None:
+    """No image to infer the pixels model's input from: a clear DataError (a 0x0 header is no image)."""
     for name, data in files.items():
         (tmp_path / "data").mkdir(exist_ok=True)
         (tmp_path / "data" / name).write_bytes(data)
@@ -329,6 +325,8 @@ def test_unreadable_file_is_skipped(tmp_path: Path) -> None:
 
 
 def test_fifo_named_like_an_image_is_skipped_not_waited_on(tmp_path: Path) -> None:
+    """Opening a FIFO for reading waits for a writer: index must skip it (holding the writer lock meanwhile
+    would block the library for good). The test lets a stuck run go by opening the pipe for writing."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "ok.png").write_bytes(png_bytes(noise_image(1)))
