@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ import numpy as np
 from .encoders import REGISTRY, encoder_class
 from .errors import InvalidArgumentError, UnknownModelError
 from .images import infer_spec, scan
-from .ingest import Decoded, decode_all, plan
+from .ingest import Decoded, decode_all, plan, uses_pool
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -96,14 +97,16 @@ def bulk_index(engine: Engine, data: str, model: str, *, metric: str | None = No
         state = _State(known, engine.store.all_shas() if work.todo else {}, set(index.ids().tolist()))
         bar = _progress(len(work.todo), progress)
         batch = _Batch()
+        sharing = encoder.sharing_cores() if uses_pool(len(work.todo), workers) else nullcontext()
         try:
-            for item in decode_all(work.todo, encoder.spec, engine.max_pixels, workers):
-                bar.update(1)
-                _route(item, state, batch, report)
-                if len(batch) + len(batch.touched) >= batch_size:
-                    _flush(engine, row.id, encoder, index, batch, state)
-                    batch = _Batch()
-            _flush(engine, row.id, encoder, index, batch, state)
+            with sharing:
+                for item in decode_all(work.todo, encoder.spec, engine.max_pixels, workers):
+                    bar.update(1)
+                    _route(item, state, batch, report)
+                    if len(batch) + len(batch.touched) >= batch_size:
+                        _flush(engine, row.id, encoder, index, batch, state)
+                        batch = _Batch()
+                _flush(engine, row.id, encoder, index, batch, state)
         finally:
             bar.close()
             index.stamp.count, index.stamp.last_entry_id = engine.store.entry_stamp(row.id)

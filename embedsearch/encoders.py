@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -87,6 +88,14 @@ class Encoder(ABC):
         ``workdir`` is the model's own folder: a kind that trains for long keeps its checkpoints
         there, and ``resume=True`` continues from them.
         """
+
+    def sharing_cores(self) -> AbstractContextManager[None]:
+        """A context for encoding while worker processes keep every core busy (a bulk run's decoding).
+
+        A kind whose runtime spreads one call over several threads encodes on one thread there:
+        each parallel step would otherwise wait for a thread the workers have pushed off its core.
+        """
+        return nullcontext()
 
     def save(self, directory: Path) -> Path | None:
         """Write weights into ``directory``; return the weights file (None: this kind has none)."""

@@ -99,6 +99,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
     cur.execute("PRAGMA busy_timeout=30000")
+    # A bulk run commits thousands of vectors per batch: checkpoint every 64 MB of WAL instead of every
+    # 4 MB (measured: 70k 784-d vectors index 10-15% faster), and truncate the WAL back to 64 MB after.
+    cur.execute("PRAGMA wal_autocheckpoint=16384")
+    cur.execute("PRAGMA journal_size_limit=67108864")
     cur.close()
 
 

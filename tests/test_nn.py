@@ -286,3 +286,19 @@ def test_encode_refuses_wrong_input(tmp_path: Path) -> None:
 def test_importing_the_package_does_not_import_torch() -> None:
     code = "import sys, embedsearch, embedsearch.nn, embedsearch.encoders; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_encoding_beside_busy_workers_uses_one_thread_and_gives_the_same_vectors() -> None:
+    enc = AEEncoder(InputSpec(28, 1), 8, AEOptions(latent_dim=8), build_model(ModelConfig("conv", 28, 1, 8, False), 0))
+    images = np.random.default_rng(0).integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = enc.encode(images)
+        with enc.sharing_cores():
+            assert torch.get_num_threads() == 1
+            got = enc.encode(images)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,69 @@
+"""Decoding many files: in order, in worker processes, with a bounded amount decoded ahead."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import noise_image, png_bytes
+
+from embedsearch import ingest
+from embedsearch.images import InputSpec, scan
+
+SPEC = InputSpec(16, 3)
+
+
+def folder(root: Path, count: int, bad: tuple[int, ...] = ()) -> list:
+    root.mkdir()
+    for i in range(count):
+        data = b"not an image" if i in bad else png_bytes(noise_image(i))
+        (root / f"{i:04d}.png").write_bytes(data)
+    return sorted(scan(root), key=lambda f: f.path)
+
+
+def test_pool_decodes_every_file_in_order_like_the_serial_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = folder(tmp_path / "data", 60, bad=(7, 33))
+    monkeypatch.setattr(ingest, "POOL_THRESHOLD", 10)
+    monkeypatch.setattr(ingest, "CHUNK", 4)
+    monkeypatch.setattr(ingest, "AHEAD", 3)
+    assert ingest.uses_pool(len(files), workers=2) and not ingest.uses_pool(len(files), workers=1)
+    pooled = list(ingest.decode_all(files, SPEC, workers=2))
+    serial = list(ingest.decode_all(files, SPEC, workers=1))
+    assert [d.file.path for d in pooled] == [f.path for f in files] == [d.file.path for d in serial]
+    assert [i for i, d in enumerate(pooled) if d.error] == [7, 33]
+    for a, b in zip(pooled, serial):
+        assert a.error == b.error
+        if a.pixels is not None:
+            assert a.meta == b.meta and np.array_equal(a.pixels, b.pixels)
+
+
+class _RecordingPool:
+    """Runs each task at once and records how many were submitted, to check the bound."""
+
+    def __init__(self) -> None:
+        self.submitted = 0
+
+    def apply_async(self, fn, args):
+        self.submitted += 1
+        result = fn(*args)
+
+        class Done:
+            def get(self):
+                return result
+
+        return Done()
+
+
+def test_no_more_than_ahead_chunks_are_submitted_before_they_are_consumed(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    files = folder(tmp_path / "data", 50)
+    monkeypatch.setattr(ingest, "CHUNK", 2)
+    monkeypatch.setattr(ingest, "AHEAD", 4)
+    pool = _RecordingPool()
+    consumed = 0
+    for _ in ingest._bounded(pool, files, SPEC, 10**8):  # type: ignore[arg-type]
+        consumed += 1
+        # Chunks fully or partly consumed, plus at most AHEAD waiting: never the whole folder at once.
+        assert pool.submitted <= -(-consumed // 2) + 4
+    assert consumed == 50 and pool.submitted == 25
