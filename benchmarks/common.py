@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ROOT.parent / "shared" / "datasets"
 FASHION = DATASETS / "fashion-mnist"
 OUT = ROOT / "benchmarks" / "out"
+PNGS = OUT / "fmnist-png"
 
 
 def machine() -> str:
@@ -38,3 +39,23 @@ def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray, str]:
 
 def percentile_ms(samples: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples) * 1000.0, q))
+
+
+def write_pngs() -> int:
+    """Fashion-MNIST train + test (70k) as PNG files in label folders under PNGS, written once and
+    reused by every benchmark (generated shapes when the data set is absent); returns the count."""
+    import shutil
+
+    from embedsearch.idx import export_pngs
+
+    marker = PNGS / ".complete"
+    if marker.exists():
+        return int(marker.read_text())
+    shutil.rmtree(PNGS, ignore_errors=True)
+    count = 0
+    for split in ("train", "test"):
+        x, y, what = fashion_mnist(split)
+        count += export_pngs(x, y, PNGS, prefix=f"{split}-")
+        print(f"wrote {what} as PNG")
+    marker.write_text(str(count))
+    return count

@@ -16,24 +16,7 @@ import time
 
 import numpy as np
 
-from common import OUT, fashion_mnist, machine, percentile_ms
-
-
-def write_pngs(limit: int | None) -> tuple[str, int]:
-    from embedsearch.idx import export_pngs
-
-    folder = OUT / "fmnist-png"
-    marker = folder / ".complete"
-    if not marker.exists():
-        shutil.rmtree(folder, ignore_errors=True)
-        count = 0
-        for split in ("train", "test"):
-            x, y, what = fashion_mnist(split)
-            count += export_pngs(x, y, folder, prefix=f"{split}-")
-            print(f"wrote {what} as PNG")
-        marker.write_text(str(count))
-    files = sorted(p for p in folder.rglob("*.png"))
-    return str(folder), len(files)
+from common import OUT, PNGS, machine, percentile_ms, write_pngs
 
 
 def main() -> None:
@@ -43,7 +26,8 @@ def main() -> None:
     from embedsearch.engine import Engine
 
     print(machine())
-    data, n = write_pngs(None)
+    n = write_pngs()
+    data = str(PNGS)
     home = OUT / "bench-home"
     shutil.rmtree(home, ignore_errors=True)
     with Engine(home) as engine:
@@ -63,7 +47,7 @@ def main() -> None:
         engine.index(data, "pca32")
         print(f"index with pca32: {time.perf_counter() - start:.1f} s")
 
-        files = sorted(str(p) for p in (OUT / "fmnist-png").rglob("*.png"))
+        files = sorted(str(p) for p in PNGS.rglob("*.png"))
         rng = np.random.default_rng(0)
         picks = [files[i] for i in rng.choice(len(files), args.queries, replace=False)]
         for path in picks[:50]:  # warm-up: model, index, caches

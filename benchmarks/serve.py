@@ -29,30 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common import OUT, ROOT, fashion_mnist, machine, percentile_ms
+from common import OUT, PNGS, ROOT, fashion_mnist, machine, percentile_ms, write_pngs
 
 HOME = OUT / "serve-home"
-PNGS = OUT / "fmnist-png"
 MAX_REQUESTS_PER_CLIENT = 20_000
 SERVER = ("import sys, uvicorn; from embedsearch.service import create_app; "
           "uvicorn.run(create_app(sys.argv[1]), host='127.0.0.1', port=int(sys.argv[2]), log_level='warning')")
-
-
-def write_pngs() -> int:
-    """The 70k PNG files (reused when index_query.py or an earlier run finished writing them)."""
-    from embedsearch.idx import export_pngs
-
-    marker = PNGS / ".complete"
-    if marker.exists():
-        return int(marker.read_text())
-    shutil.rmtree(PNGS, ignore_errors=True)
-    count = 0
-    for split in ("train", "test"):
-        x, y, what = fashion_mnist(split)
-        count += export_pngs(x, y, PNGS, prefix=f"{split}-")
-        print(f"wrote {what} as PNG")
-    marker.write_text(str(count))
-    return count
 
 
 def build_library(n: int) -> None:
