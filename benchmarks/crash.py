@@ -23,8 +23,10 @@ checks:
 - no worker process of the killed run outlives it (their BrokenPipeError tracebacks are counted,
   any other traceback is a failure).
 
-Part 2 (train). A small AE (``train DATA --model ae --epochs 3``) is killed at random moments and
-resumed with ``--resume`` until it completes: each resume must say it continues after the epoch the
+Part 2 (train). A small AE (``train DATA --model ae --epochs 3``) is killed at random moments (a
+random phase of what the attempt has left -- start-up, or the time after an epoch's log line, when
+its checkpoints are written and the next epoch runs -- and a random delay in it) and resumed with
+``--resume`` until it completes: each resume must say it continues after the epoch the
 resume state (``models/NAME/resume.json``) recorded at the kill, the final report has epochs 1..3,
 no temporary files are left, ``check`` is ok, and the final weights equal those of an
 uninterrupted run with the same seed.
@@ -49,6 +51,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections import Counter
@@ -170,11 +173,20 @@ def db_query(home: Path, sql: str, args: tuple = ()) -> list[tuple]:
         return conn.execute(sql, args).fetchall()
 
 
-def top_entry_id(home: Path) -> int:
-    if not (home / "library.db").exists():
-        return 0
+def entry_sequence(home: Path) -> int:
+    """The highest index-entry id ever handed out (entry ids only grow; max(id) drops when the newest
+    entries are removed, the sequence does not)."""
     try:
-        return db_query(home, "SELECT coalesce(max(id), 0) FROM index_entries")[0][0]
+        rows = db_query(home, "SELECT seq FROM sqlite_sequence WHERE name = 'index_entries'")
+    except sqlite3.Error:
+        return 0
+    return rows[0][0] if rows else 0
+
+
+def entries_after(home: Path, after: int) -> int:
+    """How many index entries with an id above ``after`` the database holds (committed since)."""
+    try:
+        return db_query(home, "SELECT count(*) FROM index_entries WHERE id > ?", (after,))[0][0]
     except sqlite3.Error:
         return 0
 
@@ -197,24 +209,38 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def run_and_kill(cmd: list[str], kill_at: float) -> tuple[bool, int, str, float]:
-    """Start ``cmd``, SIGKILL it after ``kill_at`` s; (killed, orphaned workers, stderr, seconds it ran)."""
+def run_and_kill(cmd: list[str], kill_at: float, after: str | None = None) -> tuple[bool, int, str, float]:
+    """Start ``cmd`` and SIGKILL it ``kill_at`` s after it started, or after it printed a stderr line
+    matching the regex ``after``; (killed, orphaned workers, stderr, seconds it ran)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     started = time.monotonic()
-    while proc.poll() is None and time.monotonic() - started < kill_at:
+    lines: list[str] = []
+    trigger = [None if after else started]
+    reader = threading.Thread(target=_read_lines, args=(proc, lines, after, trigger), daemon=True)
+    reader.start()
+    while proc.poll() is None and (trigger[0] is None or time.monotonic() - trigger[0] < kill_at):
         time.sleep(0.005)
     if proc.poll() is not None:
-        return False, 0, proc.stderr.read() if proc.stderr else "", time.monotonic() - started
+        reader.join(timeout=10)
+        return False, 0, "".join(lines), time.monotonic() - started
     kids = children(proc.pid)
     proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
     deadline = time.monotonic() + 3.0
     while any(alive(k) for k in kids) and time.monotonic() < deadline:
         time.sleep(0.05)
     orphans = [k for k in kids if alive(k)]
     for pid in orphans:  # workers of the run we started: ours to end
         os.kill(pid, signal.SIGKILL)
-    return True, len(orphans), err, kill_at
+    return True, len(orphans), "".join(lines), time.monotonic() - started
+
+
+def _read_lines(proc: subprocess.Popen[str], lines: list[str], after: str | None, trigger: list) -> None:
+    for line in proc.stderr or []:
+        lines.append(line)
+        if after and trigger[0] is None and re.match(after, line):
+            trigger[0] = time.monotonic()
 
 
 # -- part 0: a new library ---------------------------------------------------------------------------
@@ -331,9 +357,9 @@ def index_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> 
         horizon = (idle + cycle.todo * per_image) * scale
         cycle.kill_at = (rng.uniform(0.05, idle * scale) if rng.random() < 0.25
                          else rng.uniform(0.8 * idle * scale, horizon))
-        before = top_entry_id(home)
+        before = entry_sequence(home)
         killed, cycle.orphans, err, took = run_and_kill(index_cmd(home, data), cycle.kill_at)
-        cycle.committed = top_entry_id(home) - before
+        cycle.committed = entries_after(home, before)
         note_traceback(err, cycle)
         if not killed:
             cycle.outcome = f"finished before the kill (in {took:.2f} s)"
@@ -371,19 +397,23 @@ def index_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> 
     return cycles
 
 
-def note_traceback(err: str, cycle: Cycle) -> None:
+def only_pipe_noise(err: str) -> bool:
     """Pool workers of a killed run die on the broken pipe with a traceback: noise, not a failure.
 
     Two workers may write at once (their lines interleave), so this looks at the exception lines:
     all must be BrokenPipeError, and no frame may be embedsearch's own code.
     """
+    raised = [line for line in err.splitlines() if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", line)]
+    return bool(raised) and all(line.startswith("BrokenPipeError") for line in raised) and "embedsearch" not in err
+
+
+def note_traceback(err: str, cycle: Cycle) -> None:
     if "Traceback" not in err:
         return
-    raised = [line for line in err.splitlines() if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", line)]
-    if raised and all(line.startswith("BrokenPipeError") for line in raised) and "embedsearch" not in err:
+    if only_pipe_noise(err):
         cycle.pipe_noise += 1
     else:
-        cycle.problems.append(f"a killed run printed a traceback ({'; '.join(raised)}): {err[-400:]}")
+        cycle.problems.append(f"a killed run printed a traceback: {err[-400:]}")
 
 
 # -- part 2: train ------------------------------------------------------------------------------------
@@ -419,12 +449,18 @@ def train_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> 
     for i, (arr, label) in enumerate(zip(images, labels)):
         write_png(data / SHAPES[label] / f"{i:05d}.png", arr[..., 0])
     (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # skipped with a warning
-    t0 = time.perf_counter()
-    ref = subprocess.run(train_cmd(home, data, "reference", False), check=False, capture_output=True, text=True)
-    full = time.perf_counter() - t0
-    assert ref.returncode == 0, ref.stderr
+    # The uninterrupted reference run, timed line by line: start-up, then one log line per epoch.
+    t0 = time.monotonic()
+    ref = subprocess.Popen(train_cmd(home, data, "reference", False), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    epoch_at = [time.monotonic() - t0 for line in ref.stderr or [] if re.match(r"epoch \d+/3", line)]
+    assert ref.wait() == 0 and len(epoch_at) == 3, "the reference training run failed"
+    full = time.monotonic() - t0
+    epoch_s = (epoch_at[2] - epoch_at[0]) / 2
+    startup_s = max(epoch_at[0] - epoch_s, 0.5)
     reference = weights_of(home / "models" / "reference" / "weights.safetensors")
-    print(f"reference training run (uninterrupted): {full:.1f} s")
+    print(f"reference training run (uninterrupted): {full:.1f} s ({startup_s:.1f} s start-up and data, "
+          f"then {epoch_s:.1f} s per epoch)")
 
     lines, problems = [], []
     kills, run = 0, 0
@@ -434,9 +470,20 @@ def train_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> 
         while True:
             attempt += 1
             expected = saved_epoch(home, name)
-            kill_at = rng.uniform(0.3, 1.1 * full) if kills < args.train_kills else float("inf")
+            # A random moment of a random phase of what this attempt has left to do: its start-up (reading
+            # the data), or the epoch after the k-th epoch's log line -- which comes just before that
+            # epoch's checkpoints are written, so short delays kill the run while it writes them.
+            phase = rng.choice(["start-up"] + [f"epoch {k}" for k in range(expected + 1, 3 + 1)])
+            if kills >= args.train_kills:
+                kill_at, after, when = float("inf"), None, "no kill"
+            elif phase == "start-up":
+                kill_at, after = rng.uniform(0.3, startup_s), None
+                when = f"{kill_at:.1f} s into start-up"
+            else:
+                kill_at, after = rng.uniform(0.0, epoch_s), rf"{phase}/3 "
+                when = f"{kill_at:.2f} s after the '{phase}/3' log line"
             t0 = time.perf_counter()
-            killed, orphans, err, _ = run_and_kill(train_cmd(home, data, name, resume), kill_at)
+            killed, orphans, err, _ = run_and_kill(train_cmd(home, data, name, resume), kill_at, after)
             took = time.perf_counter() - t0
             said = re.search(r"resuming after epoch (\d+) of 3", err)
             if resume:  # what a resumed run says (a run killed during start-up says nothing yet)
@@ -448,7 +495,7 @@ def train_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> 
                                     "say it resumed")
                 if not killed and not expected and "no resume state" not in err:
                     problems.append(f"{name} attempt {attempt}: no resume state, and the run did not say so")
-            if "Traceback" in err:
+            if "Traceback" in err and not (killed and only_pipe_noise(err)):
                 problems.append(f"{name} attempt {attempt}: traceback: {err[-300:]}")
             if orphans:
                 problems.append(f"{name} attempt {attempt}: {orphans} processes outlived the kill")
@@ -460,7 +507,7 @@ def train_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> 
                 now = saved_epoch(home, name)
                 if now < expected:
                     problems.append(f"{name}: the resume state went back from epoch {expected} to {now}")
-                lines.append(f"train kill {kills}: {name} attempt {attempt} ({start}) SIGKILL at {kill_at:.1f} s; "
+                lines.append(f"train kill {kills}: {name} attempt {attempt} ({start}) SIGKILL {when}; "
                              f"resume state now after epoch {now}")
                 print(lines[-1], flush=True)
                 resume = True

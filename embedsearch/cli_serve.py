@@ -59,5 +59,6 @@ def serve(ctx: click.Context, host: str, port: int, token: str | None, token_for
     app = create_app(engine, token=token, token_for_reads=token_for_reads,
                      max_upload_bytes=int(max_upload_mb * 1024 * 1024))
     shown = f"[{host}]" if ":" in host else host
-    click.echo(f"serving {engine.home} at http://{shown}:{port}/ (API docs at /docs); Ctrl+C stops", err=True)
+    if not ctx.obj.get("quiet"):
+        click.echo(f"serving {engine.home} at http://{shown}:{port}/ (API docs at /docs); Ctrl+C stops", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning" if ctx.obj.get("quiet") else "info")

@@ -54,3 +54,18 @@ def test_unreadable_database_is_a_clear_error(tmp_path: Path) -> None:
 def test_bad_url_is_a_clear_error() -> None:
     with pytest.raises(StoreError, match="cannot use database URL"):
         Store("nosuchdialect://x")
+
+
+def test_labels_paths_finds_exactly_the_known_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'lib.db'}")
+    model = store.add_model(name="m", kind="pixels", config={}, dim=2, metric="l2", image_size=1, channels=1)
+    images = [{"path": f"/{i}.png", "sha256": f"{i:064d}", "width": 1, "height": 1, "format": "PNG", "mode": "L",
+               "label": "odd" if i % 2 else None, "bytes": 1, "mtime": 0.0} for i in range(5)]
+    ids = store.write_batch(model.id, images, [], [(im["sha256"], b"\0" * 8) for im in images])
+    wanted = [ids[f"{1:064d}"], ids[f"{4:064d}"], 999]  # 999: no such image
+    expected = {ids[f"{1:064d}"]: ("/1.png", "odd"), ids[f"{4:064d}"]: ("/4.png", None)}
+    assert store.labels_paths(wanted) == expected  # SQLite: ids as one JSON parameter
+    assert store.labels_paths([]) == {}
+    # Any other database: the portable IN list gives the same rows.
+    monkeypatch.setattr(store.engine.dialect, "name", "other")
+    assert store.labels_paths(wanted) == expected
