@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -90,8 +91,14 @@ def decode_all(files: list[FileInfo], spec: InputSpec, max_pixels: int = DEFAULT
     # breaks scripts without an ``if __name__ == "__main__"`` guard). The children only run Pillow
     # and hashlib, never torch or OpenMP, so a parent with torch's threads forks safely.
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers) as pool:
+    with ctx.Pool(workers, initializer=_ignore_sigint) as pool:
         yield from _bounded(pool, files, spec, max_pixels)
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the run and ends the pool; a worker
+    # that took the KeyboardInterrupt itself would only print "Process ForkPoolWorker-1:" noise.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def uses_pool(count: int, workers: int | None = None) -> bool:

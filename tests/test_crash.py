@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import subprocess
@@ -80,3 +81,28 @@ def test_kill_and_rerun_indexes_every_good_image_exactly_once(tmp_path: Path, co
 
         on_disk = VectorIndex.load(engine.index_path("pixels"), model.dim, model.metric)
         assert sorted(on_disk.ids().tolist()) == sorted(db_ids)
+
+
+def test_ctrl_c_during_a_pooled_run_stops_it_cleanly_and_keeps_what_was_committed(tmp_path: Path,
+                                                                                   corpus: Path) -> None:
+    """SIGINT to the whole process group (what Ctrl-C in a terminal sends), with decoding workers."""
+    home = tmp_path / "lib"
+    cmd = [sys.executable, "-m", "embedsearch", "--home", str(home), "index", str(corpus), "--model", "pixels",
+           "--batch-size", "150", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while entries(home / "library.db") == 0 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    kept = entries(home / "library.db")
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert proc.returncode == 130, err
+    assert "interrupted; what was committed is kept" in err
+    assert "Traceback" not in err and "PoolWorker" not in err, err
+    assert 0 < kept < N_GOOD
+    with Engine(home) as engine:
+        assert engine.check().ok
+        assert engine.index(str(corpus), "pixels").added == N_GOOD - kept
