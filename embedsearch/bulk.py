@@ -9,6 +9,7 @@ the FAISS file up to date from the database: every good image ends up indexed ex
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -126,6 +127,10 @@ class _State:
     #: sha256 -> (values, pixels) of files met as copies of a stored image: if that image's own
     #: file turns out to have changed later in the run, the copy takes its place.
     copies: dict[str, tuple[dict[str, Any], np.ndarray]] = field(default_factory=dict)
+    path_of: dict[int, str] = field(default_factory=dict)  # image id -> path, of the stored images
+
+    def __post_init__(self) -> None:
+        self.path_of = {values[0]: path for path, values in self.known.items()}
 
 
 def _route(item: Decoded, state: _State, batch: _Batch, report: IndexReport) -> None:
@@ -151,37 +156,67 @@ def _route(item: Decoded, state: _State, batch: _Batch, report: IndexReport) -> 
     first = state.seen.setdefault(meta.sha256, info.path)
     stored = state.shas.get(meta.sha256)
     if first != info.path or stored is not None:
-        if stored is not None and old is None:
-            state.copies.setdefault(meta.sha256, (values, item.pixels))
-        report.duplicates += 1
-        log.info("%s: same content as %s", info.path, first if first != info.path else "a stored image")
-        if old is not None:
-            batch.deleted.append(old[0])  # this path's old content is gone; its new content is stored
-            state.indexed.discard(old[0])
-        if stored is not None and stored not in state.indexed:
-            _queue(batch, state, stored, item.pixels)  # stored elsewhere, not yet in this model's index
-        return
-    if old is None:
+        _duplicate(item, values, stored, first, old, state, batch, report)
+    elif old is None:
         batch.new_images.append(values)
         _queue(batch, state, meta.sha256, item.pixels)
         report.added += 1
-    elif old[3] in state.copies:
-        # Its old content lives on in a copy met earlier: the stored image moves to the copy's path
-        # (re-encoded, as its row is rewritten) and this file becomes a new image.
-        copy_values, copy_pixels = state.copies.pop(old[3])
-        batch.changed.append({"id": old[0], **copy_values})
-        _queue(batch, state, old[0], copy_pixels)
-        batch.new_images.append(values)
+    elif _moved_to_copy(old, state, batch, report):
+        batch.new_images.append(values)  # the row went to a copy of its old content: this file is new
         _queue(batch, state, meta.sha256, item.pixels)
-        report.duplicates -= 1
-        report.updated += 1
         report.added += 1
-    else:
-        batch.changed.append({"id": old[0], **values})
-        _queue(batch, state, old[0], item.pixels)
+    else:  # new content at a known path: its row is rewritten and re-encoded
+        _rewrite(batch, state, old[0], values, item.pixels)
         state.shas.pop(old[3], None)  # its old content is gone: a later copy of it is new, not a duplicate
         state.shas[meta.sha256] = old[0]
         report.updated += 1
+
+
+def _duplicate(item: Decoded, values: dict[str, Any], stored: int | None, first: str,
+               old: tuple[int, int, float | None, str, bool] | None, state: _State, batch: _Batch,
+               report: IndexReport) -> None:
+    """A file whose content is stored already, or was met earlier in this run."""
+    if old is not None and not _moved_to_copy(old, state, batch, report):
+        # First, as the stored image may take over this path below (rows are deleted, then rewritten).
+        batch.deleted.append(old[0])  # this path's old content is nowhere else: its row goes
+        state.indexed.discard(old[0])
+        state.shas.pop(old[3], None)
+        state.path_of.pop(old[0], None)
+    was_at = state.path_of.get(stored) if stored is not None else None  # None: stored in this run
+    if stored is not None and was_at is not None and not os.path.exists(was_at):
+        # The stored image's file is gone (renamed or moved): the image follows its content here.
+        log.info("%s: the stored image of %s, whose file is gone", values["path"], was_at)
+        _rewrite(batch, state, stored, values, item.pixels)
+        report.updated += 1
+        return
+    report.duplicates += 1
+    log.info("%s: same content as %s", values["path"], first if first != values["path"] else "a stored image")
+    if stored is not None:
+        # If the stored image's own file turns out to have changed later in the run, this copy
+        # takes its place (a swap of two files' contents, say).
+        state.copies.setdefault(values["sha256"], (values, item.pixels))
+        if stored not in state.indexed:
+            _queue(batch, state, stored, item.pixels)  # stored elsewhere, not yet in this model's index
+
+
+def _moved_to_copy(old: tuple[int, int, float | None, str, bool], state: _State, batch: _Batch,
+                   report: IndexReport) -> bool:
+    """A known path lost its content: if a copy of that content was met earlier in the run, the
+    stored image moves to the copy's path (re-encoded, as its row is rewritten) and True is returned."""
+    copy = state.copies.pop(old[3], None)
+    if copy is None:
+        return False
+    _rewrite(batch, state, old[0], *copy)
+    report.duplicates -= 1  # the copy is now the stored image itself
+    report.updated += 1
+    return True
+
+
+def _rewrite(batch: _Batch, state: _State, image_id: int, values: dict[str, Any], pixels: np.ndarray) -> None:
+    """The stored image ``image_id`` is now the file ``values`` describes: its row is rewritten and re-encoded."""
+    batch.changed.append({"id": image_id, **values})
+    _queue(batch, state, image_id, pixels)
+    state.path_of[image_id] = values["path"]
 
 
 def _queue(batch: _Batch, state: _State, key: int | str, pixels: np.ndarray) -> None:

@@ -87,10 +87,14 @@ def test_ctrl_c_during_a_pooled_run_stops_it_cleanly_and_keeps_what_was_committe
                                                                                    corpus: Path) -> None:
     """SIGINT to the whole process group (what Ctrl-C in a terminal sends), with decoding workers."""
     home = tmp_path / "lib"
-    cmd = [sys.executable, "-m", "embedsearch", "--home", str(home), "index", str(corpus), "--model", "pixels",
-           "--batch-size", "150", "--workers", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    args = ["-m", "embedsearch", "--home", str(home), "index", str(corpus), "--model", "pixels",
+            "--batch-size", "150", "--workers", "2"]
+    # Through a trampoline that restores SIGINT's default: a shell that started pytest in the
+    # background may have left SIGINT ignored, and Python keeps an ignored SIGINT ignored.
+    trampoline = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+    proc = subprocess.Popen([sys.executable, "-c", trampoline, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while entries(home / "library.db") == 0 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -8,7 +8,6 @@ good files. ``test_images.py`` covers single decodes; this file covers whole run
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -387,22 +386,3 @@ def test_files_pillow_fails_on_oddly_are_image_errors_and_the_run_continues(tmp_
         assert report.added == 1 and [p for p, _ in report.failed] == [str(folder / name)]
         with pytest.raises(ImageError):
             engine.add_image(data, name=name)
-
-
-# -- a folder that changes between runs -----------------------------------------------------------
-
-@pytest.mark.parametrize("original, copy", [("a.png", "b.png"), ("b.png", "a.png")])
-def test_copy_of_a_file_that_changed_is_kept(tmp_path: Path, original: str, copy: str) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / original).write_bytes(png_bytes(noise_image(1)))
-    with Engine(tmp_path / "home") as engine:
-        assert engine.index(str(data), "pixels").added == 1
-        (data / copy).write_bytes(png_bytes(noise_image(1)))  # a copy: a duplicate of the stored image
-        (data / original).write_bytes(png_bytes(noise_image(2)))  # the original changes in the same run
-        second = engine.index(str(data), "pixels")
-        assert second.duplicates == 0
-        ids = engine.store.entry_image_ids(engine.model("pixels").id)
-        stored = {row.sha256 for row in engine.store.images(ids).values()}
-        on_disk = {hashlib.sha256(p.read_bytes()).hexdigest() for p in data.iterdir()}
-        assert stored == on_disk, f"second run: updated {second.updated}, duplicates {second.duplicates}"
