@@ -132,7 +132,8 @@ class ModelsMixin:
             raise InvalidArgumentError(f"images of shape {images.shape[1:]} do not match the input {spec.shape}")
         workdir = self.model_dir(name)
         workdir.mkdir(parents=True, exist_ok=True)
-        log.info("making %s model %r (%dx%dx%d input) from %d images", kind, name, *spec.shape, len(images))
+        trained_on = f" from {len(images)} images" if cls.needs_training else ""
+        log.info("making %s model %r (%dx%dx%d input)%s", kind, name, *spec.shape, trained_on)
         encoder = cls.fit(images, spec, opts, workdir, resume=resume)
         return self._register(name, encoder, metric, source, len(images))
 
