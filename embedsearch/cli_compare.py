@@ -48,11 +48,11 @@ def _engine(ctx: click.Context) -> Any:
 
 
 def _command_line(home: str | None, data: str, models: str, queries: str | None, fraction: float, k: int,
-                  seed: int, epochs: int, as_json: bool, report: str | None) -> str:
+                  seed: int, epochs: int, metric: str, as_json: bool, report: str | None) -> str:
     """The command with every setting spelled out, so that the report says how to repeat the run."""
     args = ["embedsearch", *(["--home", home] if home else []), "compare", data, "--models", models]
     args += ["--queries", queries] if queries else ["--query-fraction", str(fraction)]
-    args += ["-k", str(k), "--seed", str(seed), "--train-epochs", str(epochs)]
+    args += ["-k", str(k), "--seed", str(seed), "--train-epochs", str(epochs), "--metric", metric]
     args += (["--json"] if as_json else []) + (["--report", report] if report else [])
     return shlex.join(args)
 
@@ -69,11 +69,13 @@ def _command_line(home: str | None, data: str, models: str, queries: str | None,
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Split, training and noise seed.")
 @click.option("--train-epochs", default=10, show_default=True, type=click.IntRange(1),
               help="Epochs of AE and VAE made here (both get the same settings).")
+@click.option("--metric", type=click.Choice(["l2", "cosine"]), default="l2", show_default=True,
+              help="Distance of the models made here (a library's existing models keep their own).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @click.option("--report", type=click.Path(file_okay=False), help="Write report.md with PNG plots into this folder.")
 @click.pass_context
 def compare(ctx: click.Context, data: str, models: str, queries: str | None, query_fraction: float, k: int,
-            seed: int, train_epochs: int, as_json: bool, report: str | None) -> None:
+            seed: int, train_epochs: int, metric: str, as_json: bool, report: str | None) -> None:
     """Compare models on labelled DATA (class subfolders, or an IDX images file beside its labels).
 
     Scores precision, mAP, recall, k-NN accuracy and near-duplicate recall with exact search, plus
@@ -89,10 +91,10 @@ def compare(ctx: click.Context, data: str, models: str, queries: str | None, que
 
     names = [name.strip() for name in models.split(",") if name.strip()]
     command = _command_line(_settings(ctx).get("home"), data, ",".join(names), queries, query_fraction, k, seed,
-                            train_epochs, as_json, report)
+                            train_epochs, metric, as_json, report)
     with _one_line_errors():
         config = CompareConfig(data=data, models=names, queries=queries, query_fraction=query_fraction, k=k,
-                               seed=seed, train_epochs=train_epochs)
+                               seed=seed, train_epochs=train_epochs, metric=metric)
         result, artifacts = run_compare(_engine(ctx), config, command)
         if report:
             click.echo(f"wrote {write_report(result, artifacts, report)}", err=True)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from embedsearch.cli_compare import compare, export_images
 from embedsearch.compare import CompareConfig, CompareResult, ModelResult
+from embedsearch.engine import Engine
 from embedsearch.errors import DataError, InvalidArgumentError
 from embedsearch.idx import read_idx, read_idx_pair
 from embedsearch.report import format_table
@@ -120,6 +121,16 @@ def test_compare_on_idx_with_queries_excludes_self_matches(tmp_path: Path) -> No
     assert pixels["recall@1"] < 1.0
     # An altered query whose original is also a database item finds "the same picture" either way.
     assert pixels["neardup_recall@10"] >= 0.9
+
+
+def test_models_made_by_compare_use_the_metric_asked_for(tmp_path: Path, grey_shapes: Path) -> None:
+    code, stdout, stderr = run(tmp_path / "home", "compare", str(grey_shapes), "--models", "pixels,pca",
+                               "--query-fraction", "0.2", "--metric", "cosine", "--json")
+    assert code == 0, stderr
+    models = json.loads(stdout)["models"]
+    assert {m["metric"] for m in models.values()} == {"cosine"}
+    with Engine(tmp_path / "home") as engine:
+        assert {m.metric for m in engine.models()} == {"cosine"}
 
 
 def test_existing_model_with_another_spec_gets_adapted_images(tmp_path: Path, grey_shapes: Path) -> None:
