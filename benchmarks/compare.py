@@ -56,7 +56,7 @@ def main() -> None:
                            seed=0, train_epochs=args.epochs, latent_dim=32)
     command = shlex.join(["embedsearch", "--home", str(home), "compare", str(train), "--queries", str(test),
                           "--models", ",".join(config.models), "-k", "10", "--seed", "0",
-                          "--train-epochs", str(args.epochs), "--report", args.report])
+                          "--train-epochs", str(args.epochs), "--metric", "l2", "--report", args.report])
     started = time.perf_counter()
     with Engine(home) as engine:
         result, artifacts = run_compare(engine, config, command)

@@ -163,6 +163,8 @@ def perturb(engine: Engine, root: Path, cycle: int, rng: random.Random, bad: set
         dest = Path(src).with_name(f"moved-{cycle:03d}-{i}.png")
         os.rename(src, dest)
         changed.add(str(dest))
+        changed.discard(src)
+        forgotten.discard(src)
     now = time.time()
     for i, path in enumerate(sorted(changed - forgotten)):  # a distinct mtime each (the scan's quick check)
         if os.path.exists(path):

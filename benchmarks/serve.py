@@ -99,40 +99,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def load(url: str, clients: int, seconds: float, images: list[bytes]) -> tuple[list[float], int, float]:
-    """Each client thread posts searches until time is up; returns latencies, errors and wall time."""
+def drive(url: str, clients: int, seconds: float, images: list[bytes], rate: float | None = None
+          ) -> tuple[list[float], int, float]:
+    """``clients`` threads post searches for ``seconds``; returns latencies, errors and wall time.
+
+    Closed loop (``rate`` None): each sends its next request when the last one returns. Paced: together
+    they send ``rate`` requests/s, each every clients/rate s (offset from the others), and latency
+    counts from when a request was due, so a client that falls behind is charged for the wait.
+    """
     import httpx
 
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
-    stop_at = time.perf_counter() + seconds
-
-    def client(c: int) -> None:
-        with httpx.Client(base_url=url, timeout=30) as http:
-            for j in range(MAX_REQUESTS_PER_CLIENT):
-                if time.perf_counter() >= stop_at:
-                    return
-                data = images[(c * 7919 + j) % len(images)]
-                t0 = time.perf_counter()
-                r = http.post("/api/search", files={"file": ("q.png", data)}, data={"model": "vae", "k": "10"})
-                latencies[c].append(time.perf_counter() - t0)
-                errors[c] += r.status_code != 200
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return [x for per in latencies for x in per], sum(errors), time.perf_counter() - start
-
-
-def paced(url: str, clients: int, rate: float, seconds: float, images: list[bytes]) -> tuple[list[float], int, float]:
-    """``clients`` threads send ``rate`` requests/s together, each every clients/rate s (offset from the
-    others); latency is measured from when a request was due. Returns latencies, errors, wall time."""
-    import httpx
-
-    interval = clients / rate
+    interval = clients / rate if rate else 0.0
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
     start = time.perf_counter() + 0.2
@@ -141,13 +118,13 @@ def paced(url: str, clients: int, rate: float, seconds: float, images: list[byte
     def client(c: int) -> None:
         with httpx.Client(base_url=url, timeout=30) as http:
             first = start + c * interval / clients
+            time.sleep(max(0.0, start - time.perf_counter()))  # all threads start together
             for j in range(MAX_REQUESTS_PER_CLIENT):
-                due = first + j * interval
+                due = first + j * interval if rate else time.perf_counter()
                 if due >= stop_at:
                     return
-                wait = due - time.perf_counter()
-                if wait > 0:
-                    time.sleep(wait)
+                if due > time.perf_counter():
+                    time.sleep(due - time.perf_counter())
                 data = images[(c * 7919 + j) % len(images)]
                 r = http.post("/api/search", files={"file": ("q.png", data)}, data={"model": "vae", "k": "10"})
                 latencies[c].append(time.perf_counter() - due)
@@ -202,17 +179,17 @@ def main() -> None:
 
         vectors = next(m["vectors"] for m in httpx.get(f"{url}/api/models").json()["models"] if m["name"] == "vae")
         images = query_images(500)
-        load(url, 2, 3.0, images)  # warm-up: model, index, caches, connections
+        drive(url, 2, 3.0, images)  # warm-up: model, index, caches, connections
         for clients in (1, 8):
             server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
-            lat, errors, wall = load(url, clients, args.seconds, images)
+            lat, errors, wall = drive(url, clients, args.seconds, images)
             server_cpu, client_cpu = cpu_seconds(server.pid) - server_cpu, time.process_time() - client_cpu
             print(f"POST /api/search (vae, k=10, {vectors:,} vectors), {clients} client{'s' if clients > 1 else ''}, closed loop: "
                   f"{len(lat):,} requests in {wall:.1f} s -> {len(lat) / wall:,.0f} requests/s, "
                   f"p50 {percentile_ms(lat, 50):.1f} ms, p99 {percentile_ms(lat, 99):.1f} ms, {errors} errors; "
                   f"CPU per request: server {server_cpu / len(lat) * 1000:.2f} ms, "
                   f"clients {client_cpu / len(lat) * 1000:.2f} ms")
-        lat, errors, wall = paced(url, 8, args.rate, args.seconds, images)
+        lat, errors, wall = drive(url, 8, args.seconds, images, rate=args.rate)
         print(f"POST /api/search (vae, k=10, {vectors:,} vectors), 8 clients paced at {args.rate:,.0f} requests/s "
               f"together: {len(lat):,} requests in {wall:.1f} s -> {len(lat) / wall:,.0f} requests/s, "
               f"p50 {percentile_ms(lat, 50):.1f} ms, p99 {percentile_ms(lat, 99):.1f} ms, {errors} errors")
