@@ -91,14 +91,23 @@ def decode_all(files: list[FileInfo], spec: InputSpec, max_pixels: int = DEFAULT
     # breaks scripts without an ``if __name__ == "__main__"`` guard). The children only run Pillow
     # and hashlib, never torch or OpenMP, so a parent with torch's threads forks safely.
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers, initializer=_ignore_sigint) as pool:
+    with ctx.Pool(workers, initializer=_worker_setup, initargs=(os.getpid(),)) as pool:
         yield from _bounded(pool, files, spec, max_pixels)
 
 
-def _ignore_sigint() -> None:
+def _worker_setup(parent: int) -> None:
     # Ctrl-C reaches the whole process group: the parent stops the run and ends the pool; a worker
     # that took the KeyboardInterrupt itself would only print "Process ForkPoolWorker-1:" noise.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A parent killed outright (SIGKILL, OOM) cannot end the pool: on Linux the kernel ends the
+    # workers with it, instead of leaving them to die on the broken pipe with a traceback each.
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 def uses_pool(count: int, workers: int | None = None) -> bool:

@@ -110,3 +110,25 @@ def test_ctrl_c_during_a_pooled_run_stops_it_cleanly_and_keeps_what_was_committe
     with Engine(home) as engine:
         assert engine.check().ok
         assert engine.index(str(corpus), "pixels").added == N_GOOD - kept
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_sigkill_of_a_pooled_run_takes_its_workers_along_without_tracebacks(tmp_path: Path, corpus: Path) -> None:
+    home = tmp_path / "lib"
+    cmd = [sys.executable, "-m", "embedsearch", "--home", str(home), "index", str(corpus), "--model", "pixels",
+           "--batch-size", "150", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    children: list[str] = []
+    deadline = time.monotonic() + 120
+    while entries(home / "library.db") == 0 and proc.poll() is None and time.monotonic() < deadline:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split() or children
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before the kill")
+    assert len(children) == 2  # the decoding workers
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    time.sleep(0.5)
+    alive = [c for c in children if Path(f"/proc/{c}").exists()
+             and Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert alive == [] and "Traceback" not in err, err
