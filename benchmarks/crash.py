@@ -159,11 +159,12 @@ def perturb(engine: Engine, root: Path, cycle: int, rng: random.Random, bad: set
     os.rename(b, a)
     os.rename(a + ".swap", b)
     changed |= {a, b}
-    for i, src in enumerate(rng.sample([p for p in files if p not in (a, b)], 2)):  # renames: the image follows
+    # Renames: the stored image follows its file. Not of a file rewritten in this cycle: that would
+    # be a deletion (whose row stays until 'embedsearch remove', by design) plus a new file.
+    for i, src in enumerate(rng.sample([p for p in files if p not in changed | copies | {a, b}], 2)):
         dest = Path(src).with_name(f"moved-{cycle:03d}-{i}.png")
         os.rename(src, dest)
         changed.add(str(dest))
-        changed.discard(src)
         forgotten.discard(src)
     now = time.time()
     for i, path in enumerate(sorted(changed - forgotten)):  # a distinct mtime each (the scan's quick check)
