@@ -127,7 +127,7 @@ class _State:
     #: sha256 -> (values, pixels) of files met as copies of a stored image: if that image's own
     #: file turns out to have changed later in the run, the copy takes its place.
     copies: dict[str, tuple[dict[str, Any], np.ndarray]] = field(default_factory=dict)
-    path_of: dict[int, str] = field(default_factory=dict)  # image id -> path, of the stored images
+    path_of: dict[int, str] = field(init=False)  # image id -> path of the stored images
 
     def __post_init__(self) -> None:
         self.path_of = {values[0]: path for path, values in self.known.items()}
