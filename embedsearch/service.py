@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -49,7 +50,12 @@ REFRESH_SECONDS = 1.0
 REFRESH_WAIT = 0.05
 _CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
         "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
-_DOCS_PATHS = ("/docs", "/redoc")  # Swagger UI loads its script from a CDN: no strict CSP there
+DOCS_ASSETS = "/docs-assets"
+#: The docs pages start Swagger UI and ReDoc with inline scripts: their own policy, still only 'self'.
+_DOCS_PATHS = ("/docs", "/redoc")
+_DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+             "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+             "frame-ancestors 'none'")
 
 
 class Gate:
@@ -264,8 +270,7 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers += [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
-                if not docs:
-                    headers.append((b"content-security-policy", _CSP.encode()))
+                headers.append((b"content-security-policy", (_DOCS_CSP if docs else _CSP).encode()))
                 message["headers"] = headers
             await send(message)
 
@@ -356,9 +361,10 @@ def create_app(engine_or_home: Engine | str | os.PathLike[str], token: str | Non
             if owned:
                 engine.close()
 
-    app = FastAPI(title="embedsearch", version=__version__, lifespan=lifespan,
-                  description="Image similarity search with autoencoder (AE) and VAE embeddings. "
-                              "Errors are JSON: {\"error\": message}. The page is at /.")
+    # The docs pages with Swagger UI and ReDoc served from the package, not from a CDN: they work offline.
+    app = FastAPIOffline(title="embedsearch", version=__version__, lifespan=lifespan, static_url=DOCS_ASSETS,
+                         description="Image similarity search with autoencoder (AE) and VAE embeddings. "
+                                     "Errors are JSON: {\"error\": message}. The page is at /.")
     app.state.service = service
     install_error_handlers(app)
     app.include_router(router)

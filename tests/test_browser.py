@@ -61,7 +61,8 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
-def open_page(browser: Any, url: str, width: int, height: int) -> tuple[Any, list[str]]:
+def open_page(browser: Any, url: str, width: int, height: int, ready: str = "body[data-ready=true]"
+              ) -> tuple[Any, list[str]]:
     """A fresh page on the site, with every console error and page error collected."""
     page = browser.new_context(viewport={"width": width, "height": height}).new_page()
     page.set_default_timeout(60_000)  # CI machines are small and may be busy
@@ -69,7 +70,7 @@ def open_page(browser: Any, url: str, width: int, height: int) -> tuple[Any, lis
     page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
     page.on("pageerror", lambda exc: problems.append(str(exc)))
     page.goto(url)
-    page.wait_for_selector("body[data-ready=true]")
+    page.locator(ready).first.wait_for()
     return page, problems
 
 
@@ -136,3 +137,10 @@ def test_without_the_token_the_page_searches_by_bytes_and_asks_for_it(site: Site
     page.wait_for_function("() => /image #\\d+/.test(document.querySelector('#query-info').textContent)")
     assert page.is_enabled("#gen-go")
     assert [p for p in problems if "401" not in p] == []  # the refused upload is the only error logged
+
+
+def test_api_docs_render_offline(site: Site, browser: Any) -> None:
+    """Swagger UI at /docs comes from the package: it renders with no network (Chromium here has none)."""
+    page, problems = open_page(browser, site.url + "/docs", 1280, 900, ready=".opblock")
+    assert "/api/search" in page.inner_text("body")
+    assert not problems, problems

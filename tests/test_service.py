@@ -101,7 +101,11 @@ def test_page_static_files_and_docs(client: TestClient) -> None:
     assert client.get("/static/app.js").headers["content-type"].split(";")[0] in ("text/javascript",
                                                                                 "application/javascript")
     assert client.get("/static/style.css").status_code == 200
-    assert client.get("/docs").status_code == 200
+    for page_url, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        docs = client.get(page_url)  # served from the package: the docs work without a network
+        assert docs.status_code == 200 and f"/docs-assets/{asset}" in docs.text and "cdn" not in docs.text
+        assert "script-src 'self' 'unsafe-inline'" in docs.headers["content-security-policy"]
+        assert client.get(f"/docs-assets/{asset}").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/images", "/api/images/{image_id}", "/api/images/{image_id}/file", "/api/search",
             "/api/generate", "/api/models", "/api/health", "/api/stats"} <= set(paths)
