@@ -37,6 +37,14 @@ def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray, str]:
     return x[..., 0], y, f"generated shapes ({n} images; {FASHION} not found)"
 
 
+def spread(rates: list[float], unit: str = "images/s") -> str:
+    """'median X unit over N runs (min A, max B)': the figure a shared, noisy machine allows."""
+    import statistics
+
+    return (f"median {statistics.median(rates):,.0f} {unit} over {len(rates)} runs "
+            f"(min {min(rates):,.0f}, max {max(rates):,.0f})")
+
+
 def percentile_ms(samples: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples) * 1000.0, q))
 

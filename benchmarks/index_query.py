@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import time
 
 import numpy as np
 
-from common import OUT, PNGS, machine, percentile_ms, write_pngs
+from common import OUT, PNGS, machine, percentile_ms, spread, write_pngs
 
 
 def main() -> None:
@@ -42,8 +41,7 @@ def main() -> None:
         rates.append(n / wall)
         print(f"index {n} PNG files into a new library, pixels encoder (784-d), run {run}: {report.added} added, "
               f"{len(report.failed)} failed, {wall:.1f} s -> {n / wall:,.0f} images/s end to end", flush=True)
-    print(f"bulk index, pixels: median {statistics.median(rates):,.0f} images/s over {len(rates)} runs "
-          f"(min {min(rates):,.0f}, max {max(rates):,.0f})")
+    print(f"bulk index, pixels: {spread(rates)}")
     with Engine(home) as engine:
         again = time.perf_counter()
         second = engine.index(data, "pixels")

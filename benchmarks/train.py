@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import OUT, PNGS, fashion_mnist, machine, write_pngs
+from common import OUT, PNGS, fashion_mnist, machine, spread, write_pngs
 from embedsearch.images import InputSpec
 from embedsearch.nn.encoder import AEEncoder, NeuralEncoder, VAEEncoder
 from embedsearch.nn.models import ModelConfig, build_model, use_all_cores
@@ -65,8 +64,7 @@ def bench_encoding(count: int, repeats: int = 5) -> None:
                 enc.encode(images)
                 rates.append(count / (time.perf_counter() - started))
             print(f"encode {cls.kind:>3} conv {size}x{size}x{channels}, batch 256, {count} images: "
-                  f"median {statistics.median(rates):,.0f} images/s over {repeats} runs (max {max(rates):,.0f})",
-                  flush=True)
+                  f"{spread(rates)}", flush=True)
 
 
 def bench_bulk_index(images: np.ndarray, runs: int = 3) -> None:
@@ -86,8 +84,7 @@ def bench_bulk_index(images: np.ndarray, runs: int = 3) -> None:
         rates.append(count / wall)
         print(f"bulk index {count:,} PNG files (28x28 grey) with a conv VAE, run {run + 1}: {report.added:,} added "
               f"({report.duplicates} duplicates) in {wall:.1f} s -> {count / wall:,.0f} images/s end to end", flush=True)
-    print(f"bulk index with a conv VAE: median {statistics.median(rates):,.0f} images/s over {runs} runs "
-          f"(min {min(rates):,.0f}, max {max(rates):,.0f})")
+    print(f"bulk index with a conv VAE: {spread(rates)}")
 
 
 def main() -> None:
