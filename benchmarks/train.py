@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import OUT, PNGS, fashion_mnist, machine, spread, write_pngs
+
 from embedsearch.images import InputSpec
 from embedsearch.nn.encoder import AEEncoder, NeuralEncoder, VAEEncoder
 from embedsearch.nn.models import ModelConfig, build_model, use_all_cores
