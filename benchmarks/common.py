@@ -17,20 +17,22 @@ PNGS = OUT / "fmnist-png"
 
 
 def machine() -> str:
-    return (f"{platform.node()} | {platform.machine()} | {os.cpu_count()} cores | Python {platform.python_version()} | "
-            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    return (
+        f"{platform.node()} | {platform.machine()} | {os.cpu_count()} cores | Python {platform.python_version()} | "
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
+    )
 
 
 def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray, str]:
     """(N, 28, 28) uint8 images, labels and a description; generated shapes when the data is absent."""
-    from embedsearch.idx import read_idx_pair
+    from embedsearch.data.idx import read_idx_pair
 
     prefix = "t10k" if split == "test" else "train"
     images, labels = FASHION / f"{prefix}-images-idx3-ubyte.gz", FASHION / f"{prefix}-labels-idx1-ubyte.gz"
     if images.exists() and labels.exists():
         x, y = read_idx_pair(images, labels)
         return x, y, f"Fashion-MNIST {split} ({len(x)} images)"
-    from embedsearch.synth import make_image_array
+    from embedsearch.data.synth import make_image_array
 
     n = 10_000 if split == "test" else 60_000
     x, y = make_image_array(n, 28, 1, seed=0 if split == "train" else 1)
@@ -41,8 +43,10 @@ def spread(rates: list[float], unit: str = "images/s") -> str:
     """'median X unit over N runs (min A, max B)': the figure a shared, noisy machine allows."""
     import statistics
 
-    return (f"median {statistics.median(rates):,.0f} {unit} over {len(rates)} runs "
-            f"(min {min(rates):,.0f}, max {max(rates):,.0f})")
+    return (
+        f"median {statistics.median(rates):,.0f} {unit} over {len(rates)} runs "
+        f"(min {min(rates):,.0f}, max {max(rates):,.0f})"
+    )
 
 
 def percentile_ms(samples: list[float], q: float) -> float:
@@ -54,7 +58,7 @@ def write_pngs() -> int:
     reused by every benchmark (generated shapes when the data set is absent); returns the count."""
     import shutil
 
-    from embedsearch.idx import export_pngs
+    from embedsearch.data.idx import export_pngs
 
     marker = PNGS / ".complete"
     if marker.exists():

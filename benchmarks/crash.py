@@ -10,7 +10,8 @@ Part 1 (index). Writes ``--images`` small grey PNG files (16x16, 8 label folders
 files, then, until ``--kills`` runs have been SIGKILLed and re-run: changes the library or the folder a little
 (forgets 1-3 label folders so that their images must be indexed again, rewrites 20 files with new
 content, adds 20 files, copies 5 files under new names, rewrites 2 files with another file's
-content, swaps the contents of 2 files, renames 2 files), starts ``python -m embedsearch --home H index DIR --model pixels --batch-size 200``,
+content, swaps the contents of 2 files, renames 2 files), starts
+``python -m embedsearch --home H index DIR --model pixels --batch-size 200``,
 SIGKILLs it at a random moment (seeded; a quarter of the moments anywhere in start-up, the rest
 while it indexes; every 5th run its re-run is killed too), then re-runs it to completion and
 checks:
@@ -57,16 +58,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, machine
 from PIL import Image
+
+from common import ROOT, machine
 
 sys.path.insert(0, str(ROOT))
 
-from embedsearch.encoders import to_unit_float
+import contextlib
+
+from embedsearch.core.vectors import VectorIndex
+from embedsearch.data.images import InputSpec, decode_file
+from embedsearch.data.synth import SHAPES, make_image_array
+from embedsearch.encoders.base import to_unit_float
 from embedsearch.engine import Engine
-from embedsearch.images import InputSpec, decode_file
-from embedsearch.index import VectorIndex
-from embedsearch.synth import SHAPES, make_image_array
 
 SPEC = InputSpec(16, 1)
 CLI = [sys.executable, "-m", "embedsearch"]
@@ -89,6 +93,7 @@ class Cycle:
 
 # -- the corpus --------------------------------------------------------------------------------------
 
+
 def write_png(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr, "L").save(path)
@@ -96,6 +101,7 @@ def write_png(path: Path, arr: np.ndarray) -> None:
 
 def png_declaring(width: int, height: int) -> bytes:
     """A well-formed PNG header declaring ``width`` x ``height`` over a tiny body (a decompression bomb)."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -106,7 +112,7 @@ def png_declaring(width: int, height: int) -> bytes:
 def make_corpus(root: Path, n: int, seed: int) -> set[str]:
     """``n`` shape images in label folders, and the bad files (returned as absolute paths)."""
     images, labels = make_image_array(n, 16, 1, seed=seed)
-    for i, (arr, label) in enumerate(zip(images, labels)):
+    for i, (arr, label) in enumerate(zip(images, labels, strict=False)):
         write_png(root / SHAPES[label] / f"{i:05d}.png", arr[..., 0])
     good = (root / SHAPES[int(labels[0])] / "00000.png").read_bytes()
     bad = {
@@ -150,7 +156,7 @@ def perturb(engine: Engine, root: Path, cycle: int, rng: random.Random, bad: set
         dest = Path(src).with_name(f"copy-{cycle:03d}-{i}.png")
         shutil.copy(src, dest)
         copies.add(str(dest))
-    for dest, src in zip(rng.sample(files, 2), rng.sample(files, 2)):  # content of another file
+    for dest, src in zip(rng.sample(files, 2), rng.sample(files, 2), strict=False):  # content of another file
         if dest != src:
             shutil.copyfile(src, dest)
             copies.add(dest)
@@ -176,6 +182,7 @@ def perturb(engine: Engine, root: Path, cycle: int, rng: random.Random, bad: set
 
 
 # -- observing a library from outside ----------------------------------------------------------------
+
 
 def db_query(home: Path, sql: str, args: tuple = ()) -> list[tuple]:
     with sqlite3.connect(f"file:{home / 'library.db'}?mode=ro", uri=True, timeout=30) as conn:
@@ -203,10 +210,8 @@ def entries_after(home: Path, after: int) -> int:
 def children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
+        with contextlib.suppress(OSError):
             found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
     return found
 
 
@@ -254,6 +259,7 @@ def _read_lines(proc: subprocess.Popen[str], lines: list[str], after: str | None
 
 # -- part 0: a new library ---------------------------------------------------------------------------
 
+
 def new_library_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> tuple[list[str], int]:
     """Kill ``index`` while it creates a new library (just after library.db appears); re-run it."""
     data = work / "small"
@@ -274,9 +280,11 @@ def new_library_campaign(work: Path, args: argparse.Namespace, rng: random.Rando
         rerun = subprocess.run(index_cmd(home, data, "--json"), check=False, capture_output=True, text=True)
         ok = rerun.returncode == 0 and json.loads(rerun.stdout)["added"] + json.loads(rerun.stdout)["unchanged"] == 20
         bricked += not ok
-        lines.append(f"new library {trial + 1:2d}: SIGKILL {delay * 1000:4.1f} ms after library.db appeared"
-                     f"{'' if killed else ' (had finished)'}; re-run: "
-                     + ("OK" if ok else f"FAILED exit {rerun.returncode}: {rerun.stderr.strip()[-160:]}"))
+        lines.append(
+            f"new library {trial + 1:2d}: SIGKILL {delay * 1000:4.1f} ms after library.db appeared"
+            f"{'' if killed else ' (had finished)'}; re-run: "
+            + ("OK" if ok else f"FAILED exit {rerun.returncode}: {rerun.stderr.strip()[-160:]}")
+        )
         print(lines[-1], flush=True)
         shutil.rmtree(home, ignore_errors=True)
     return lines, bricked
@@ -284,13 +292,15 @@ def new_library_campaign(work: Path, args: argparse.Namespace, rng: random.Rando
 
 # -- part 1: index ------------------------------------------------------------------------------------
 
+
 def index_cmd(home: Path, data: Path, *extra: str) -> list[str]:
     """The brief's command, with -q (errors only on stderr)."""
     return [*CLI, "-q", "--home", str(home), "index", str(data), "--model", "pixels", "--batch-size", "200", *extra]
 
 
-def verify(home: Path, data: Path, bad: set[str], touched: set[str], rerun: dict, rng: random.Random,
-           cycle: Cycle) -> None:
+def verify(
+    home: Path, data: Path, bad: set[str], touched: set[str], rerun: dict, rng: random.Random, cycle: Cycle
+) -> None:
     problems = cycle.problems
     failed = [f["path"] for f in rerun["failed"]]
     if sorted(failed) != sorted(bad):
@@ -305,8 +315,9 @@ def verify(home: Path, data: Path, bad: set[str], touched: set[str], rerun: dict
     if check.returncode != 0 or not report["ok"] or report["notes"]:
         problems.append(f"check: exit {check.returncode}, problems {report['problems']}, notes {report['notes']}")
     on_disk = good_files(data, bad)
-    rows = db_query(home, "SELECT i.id, i.path, i.sha256, e.vector FROM images i "
-                          "LEFT JOIN index_entries e ON e.image_id = i.id")
+    rows = db_query(
+        home, "SELECT i.id, i.path, i.sha256, e.vector FROM images i LEFT JOIN index_entries e ON e.image_id = i.id"
+    )
     entries = db_query(home, "SELECT image_id FROM index_entries")
     shas = [r[2] for r in rows]
     if set(shas) != set(on_disk.values()):
@@ -346,8 +357,10 @@ def index_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> 
     shutil.rmtree(scratch)
     per_image = max(full - idle, 0.1) / args.images
     scale = 1.0
-    print(f"calibration: full run {full:.1f} s, nothing-to-do run {idle:.1f} s "
-          f"-> {per_image * 1e3:.2f} ms per image after {idle:.1f} s of start-up")
+    print(
+        f"calibration: full run {full:.1f} s, nothing-to-do run {idle:.1f} s "
+        f"-> {per_image * 1e3:.2f} ms per image after {idle:.1f} s of start-up"
+    )
 
     Engine(home).close()  # the library exists: killing its creation is part 0
     cycles: list[Cycle] = []
@@ -363,8 +376,9 @@ def index_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> 
         # A quarter of the kills anywhere in start-up and scan, the rest while files are indexed. The
         # calibration is scaled by how long runs that outlived their kill time really took (load varies).
         horizon = (idle + cycle.todo * per_image) * scale
-        cycle.kill_at = (rng.uniform(0.05, idle * scale) if rng.random() < 0.25
-                         else rng.uniform(0.8 * idle * scale, horizon))
+        cycle.kill_at = (
+            rng.uniform(0.05, idle * scale) if rng.random() < 0.25 else rng.uniform(0.8 * idle * scale, horizon)
+        )
         before = entry_sequence(home)
         killed, cycle.orphans, err, took = run_and_kill(index_cmd(home, data), cycle.kill_at)
         cycle.committed = entries_after(home, before)
@@ -385,8 +399,9 @@ def index_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> 
             note_traceback(err, cycle)
             cycle.orphans += orphans
             cycle.rerun_killed = killed  # an extra kill: not counted towards --kills
-            cycle.outcome += (f", re-run killed too at {again_at:.2f} s" if killed
-                              else ", re-run finished before its kill")
+            cycle.outcome += (
+                f", re-run killed too at {again_at:.2f} s" if killed else ", re-run finished before its kill"
+            )
         t0 = time.perf_counter()
         rerun = subprocess.run(index_cmd(home, data, "--json"), check=False, capture_output=True, text=True)
         cycle.rerun_s = time.perf_counter() - t0
@@ -397,10 +412,13 @@ def index_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> 
         if cycle.orphans:
             cycle.problems.append(f"{cycle.orphans} worker processes outlived the killed run")
         noise = " [its workers printed BrokenPipeError]" if cycle.pipe_noise else ""
-        print(f"run {n + 1:2d}: {cycle.todo:5d} to do, SIGKILL at {cycle.kill_at:5.2f} s: {cycle.outcome} "
-              f"({cycle.committed} entries committed){noise}; "
-              f"re-run {cycle.rerun_s:.1f} s, check {cycle.check_s:.1f} s: "
-              + ("OK" if not cycle.problems else "FAILED " + "; ".join(cycle.problems)), flush=True)
+        print(
+            f"run {n + 1:2d}: {cycle.todo:5d} to do, SIGKILL at {cycle.kill_at:5.2f} s: {cycle.outcome} "
+            f"({cycle.committed} entries committed){noise}; "
+            f"re-run {cycle.rerun_s:.1f} s, check {cycle.check_s:.1f} s: "
+            + ("OK" if not cycle.problems else "FAILED " + "; ".join(cycle.problems)),
+            flush=True,
+        )
         cycles.append(cycle)
     return cycles
 
@@ -426,10 +444,32 @@ def note_traceback(err: str, cycle: Cycle) -> None:
 
 # -- part 2: train ------------------------------------------------------------------------------------
 
+
 def train_cmd(home: Path, data: Path, name: str, resume: bool) -> list[str]:
-    return [*CLI, "--home", str(home), "train", str(data), "--model", "ae", "--name", name, "--epochs", "3",
-            "--batch-size", "64", "--latent-dim", "8", "--image-size", "16", "--channels", "1", "--seed", "0",
-            *(["--resume"] if resume else [])]
+    return [
+        *CLI,
+        "--home",
+        str(home),
+        "train",
+        str(data),
+        "--model",
+        "ae",
+        "--name",
+        name,
+        "--epochs",
+        "3",
+        "--batch-size",
+        "64",
+        "--latent-dim",
+        "8",
+        "--image-size",
+        "16",
+        "--channels",
+        "1",
+        "--seed",
+        "0",
+        *(["--resume"] if resume else []),
+    ]
 
 
 def saved_epoch(home: Path, name: str) -> int:
@@ -454,21 +494,24 @@ def weights_report(path: Path) -> dict:
 def train_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> tuple[list[str], list[str]]:
     data, home = work / "train-data", work / "train-home"
     images, labels = make_image_array(args.train_images, 16, 1, seed=args.seed + 1)
-    for i, (arr, label) in enumerate(zip(images, labels)):
+    for i, (arr, label) in enumerate(zip(images, labels, strict=False)):
         write_png(data / SHAPES[label] / f"{i:05d}.png", arr[..., 0])
     (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # skipped with a warning
     # The uninterrupted reference run, timed line by line: start-up, then one log line per epoch.
     t0 = time.monotonic()
-    ref = subprocess.Popen(train_cmd(home, data, "reference", False), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+    ref = subprocess.Popen(
+        train_cmd(home, data, "reference", False), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     epoch_at = [time.monotonic() - t0 for line in ref.stderr or [] if re.match(r"epoch \d+/3", line)]
     assert ref.wait() == 0 and len(epoch_at) == 3, "the reference training run failed"
     full = time.monotonic() - t0
     epoch_s = (epoch_at[2] - epoch_at[0]) / 2
     startup_s = max(epoch_at[0] - epoch_s, 0.5)
     reference = weights_of(home / "models" / "reference" / "weights.safetensors")
-    print(f"reference training run (uninterrupted): {full:.1f} s ({startup_s:.1f} s start-up and data, "
-          f"then {epoch_s:.1f} s per epoch)")
+    print(
+        f"reference training run (uninterrupted): {full:.1f} s ({startup_s:.1f} s start-up and data, "
+        f"then {epoch_s:.1f} s per epoch)"
+    )
 
     lines, problems = [], []
     kills, run = 0, 0
@@ -496,11 +539,13 @@ def train_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> 
             said = re.search(r"resuming after epoch (\d+) of 3", err)
             if resume:  # what a resumed run says (a run killed during start-up says nothing yet)
                 if said is not None and int(said.group(1)) != expected:
-                    problems.append(f"{name} attempt {attempt}: resume.json had epoch {expected}, the run said "
-                                    f"{said.group(0)}")
+                    problems.append(
+                        f"{name} attempt {attempt}: resume.json had epoch {expected}, the run said {said.group(0)}"
+                    )
                 if not killed and expected and said is None:
-                    problems.append(f"{name} attempt {attempt}: resume.json had epoch {expected}, the run did not "
-                                    "say it resumed")
+                    problems.append(
+                        f"{name} attempt {attempt}: resume.json had epoch {expected}, the run did not say it resumed"
+                    )
                 if not killed and not expected and "no resume state" not in err:
                     problems.append(f"{name} attempt {attempt}: no resume state, and the run did not say so")
             if "Traceback" in err and not (killed and only_pipe_noise(err)):
@@ -515,16 +560,19 @@ def train_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> 
                 now = saved_epoch(home, name)
                 if now < expected:
                     problems.append(f"{name}: the resume state went back from epoch {expected} to {now}")
-                lines.append(f"train kill {kills}: {name} attempt {attempt} ({start}) SIGKILL {when}; "
-                             f"resume state now after epoch {now}")
+                lines.append(
+                    f"train kill {kills}: {name} attempt {attempt} ({start}) SIGKILL {when}; "
+                    f"resume state now after epoch {now}"
+                )
                 print(lines[-1], flush=True)
                 resume = True
                 continue
             lines.append(f"train {name} attempt {attempt} ({start}) completed in {took:.1f} s")
             print(lines[-1], flush=True)
             break
-        listed = subprocess.run([*CLI, "--home", str(home), "models", "--json"], check=False, capture_output=True,
-                                text=True)
+        listed = subprocess.run(
+            [*CLI, "--home", str(home), "models", "--json"], check=False, capture_output=True, text=True
+        )
         if name not in [m["name"] for m in json.loads(listed.stdout or "[]")]:
             problems.append(f"{name} is not registered")
         folder = home / "models" / name
@@ -541,8 +589,10 @@ def train_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> 
         diff = max(float(np.abs(final[k] - reference[k]).max()) for k in reference)
         if set(final) != set(reference) or diff > 1e-6:
             problems.append(f"{name}: final weights differ from the uninterrupted run's (max |diff| {diff:.3g})")
-        lines.append(f"  {name}: epochs in its report {epochs}, resumed_from {report.get('resumed_from')}, "
-                     f"weights max |diff| from the uninterrupted run {diff:.3g}")
+        lines.append(
+            f"  {name}: epochs in its report {epochs}, resumed_from {report.get('resumed_from')}, "
+            f"weights max |diff| from the uninterrupted run {diff:.3g}"
+        )
         print(lines[-1], flush=True)
     check = subprocess.run([*CLI, "--home", str(home), "check", "--json"], check=False, capture_output=True, text=True)
     if check.returncode != 0 or not json.loads(check.stdout)["ok"]:
@@ -581,23 +631,36 @@ def main() -> None:
     first_kills = sum(not c.outcome.startswith("finished") for c in cycles)
     second = sum(c.rerun_killed for c in cycles)
     print()
-    print(f"index: {len(cycles)} runs, {first_kills + second} SIGKILLs ({first_kills} runs killed at a random moment, "
-          f"{second} of their re-runs killed too); {len(cycles) - len(failed)}/{len(cycles)} completing re-runs "
-          "verified clean")
+    print(
+        f"index: {len(cycles)} runs, {first_kills + second} SIGKILLs ({first_kills} runs killed at a random moment, "
+        f"{second} of their re-runs killed too); {len(cycles) - len(failed)}/{len(cycles)} completing re-runs "
+        "verified clean"
+    )
     for outcome, count in outcomes.most_common():
         print(f"  {count:3d} x {outcome}")
     rerun = [c.rerun_s for c in cycles]
     checks = [c.check_s for c in cycles]
-    print(f"  entries committed by killed runs: median {int(np.median([c.committed for c in cycles]))}, "
-          f"max {max(c.committed for c in cycles)}; orphaned workers: {sum(c.orphans for c in cycles)}; "
-          f"killed runs whose workers printed a BrokenPipeError traceback: {sum(c.pipe_noise for c in cycles)}")
-    print(f"  re-run to completion: mean {np.mean(rerun):.1f} s, max {max(rerun):.1f} s; "
-          f"check --json: mean {np.mean(checks):.1f} s, max {max(checks):.1f} s; part 1 took {t_index:.0f} s")
-    print(f"new library: {args.new_library_kills} index runs SIGKILLed while creating the library: "
-          + (f"{bricked} left a library that no later command can open" if bricked else "every re-run succeeded"))
-    print(f"train: {args.train_kills} runs SIGKILLed and resumed; "
-          + ("all resumes continued from the last checkpoint and matched the uninterrupted run"
-             if not train_problems else f"{len(train_problems)} problems"))
+    print(
+        f"  entries committed by killed runs: median {int(np.median([c.committed for c in cycles]))}, "
+        f"max {max(c.committed for c in cycles)}; orphaned workers: {sum(c.orphans for c in cycles)}; "
+        f"killed runs whose workers printed a BrokenPipeError traceback: {sum(c.pipe_noise for c in cycles)}"
+    )
+    print(
+        f"  re-run to completion: mean {np.mean(rerun):.1f} s, max {max(rerun):.1f} s; "
+        f"check --json: mean {np.mean(checks):.1f} s, max {max(checks):.1f} s; part 1 took {t_index:.0f} s"
+    )
+    print(
+        f"new library: {args.new_library_kills} index runs SIGKILLed while creating the library: "
+        + (f"{bricked} left a library that no later command can open" if bricked else "every re-run succeeded")
+    )
+    print(
+        f"train: {args.train_kills} runs SIGKILLed and resumed; "
+        + (
+            "all resumes continued from the last checkpoint and matched the uninterrupted run"
+            if not train_problems
+            else f"{len(train_problems)} problems"
+        )
+    )
     for problem in train_problems:
         print(f"  PROBLEM: {problem}")
     for c in failed:

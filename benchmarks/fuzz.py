@@ -32,10 +32,9 @@ from common import OUT, ROOT, machine
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_fuzz import SPECS, family, mutate, random_case, seed_corpus
-
+from embedsearch.data.images import DEFAULT_MAX_PIXELS, decode_bytes
 from embedsearch.errors import ImageError
-from embedsearch.images import DEFAULT_MAX_PIXELS, decode_bytes
+from test_fuzz import SPECS, family, mutate, random_case, seed_corpus
 
 
 @dataclass
@@ -88,9 +87,11 @@ def run_case(tally: Tally, data: bytes, describe, case: int) -> None:
 
 
 def report(name: str, tally: Tally) -> None:
-    print(f"\n{name}: {tally.ran} cases in {tally.seconds:.1f} s ({tally.ran / tally.seconds:,.0f}/s): "
-          f"{tally.decoded} decoded, {tally.refused} refused with ImageError, "
-          f"{sum(b.count for b in tally.bugs.values())} other exceptions")
+    print(
+        f"\n{name}: {tally.ran} cases in {tally.seconds:.1f} s ({tally.ran / tally.seconds:,.0f}/s): "
+        f"{tally.decoded} decoded, {tally.refused} refused with ImageError, "
+        f"{sum(b.count for b in tally.bugs.values())} other exceptions"
+    )
     print("  commonest refusals: " + "; ".join(f"{r} x{c}" for r, c in tally.reasons.most_common(6)))
     print("  slowest: " + "; ".join(f"{t:.2f} s {d}" for t, d in tally.slowest))
     for (kind, where), bug in sorted(tally.bugs.items(), key=lambda kv: -kv[1].count):
@@ -133,15 +134,20 @@ def main() -> None:
         tally.seconds = time.perf_counter() - started
     finally:
         os.dup2(saved_stderr, 2)
-    titles = {"main": "PNG/JPEG/GIF/BMP/TIFF/WebP mutations", "other": "other-format mutations",
-              "random": "random bytes"}
+    titles = {
+        "main": "PNG/JPEG/GIF/BMP/TIFF/WebP mutations",
+        "other": "other-format mutations",
+        "random": "random bytes",
+    }
     for fam, tally in tallies.items():
         report(titles[fam], tally)
     total = sum(t.ran for t in tallies.values())
     bugs = sum(sum(b.count for b in t.bugs.values()) for t in tallies.values())
-    print(f"\ntotal: {total} cases, {sum(t.decoded for t in tallies.values())} decoded, "
-          f"{sum(t.refused for t in tallies.values())} refused, {bugs} uncaught exceptions "
-          f"({sum(len(t.bugs) for t in tallies.values())} distinct)")
+    print(
+        f"\ntotal: {total} cases, {sum(t.decoded for t in tallies.values())} decoded, "
+        f"{sum(t.refused for t in tallies.values())} refused, {bugs} uncaught exceptions "
+        f"({sum(len(t.bugs) for t in tallies.values())} distinct)"
+    )
     sys.exit(1 if bugs else 0)
 
 

@@ -34,8 +34,10 @@ def main() -> None:
                 out = engine.generate(args.model, n=64, seed=seed, search_k=5, **kwargs)
                 times.append(time.perf_counter() - start)
             assert len(out.candidates) == 64 and all(len(c.neighbours) == 5 for c in out.candidates)
-            print(f"generate {mode}: 64 candidates + 5 nearest of {vectors:,} vectors, {args.repeats} runs: "
-                  f"p50 {percentile_ms(times, 50):.0f} ms, max {max(times) * 1000:.0f} ms")
+            print(
+                f"generate {mode}: 64 candidates + 5 nearest of {vectors:,} vectors, {args.repeats} runs: "
+                f"p50 {percentile_ms(times, 50):.0f} ms, max {max(times) * 1000:.0f} ms"
+            )
 
 
 def _some_image(engine, model: str) -> int:

@@ -39,8 +39,11 @@ def main() -> None:
             report = engine.index(data, "pixels")
             wall = time.perf_counter() - start
         rates.append(n / wall)
-        print(f"index {n} PNG files into a new library, pixels encoder (784-d), run {run}: {report.added} added, "
-              f"{len(report.failed)} failed, {wall:.1f} s -> {n / wall:,.0f} images/s end to end", flush=True)
+        print(
+            f"index {n} PNG files into a new library, pixels encoder (784-d), run {run}: {report.added} added, "
+            f"{len(report.failed)} failed, {wall:.1f} s -> {n / wall:,.0f} images/s end to end",
+            flush=True,
+        )
     print(f"bulk index, pixels: {spread(rates)}")
     with Engine(home) as engine:
         again = time.perf_counter()
@@ -66,9 +69,11 @@ def main() -> None:
                 [result] = list(engine.query([path], model, k=10))
                 times.append(time.perf_counter() - t0)
                 self_first += result.results[0].path == path
-            print(f"warm query {model} over {len(engine.vector_index(model)):,} vectors, k=10, "
-                  f"{len(picks)} queries: p50 {percentile_ms(times, 50):.2f} ms, p99 {percentile_ms(times, 99):.2f} ms "
-                  f"(query image first in {self_first}/{len(picks)})")
+            print(
+                f"warm query {model} over {len(engine.vector_index(model)):,} vectors, k=10, "
+                f"{len(picks)} queries: p50 {percentile_ms(times, 50):.2f} ms, p99 {percentile_ms(times, 99):.2f} ms "
+                f"(query image first in {self_first}/{len(picks)})"
+            )
 
 
 if __name__ == "__main__":

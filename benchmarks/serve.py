@@ -43,8 +43,8 @@ MAX_REQUESTS_PER_CLIENT = 20_000
 
 def build_library(n: int) -> None:
     """A conv VAE (1 epoch on the training split) with every PNG indexed; skipped when already built."""
+    from embedsearch.data.images import InputSpec
     from embedsearch.engine import Engine
-    from embedsearch.images import InputSpec
 
     marker = HOME / ".complete"
     if marker.exists():
@@ -54,13 +54,16 @@ def build_library(n: int) -> None:
     with Engine(HOME) as engine:
         x, _, what = fashion_mnist("train")
         start = time.perf_counter()
-        engine.fit_model("vae", "vae", x[..., None], InputSpec(28, 1), options={"epochs": 1, "arch": "conv"},
-                         source=what)
+        engine.fit_model(
+            "vae", "vae", x[..., None], InputSpec(28, 1), options={"epochs": 1, "arch": "conv"}, source=what
+        )
         print(f"trained a conv VAE for 1 epoch on {what}: {time.perf_counter() - start:.1f} s")
         start = time.perf_counter()
         report = engine.index(str(PNGS), "vae")
-        print(f"indexed {report.added:,} PNG files with the VAE in {time.perf_counter() - start:.1f} s "
-              f"({report.duplicates} duplicates stored once)")
+        print(
+            f"indexed {report.added:,} PNG files with the VAE in {time.perf_counter() - start:.1f} s "
+            f"({report.duplicates} duplicates stored once)"
+        )
         marker.write_text(f"{n:,} PNG files, {report.added:,} images in model 'vae'")
 
 
@@ -99,8 +102,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def drive(url: str, clients: int, seconds: float, images: list[bytes], rate: float | None = None
-          ) -> tuple[list[float], int, float]:
+def drive(
+    url: str, clients: int, seconds: float, images: list[bytes], rate: float | None = None
+) -> tuple[list[float], int, float]:
     """``clients`` threads post searches for ``seconds``; returns latencies, errors and wall time.
 
     Closed loop (``rate`` None): each sends its next request when the last one returns. Paced: together
@@ -168,7 +172,10 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=200)
     args = parser.parse_args()
     print(machine())
-    print(f"load average before the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (other work competes for the cores)")
+    print(
+        f"load average before the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+        "(other work competes for the cores)"
+    )
     n = write_pngs()
     build_library(n)
     port = free_port()
@@ -184,19 +191,26 @@ def main() -> None:
             server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
             lat, errors, wall = drive(url, clients, args.seconds, images)
             server_cpu, client_cpu = cpu_seconds(server.pid) - server_cpu, time.process_time() - client_cpu
-            print(f"POST /api/search (vae, k=10, {vectors:,} vectors), {clients} client{'s' if clients > 1 else ''}, closed loop: "
-                  f"{len(lat):,} requests in {wall:.1f} s -> {len(lat) / wall:,.0f} requests/s, "
-                  f"p50 {percentile_ms(lat, 50):.1f} ms, p99 {percentile_ms(lat, 99):.1f} ms, {errors} errors; "
-                  f"CPU per request: server {server_cpu / len(lat) * 1000:.2f} ms, "
-                  f"clients {client_cpu / len(lat) * 1000:.2f} ms")
+            print(
+                f"POST /api/search (vae, k=10, {vectors:,} vectors), "
+                f"{clients} client{'s' if clients > 1 else ''}, closed loop: "
+                f"{len(lat):,} requests in {wall:.1f} s -> {len(lat) / wall:,.0f} requests/s, "
+                f"p50 {percentile_ms(lat, 50):.1f} ms, p99 {percentile_ms(lat, 99):.1f} ms, {errors} errors; "
+                f"CPU per request: server {server_cpu / len(lat) * 1000:.2f} ms, "
+                f"clients {client_cpu / len(lat) * 1000:.2f} ms"
+            )
         lat, errors, wall = drive(url, 8, args.seconds, images, rate=args.rate)
-        print(f"POST /api/search (vae, k=10, {vectors:,} vectors), 8 clients paced at {args.rate:,.0f} requests/s "
-              f"together: {len(lat):,} requests in {wall:.1f} s -> {len(lat) / wall:,.0f} requests/s, "
-              f"p50 {percentile_ms(lat, 50):.1f} ms, p99 {percentile_ms(lat, 99):.1f} ms, {errors} errors")
+        print(
+            f"POST /api/search (vae, k=10, {vectors:,} vectors), 8 clients paced at {args.rate:,.0f} requests/s "
+            f"together: {len(lat):,} requests in {wall:.1f} s -> {len(lat) / wall:,.0f} requests/s, "
+            f"p50 {percentile_ms(lat, 50):.1f} ms, p99 {percentile_ms(lat, 99):.1f} ms, {errors} errors"
+        )
         up, down = uploads(url, args.uploads)
-        print(f"POST /api/images (store + index one 28x28 PNG), 1 client, {len(up)} uploads: "
-              f"p50 {percentile_ms(up, 50):.1f} ms, p99 {percentile_ms(up, 99):.1f} ms; "
-              f"DELETE p50 {percentile_ms(down, 50):.1f} ms")
+        print(
+            f"POST /api/images (store + index one 28x28 PNG), 1 client, {len(up)} uploads: "
+            f"p50 {percentile_ms(up, 50):.1f} ms, p99 {percentile_ms(up, 99):.1f} ms; "
+            f"DELETE p50 {percentile_ms(down, 50):.1f} ms"
+        )
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import OUT, PNGS, fashion_mnist, machine, spread, write_pngs
 
-from embedsearch.images import InputSpec
-from embedsearch.nn.encoder import AEEncoder, NeuralEncoder, VAEEncoder
-from embedsearch.nn.models import ModelConfig, build_model, use_all_cores
+from common import OUT, PNGS, fashion_mnist, machine, spread, write_pngs
+from embedsearch.data.images import InputSpec
+from embedsearch.encoders.nn.encoder import AEEncoder, NeuralEncoder, VAEEncoder
+from embedsearch.encoders.nn.models import ModelConfig, build_model, use_all_cores
 
 KINDS: list[type[NeuralEncoder]] = [AEEncoder, VAEEncoder]
 
@@ -43,9 +43,12 @@ def bench_training(images: np.ndarray, epochs: int) -> None:
             total = time.perf_counter() - started
         assert enc.report is not None
         per_epoch = [h.seconds for h in enc.report.history]
-        print(f"train {cls.kind:>3} conv latent 32 batch 128, {len(images)} images: "
-              f"{np.mean(per_epoch):.1f} s/epoch ({', '.join(f'{s:.1f}' for s in per_epoch)}), "
-              f"fit() total {total:.1f} s, final train loss {enc.report.history[-1].train_loss:.2f}", flush=True)
+        print(
+            f"train {cls.kind:>3} conv latent 32 batch 128, {len(images)} images: "
+            f"{np.mean(per_epoch):.1f} s/epoch ({', '.join(f'{s:.1f}' for s in per_epoch)}), "
+            f"fit() total {total:.1f} s, final train loss {enc.report.history[-1].train_loss:.2f}",
+            flush=True,
+        )
 
 
 def bench_encoding(count: int, repeats: int = 5) -> None:
@@ -63,8 +66,10 @@ def bench_encoding(count: int, repeats: int = 5) -> None:
                 started = time.perf_counter()
                 enc.encode(images)
                 rates.append(count / (time.perf_counter() - started))
-            print(f"encode {cls.kind:>3} conv {size}x{size}x{channels}, batch 256, {count} images: "
-                  f"{spread(rates)}", flush=True)
+            print(
+                f"encode {cls.kind:>3} conv {size}x{size}x{channels}, batch 256, {count} images: {spread(rates)}",
+                flush=True,
+            )
 
 
 def bench_bulk_index(images: np.ndarray, runs: int = 3) -> None:
@@ -82,8 +87,11 @@ def bench_bulk_index(images: np.ndarray, runs: int = 3) -> None:
             report = engine.index(str(PNGS), "vae")
             wall = time.perf_counter() - started
         rates.append(count / wall)
-        print(f"bulk index {count:,} PNG files (28x28 grey) with a conv VAE, run {run + 1}: {report.added:,} added "
-              f"({report.duplicates} duplicates) in {wall:.1f} s -> {count / wall:,.0f} images/s end to end", flush=True)
+        print(
+            f"bulk index {count:,} PNG files (28x28 grey) with a conv VAE, run {run + 1}: {report.added:,} added "
+            f"({report.duplicates} duplicates) in {wall:.1f} s -> {count / wall:,.0f} images/s end to end",
+            flush=True,
+        )
     print(f"bulk index with a conv VAE: {spread(rates)}")
 
 

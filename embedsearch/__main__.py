@@ -1,3 +1,3 @@
-from .cli import main
+from embedsearch.cli.main import main
 
 main()

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .synth import SHAPES, make_shapes
+from embedsearch.data.synth import SHAPES, make_shapes
 
 if TYPE_CHECKING:
-    from .engine import Engine, QueryResult
+    from embedsearch.engine import Engine, QueryResult
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,16 @@ def run_demo(engine: Engine, per_class: int = 40, seed: int = 0, model: str = "p
     pixels = engine.index(str(data), "pixels")
     if engine.store.model(model) is None:
         engine.create_model(model, "pca", str(data), options={"dim": 16, "seed": seed})
-    report = engine.index(str(data), model)
+    engine.index(str(data), model)
     queries = [str(sorted((data / shape).iterdir())[0]) for shape in SHAPES]
     results = [r for r in engine.query(queries, model, k=6) if not isinstance(r, tuple)]
-    from .render import query_grid
+    from embedsearch.render.pictures import query_grid
 
     grid = query_grid(results, root / "query-grid.png")
     hits = sum(n.label == Path(r.query).parent.name for r in results for n in r.results[1:])
     total = sum(len(r.results) - 1 for r in results)
-    summary = (f"indexed {pixels.scanned} images ({pixels.added} new) with 'pixels' and '{model}'; "
-               f"{hits}/{total} neighbours share their query's shape; grid: {grid}")
+    summary = (
+        f"indexed {pixels.scanned} images ({pixels.added} new) with 'pixels' and '{model}'; "
+        f"{hits}/{total} neighbours share their query's shape; grid: {grid}"
+    )
     return DemoOutcome(results, grid, summary)

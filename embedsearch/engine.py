@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from .encoders import Encoder
-from .errors import DataError, ImageError, InvalidArgumentError, LockedError
-from .images import DEFAULT_MAX_PIXELS, decode_file, scan
-from .index import VectorIndex
-from .library import ImagesMixin
-from .modeling import ModelInfo, ModelsMixin
-from .store import Model, Store
+from embedsearch.core.library import ImagesMixin
+from embedsearch.core.models import ModelInfo, ModelsMixin
+from embedsearch.core.store import Model, Store
+from embedsearch.core.vectors import VectorIndex
+from embedsearch.data.images import DEFAULT_MAX_PIXELS, decode_file, scan
+from embedsearch.encoders.base import Encoder
+from embedsearch.errors import DataError, ImageError, InvalidArgumentError, LockedError
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,9 @@ def _dir_size(path: Path) -> int:
 class Engine(ModelsMixin, ImagesMixin):
     """An opened library. Cheap to open: models and indexes load on first use."""
 
-    def __init__(self, home: str | os.PathLike[str] | None = None, db: str | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self, home: str | os.PathLike[str] | None = None, db: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         self.home = Path(home or os.environ.get("EMBEDSEARCH_HOME") or DEFAULT_HOME).resolve()
         self.home.mkdir(parents=True, exist_ok=True)
         self.db_url = db or os.environ.get("EMBEDSEARCH_DB") or f"sqlite:///{self.home / 'library.db'}"
@@ -151,7 +152,11 @@ class Engine(ModelsMixin, ImagesMixin):
         if index is None:
             model = self.model(name)
             path = self.index_path(name)
-            index = VectorIndex.load(path, model.dim, model.metric) if path.exists() else VectorIndex(model.dim, model.metric)
+            index = (
+                VectorIndex.load(path, model.dim, model.metric)
+                if path.exists()
+                else VectorIndex(model.dim, model.metric)
+            )
             index.sync(self.store, model.id)
             self._indexes[name] = index
         return index
@@ -181,19 +186,19 @@ class Engine(ModelsMixin, ImagesMixin):
 
     # -- operations ---------------------------------------------------------------------------
     def index(self, data: str, model: str, **kwargs: Any) -> Any:
-        from .bulk import bulk_index
+        from embedsearch.core.bulk import bulk_index
 
         return bulk_index(self, data, model, **kwargs)
 
     def generate(self, model: str, **kwargs: Any) -> Any:
-        """Candidates from a model's decoder; see :func:`embedsearch.generate.generate`."""
-        from .generate import generate
+        """Candidates from a model's decoder; see :func:`embedsearch.core.generate.generate`."""
+        from embedsearch.core.generate import generate
 
         return generate(self, model, **kwargs)
 
     def check(self, repair: bool = False) -> Any:
         """Verify (and with ``repair``, mend) index, metadata, checkpoints and stored files."""
-        from .check import check
+        from embedsearch.core.check import check
 
         return check(self, repair)
 
@@ -230,8 +235,9 @@ class Engine(ModelsMixin, ImagesMixin):
             self._generated = self.store.generated_ids()
         return self._generated
 
-    def search_vectors(self, vectors: np.ndarray, model: str, k: int = 10,
-                       include_generated: bool = False) -> list[list[Neighbour]]:
+    def search_vectors(
+        self, vectors: np.ndarray, model: str, k: int = 10, include_generated: bool = False
+    ) -> list[list[Neighbour]]:
         """Nearest indexed images of each vector (N, dim), with their metadata.
 
         Generated images (``generate --add``) are left out unless ``include_generated``.
@@ -244,13 +250,14 @@ class Engine(ModelsMixin, ImagesMixin):
             dist, ids = index.search(vectors, min(k, max(len(index), 1)), exclude)
         found = self.store.labels_paths(sorted({int(i) for i in ids.ravel() if i >= 0}))
         out = []
-        for drow, irow in zip(dist, ids):
-            hits = [(float(d), int(i)) for d, i in zip(drow, irow) if i >= 0 and int(i) in found]
+        for drow, irow in zip(dist, ids, strict=False):
+            hits = [(float(d), int(i)) for d, i in zip(drow, irow, strict=False) if i >= 0 and int(i) in found]
             out.append([Neighbour(r, i, *found[i], d) for r, (d, i) in enumerate(hits, 1)])
         return out
 
-    def query(self, images: list[str], model: str, k: int = 10, batch_size: int = 256,
-              include_generated: bool = False) -> Iterator[QueryResult | tuple[str, str]]:
+    def query(
+        self, images: list[str], model: str, k: int = 10, batch_size: int = 256, include_generated: bool = False
+    ) -> Iterator[QueryResult | tuple[str, str]]:
         """Neighbours of each image (folders expand to their images), in batches.
 
         Yields a QueryResult per good image and a (path, reason) tuple per file that failed.
@@ -267,7 +274,7 @@ class Engine(ModelsMixin, ImagesMixin):
         for start in range(0, len(files), batch_size):
             vectors, used, failed = self.encode_files(files[start : start + batch_size], model)
             yield from failed
-            for path, hits in zip(used, self.search_vectors(vectors, model, k, include_generated)):
+            for path, hits in zip(used, self.search_vectors(vectors, model, k, include_generated), strict=False):
                 yield QueryResult(path, model, hits)
 
     def remove(self, paths: list[str]) -> int:
@@ -287,7 +294,15 @@ class Engine(ModelsMixin, ImagesMixin):
         return removed
 
     def info(self) -> LibraryInfo:
-        disk = {"database": _dir_size(self.home / "library.db") + _dir_size(self.home / "library.db-wal"),
-                "indexes": _dir_size(self.home / "indexes"), "models": _dir_size(self.home / "models")}
-        return LibraryInfo(str(self.home), self.db_url if "://" in self.db_url else self.db_url,
-                           self.store.counts()["images"], self.models(), disk)
+        disk = {
+            "database": _dir_size(self.home / "library.db") + _dir_size(self.home / "library.db-wal"),
+            "indexes": _dir_size(self.home / "indexes"),
+            "models": _dir_size(self.home / "models"),
+        }
+        return LibraryInfo(
+            str(self.home),
+            self.db_url if "://" in self.db_url else self.db_url,
+            self.store.counts()["images"],
+            self.models(),
+            disk,
+        )

@@ -7,7 +7,7 @@ or, simpler, ``embedsearch db upgrade``.
 from alembic import context
 from sqlalchemy import create_engine
 
-from embedsearch.store import Base
+from embedsearch.core.store import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -15,8 +15,7 @@ target_metadata = Base.metadata
 
 def run(connection) -> None:
     # render_as_batch: SQLite cannot ALTER most things, so Alembic rebuilds tables in a batch.
-    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True,
-                      compare_type=True)
+    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True, compare_type=True)
     with context.begin_transaction():
         context.run_migrations()
 

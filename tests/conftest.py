@@ -8,14 +8,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from embedsearch.synth import make_shapes
+from embedsearch.data.synth import make_shapes
 
 
 def png_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

@@ -14,20 +14,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import live_server
 
+from conftest import live_server
+from embedsearch.data.synth import make_shapes
 from embedsearch.engine import Engine
-from embedsearch.service import create_app
-from embedsearch.synth import make_shapes
+from embedsearch.http.app import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 K = 8  # the page's default number of results per column
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason=f"{CHROMIUM} is missing: apt-get install -y chromium to run the browser test")
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing: apt-get install -y chromium to run the browser test"
+)
 
 
 @dataclass
@@ -61,8 +67,9 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
-def open_page(browser: Any, url: str, width: int, height: int, ready: str = "body[data-ready=true]"
-              ) -> tuple[Any, list[str]]:
+def open_page(
+    browser: Any, url: str, width: int, height: int, ready: str = "body[data-ready=true]"
+) -> tuple[Any, list[str]]:
     """A fresh page on the site, with every console error and page error collected."""
     page = browser.new_context(viewport={"width": width, "height": height}).new_page()
     page.set_default_timeout(60_000)  # CI machines are small and may be busy

@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import noise_image, png_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import noise_image, png_bytes
 from embedsearch.engine import Engine, QueryResult
 
 
@@ -51,16 +51,20 @@ def _contents_agree(engine: Engine, data: Path) -> None:
 
 
 @pytest.mark.parametrize("batch_size", [2048, 1], ids=["one-batch", "batch-per-file"])
-@pytest.mark.parametrize("moves", [
-    pytest.param({"a": "b", "b": "a"}, id="swap"),
-    pytest.param({"a": "b", "b": "c", "c": "a"}, id="rotate-3"),
-    pytest.param({"b": "a", "a": "b"}, id="swap-reversed"),
-    pytest.param({"a": "b", "b": "x"}, id="rename-chain-to-new-name"),
-    pytest.param({"a": "z"}, id="rename"),
-    pytest.param({"a": "0", "c": "a"}, id="rename-onto-a-path-whose-content-moved-first"),
-])
-def test_files_that_exchange_contents_stay_indexed_once_each(tmp_path: Path, moves: dict[str, str],
-                                                             batch_size: int) -> None:
+@pytest.mark.parametrize(
+    "moves",
+    [
+        pytest.param({"a": "b", "b": "a"}, id="swap"),
+        pytest.param({"a": "b", "b": "c", "c": "a"}, id="rotate-3"),
+        pytest.param({"b": "a", "a": "b"}, id="swap-reversed"),
+        pytest.param({"a": "b", "b": "x"}, id="rename-chain-to-new-name"),
+        pytest.param({"a": "z"}, id="rename"),
+        pytest.param({"a": "0", "c": "a"}, id="rename-onto-a-path-whose-content-moved-first"),
+    ],
+)
+def test_files_that_exchange_contents_stay_indexed_once_each(
+    tmp_path: Path, moves: dict[str, str], batch_size: int
+) -> None:
     """Renames that move content between known paths (a swap through a temporary name, a rotation)."""
     data = tmp_path / "data"
     data.mkdir()
@@ -110,12 +114,21 @@ def _apply(data: Path, op: tuple, clock: list[int]) -> None:
 EXAMPLES = int(os.environ.get("BULK_EXAMPLES", "40"))
 
 
-@settings(deadline=None, derandomize=True, database=None, max_examples=EXAMPLES,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(steps=st.lists(st.tuples(st.lists(_op, min_size=1, max_size=6), st.sampled_from([1, 2, 1000])),
-                      min_size=1, max_size=4))
-def test_random_changes_between_runs_keep_every_content_stored_once(tmp_path_factory: pytest.TempPathFactory,
-                                                                    steps: list) -> None:
+@settings(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    max_examples=EXAMPLES,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    steps=st.lists(
+        st.tuples(st.lists(_op, min_size=1, max_size=6), st.sampled_from([1, 2, 1000])), min_size=1, max_size=4
+    )
+)
+def test_random_changes_between_runs_keep_every_content_stored_once(
+    tmp_path_factory: pytest.TempPathFactory, steps: list
+) -> None:
     root = tmp_path_factory.mktemp("changes")
     data = root / "data"
     data.mkdir()

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from sqlalchemy import update
 
 from conftest import noise_image, png_bytes
-from embedsearch.cli import main
+from embedsearch.cli.main import main
+from embedsearch.core.store import Image, IndexEntry
+from embedsearch.core.vectors import VectorIndex
 from embedsearch.engine import Engine
-from embedsearch.index import VectorIndex
-from embedsearch.store import Image, IndexEntry
 
 
 @pytest.fixture
@@ -72,8 +72,11 @@ def test_damaged_stored_vector_is_reencoded(library: Path) -> None:
         image_id = engine.store.entry_image_ids(model.id)[0]
         original = dict(engine.store.entry_vectors(model.id, [image_id]))[image_id]
         with engine.store.session() as s:
-            s.execute(update(IndexEntry).where(IndexEntry.model_id == model.id, IndexEntry.image_id == image_id)
-                      .values(vector=b"\0\0"))
+            s.execute(
+                update(IndexEntry)
+                .where(IndexEntry.model_id == model.id, IndexEntry.image_id == image_id)
+                .values(vector=b"\0\0")
+            )
         report = engine.check()
         assert report.models["pca"].bad_vectors == 1 and not report.ok
         repaired = engine.check(repair=True)

@@ -9,9 +9,24 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from embedsearch.cli import main
+from embedsearch.cli.main import main
 
-COMMANDS = ["index", "query", "train", "remove", "info", "models", "demo", "db upgrade", "generate", "check", "serve", "compare", "export-images", "reconstruct"]
+COMMANDS = [
+    "index",
+    "query",
+    "train",
+    "remove",
+    "info",
+    "models",
+    "demo",
+    "db upgrade",
+    "generate",
+    "check",
+    "serve",
+    "compare",
+    "export-images",
+    "reconstruct",
+]
 
 
 def run(home: Path, *args: str) -> tuple[int, str, str]:
@@ -34,8 +49,9 @@ def test_index_query_info_remove_end_to_end(tmp_path: Path, shapes: Path) -> Non
 
     probe = sorted((shapes / "triangle").iterdir())[0]
     grid = tmp_path / "grid.png"
-    code, out, _ = run(home, "query", str(probe), str(shapes / "ring"), "--model", "pixels", "-k", "3",
-                       "--json", "--grid", str(grid))
+    code, out, _ = run(
+        home, "query", str(probe), str(shapes / "ring"), "--model", "pixels", "-k", "3", "--json", "--grid", str(grid)
+    )
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and len(lines) == 7
     first = lines[0]
@@ -64,14 +80,22 @@ def test_train_pca_then_query_table(tmp_path: Path, shapes: Path) -> None:
     assert code == 0 and "rank" in out and "star" in out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["query", "missing.png", "--model", "pixels"], "missing.png: no such file"),
-    (["index", ".", "--model", "nope"], "unknown model 'nope'"),
-    (["train", ".", "--model", "pca", "--latent-dim", "3"], "do not apply"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["query", "missing.png", "--model", "pixels"], "missing.png: no such file"),
+        (["index", ".", "--model", "nope"], "unknown model 'nope'"),
+        (["train", ".", "--model", "pca", "--latent-dim", "3"], "do not apply"),
+    ],
+)
 def test_user_errors_are_one_line_without_traceback(tmp_path: Path, args: list[str], message: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "embedsearch", "--home", str(tmp_path / "h"), *args],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedsearch", "--home", str(tmp_path / "h"), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if line.startswith("Error")]) == 1
@@ -80,8 +104,12 @@ def test_user_errors_are_one_line_without_traceback(tmp_path: Path, args: list[s
 def test_unreadable_database_is_one_line(tmp_path: Path) -> None:
     db = tmp_path / "bad.db"
     db.write_bytes(b"garbage" * 1000)
-    proc = subprocess.run([sys.executable, "-m", "embedsearch", "--db", f"sqlite:///{db}", "--home",
-                           str(tmp_path / "h"), "info"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedsearch", "--db", f"sqlite:///{db}", "--home", str(tmp_path / "h"), "info"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "cannot open the metadata database" in proc.stderr
 

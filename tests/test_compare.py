@@ -13,16 +13,27 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from embedsearch.cli_compare import compare, export_images
-from embedsearch.compare import CompareConfig, CompareResult, ModelResult
+from embedsearch.cli.compare import compare, export_images
+from embedsearch.data.idx import read_idx, read_idx_pair
+from embedsearch.data.synth import make_image_array, make_shapes
 from embedsearch.engine import Engine
 from embedsearch.errors import DataError, InvalidArgumentError
-from embedsearch.idx import read_idx, read_idx_pair
-from embedsearch.report import format_table
-from embedsearch.synth import make_image_array, make_shapes
+from embedsearch.evaluation.compare import CompareConfig, CompareResult, ModelResult
+from embedsearch.evaluation.report import format_table
 
-CONTRACT = ["precision@10", "map@10", "recall@1", "recall@5", "recall@10", "knn_accuracy", "neardup_recall@1",
-            "neardup_recall@10", "dim", "encode_images_per_s", "query_ms_p50"]
+CONTRACT = [
+    "precision@10",
+    "map@10",
+    "recall@1",
+    "recall@5",
+    "recall@10",
+    "knn_accuracy",
+    "neardup_recall@1",
+    "neardup_recall@10",
+    "dim",
+    "encode_images_per_s",
+    "query_ms_p50",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -68,10 +79,23 @@ def write_idx_pair(folder: Path, prefix: str, images: np.ndarray, labels: np.nda
 
 # -- the command ------------------------------------------------------------------------------------
 
+
 def test_compare_end_to_end_json_and_report(tmp_path: Path, grey_shapes: Path) -> None:
     home, out = tmp_path / "home", tmp_path / "report"
-    code, stdout, stderr = run(home, "compare", str(grey_shapes), "--models", "ae,vae,pixels,pca",
-                               "--query-fraction", "0.2", "--train-epochs", "1", "--json", "--report", str(out))
+    code, stdout, stderr = run(
+        home,
+        "compare",
+        str(grey_shapes),
+        "--models",
+        "ae,vae,pixels,pca",
+        "--query-fraction",
+        "0.2",
+        "--train-epochs",
+        "1",
+        "--json",
+        "--report",
+        str(out),
+    )
     assert code == 0, stderr
     data = json.loads(stdout)
     assert list(data) == ["data", "queries", "database", "k", "models"]
@@ -110,8 +134,9 @@ def test_compare_on_idx_with_queries_excludes_self_matches(tmp_path: Path) -> No
     images, labels = make_image_array(48, 28, 1, seed=3)
     data = write_idx_pair(tmp_path / "idx", "train", images[..., 0], labels)
     queries = write_idx_pair(tmp_path / "idx", "t10k", images[:12, ..., 0], labels[:12], gz=False)
-    code, stdout, stderr = run(tmp_path / "home", "compare", str(data), "--queries", str(queries),
-                               "--models", "pixels", "-k", "5", "--json")
+    code, stdout, stderr = run(
+        tmp_path / "home", "compare", str(data), "--queries", str(queries), "--models", "pixels", "-k", "5", "--json"
+    )
     assert code == 0, stderr
     result = json.loads(stdout)
     assert (result["queries"], result["database"], result["k"]) == (12, 48, 5)
@@ -124,8 +149,18 @@ def test_compare_on_idx_with_queries_excludes_self_matches(tmp_path: Path) -> No
 
 
 def test_models_made_by_compare_use_the_metric_asked_for(tmp_path: Path, grey_shapes: Path) -> None:
-    code, stdout, stderr = run(tmp_path / "home", "compare", str(grey_shapes), "--models", "pixels,pca",
-                               "--query-fraction", "0.2", "--metric", "cosine", "--json")
+    code, stdout, stderr = run(
+        tmp_path / "home",
+        "compare",
+        str(grey_shapes),
+        "--models",
+        "pixels,pca",
+        "--query-fraction",
+        "0.2",
+        "--metric",
+        "cosine",
+        "--json",
+    )
     assert code == 0, stderr
     models = json.loads(stdout)["models"]
     assert {m["metric"] for m in models.values()} == {"cosine"}
@@ -139,7 +174,7 @@ def test_existing_model_with_another_spec_gets_adapted_images(tmp_path: Path, gr
     home = tmp_path / "home"
     small, _ = make_image_array(40, 16, 1, seed=4)
     with Engine(home) as engine:
-        from embedsearch.images import InputSpec
+        from embedsearch.data.images import InputSpec
 
         engine.fit_model("pca16", "pca", small, InputSpec(16, 1), options={"dim": 8})
     code, stdout, stderr = run(home, "compare", str(grey_shapes), "--models", "pixels,pca16", "--json")
@@ -178,11 +213,20 @@ def test_config_validation() -> None:
 
 def test_table_marks_the_best_value_of_each_column() -> None:
     def model(name: str, precision: float, ms: float) -> ModelResult:
-        return ModelResult(name, "pca", "l2", 32, 128, precision, 0.5, {1: 0.5, 5: 0.6, 10: 0.7}, 0.5,
-                           {1: 0.9, 10: 1.0}, 1000.0, ms)
+        return ModelResult(
+            name, "pca", "l2", 32, 128, precision, 0.5, {1: 0.5, 5: 0.6, 10: 0.7}, 0.5, {1: 0.9, 10: 1.0}, 1000.0, ms
+        )
 
-    result = CompareResult(CompareConfig(data="d", models=["a", "b"]), "d", "fraction", 10, 90, ["0", "1"],
-                           {"a": model("a", 0.8, 0.5), "b": model("b", 0.7, 0.2)}, 1.0)
+    result = CompareResult(
+        CompareConfig(data="d", models=["a", "b"]),
+        "d",
+        "fraction",
+        10,
+        90,
+        ["0", "1"],
+        {"a": model("a", 0.8, 0.5), "b": model("b", 0.7, 0.2)},
+        1.0,
+    )
     header, a, b = (line.split() for line in format_table(result).splitlines()[:3])
     col = {name: i for i, name in enumerate(header)}
     assert a[col["P@10"]] == "0.8000*" and b[col["P@10"]] == "0.7000"  # higher precision is better
@@ -194,6 +238,7 @@ def test_table_marks_the_best_value_of_each_column() -> None:
 
 
 # -- IDX files and export -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_idx_reader_good_truncated_and_wrong_magic(tmp_path: Path, gz: bool) -> None:
@@ -234,8 +279,9 @@ def test_export_images_writes_label_folders(tmp_path: Path) -> None:
     images, labels = make_image_array(12, 28, 1, seed=6)
     path = write_idx_pair(tmp_path / "idx", "train", images[..., 0], labels)
     out = tmp_path / "png"
-    code, stdout, stderr = run(tmp_path / "home", "export-images", str(path),
-                               str(tmp_path / "idx" / "train-labels-idx1-ubyte.gz"), str(out))
+    code, stdout, stderr = run(
+        tmp_path / "home", "export-images", str(path), str(tmp_path / "idx" / "train-labels-idx1-ubyte.gz"), str(out)
+    )
     assert code == 0, stderr and "wrote 12 PNG files" in stdout
     files = sorted(out.rglob("*.png"))
     assert len(files) == 12 and {f.parent.name for f in files} == {str(v) for v in np.unique(labels)}
@@ -257,7 +303,10 @@ def test_importing_the_modules_loads_neither_torch_nor_matplotlib() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, embedsearch.evaluate, embedsearch.compare, embedsearch.report, embedsearch.cli_compare; "
-            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
+    code = (
+        "import sys, embedsearch.evaluation.metrics, embedsearch.evaluation.compare, "
+        "embedsearch.evaluation.report, embedsearch.cli.compare; "
+        "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

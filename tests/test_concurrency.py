@@ -23,8 +23,8 @@ import pytest
 from filelock import FileLock
 from PIL import Image
 
+from embedsearch.core.vectors import VectorIndex
 from embedsearch.engine import Engine
-from embedsearch.index import VectorIndex
 
 WAITING = "another process is writing to"
 
@@ -47,8 +47,21 @@ def new_library(home: Path) -> None:
 
 
 def start_index(home: Path, data: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "embedsearch", "--home", str(home), "index", str(data), "--model", "pixels",
-           "--batch-size", "64", "--json", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedsearch",
+        "--home",
+        str(home),
+        "index",
+        str(data),
+        "--model",
+        "pixels",
+        "--batch-size",
+        "64",
+        "--json",
+        *extra,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"))
 
 
@@ -99,7 +112,7 @@ def test_two_index_processes_wait_for_each_other_and_lose_nothing(tmp_path: Path
         assert all(p.poll() is None for p in procs)  # still waiting: nothing indexed behind the lock
     finally:
         lock.release()
-    reports = [finish(p, log) for p, log in zip(procs, logs)]
+    reports = [finish(p, log) for p, log in zip(procs, logs, strict=False)]
     for log in logs:
         assert f"{WAITING} {home}" in log.read_text()
     assert reports[0]["scanned"] == 300 and reports[1]["scanned"] == 300
@@ -117,7 +130,7 @@ def test_two_index_processes_on_the_same_folder_index_it_once(tmp_path: Path) ->
     new_library(home)
     logs = [tmp_path / "1.log", tmp_path / "2.log"]
     procs = [start_index(home, tmp_path / "data", log, "--workers", "0") for log in logs]
-    reports = [finish(p, log) for p, log in zip(procs, logs)]
+    reports = [finish(p, log) for p, log in zip(procs, logs, strict=False)]
     assert sorted((r["added"], r["unchanged"]) for r in reports) == [(0, 400), (400, 0)]
     waited = [WAITING in log.read_text() for log in logs]
     assert sum(waited) <= 1  # if the runs overlapped, only the second one waited
@@ -125,7 +138,8 @@ def test_two_index_processes_on_the_same_folder_index_it_once(tmp_path: Path) ->
 
 
 def test_index_run_that_waited_to_create_the_model_keeps_what_another_run_indexed(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """'index --model pixels' on a library without the model, while another run creates it and indexes:
     the waiting run must use that model, not replace it (which would drop what the other run indexed)."""
     a = noise_folder(tmp_path / "a", 60, seed=4)
@@ -176,8 +190,9 @@ def test_processes_opening_a_new_library_at_once_all_succeed(tmp_path: Path) -> 
         assert outcomes == ["ok"] * 3, outcomes
 
 
-def test_a_library_whose_creation_died_half_way_opens_afterwards(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_library_whose_creation_died_half_way_opens_afterwards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A kill while the schema is created must not leave tables without their alembic version."""
     from alembic import op
 

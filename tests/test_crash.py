@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from embedsearch.data.synth import make_image_array
 from embedsearch.engine import Engine
-from embedsearch.synth import make_image_array
 
 N_GOOD = 2400
 
@@ -24,7 +24,7 @@ N_GOOD = 2400
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("crash-corpus")
     images, labels = make_image_array(N_GOOD, 28, 1, seed=3)
-    for i, (arr, label) in enumerate(zip(images, labels)):
+    for i, (arr, label) in enumerate(zip(images, labels, strict=False)):
         folder = root / f"class{label}"
         folder.mkdir(exist_ok=True)
         Image.fromarray(arr[..., 0], "L").save(folder / f"{i:05d}.png")
@@ -43,14 +43,29 @@ def entries(db: Path) -> int:
 
 def run_index(home: Path, data: Path, kill_after_entries: int | None, kill_after_s: float | None) -> bool:
     """Run a bulk index; True if it was killed before it finished."""
-    cmd = [sys.executable, "-m", "embedsearch", "-q", "--home", str(home), "index", str(data),
-           "--model", "pixels", "--batch-size", "150", "--workers", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedsearch",
+        "-q",
+        "--home",
+        str(home),
+        "index",
+        str(data),
+        "--model",
+        "pixels",
+        "--batch-size",
+        "150",
+        "--workers",
+        "0",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     started = time.monotonic()
     while proc.poll() is None:
         waited = time.monotonic() - started
-        if (kill_after_entries is not None and entries(home / "library.db") >= kill_after_entries) or \
-                (kill_after_s is not None and waited >= kill_after_s):
+        if (kill_after_entries is not None and entries(home / "library.db") >= kill_after_entries) or (
+            kill_after_s is not None and waited >= kill_after_s
+        ):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
@@ -67,8 +82,12 @@ def test_kill_and_rerun_indexes_every_good_image_exactly_once(tmp_path: Path, co
         counts.append(entries(home / "library.db"))
     assert sum(killed) >= 3, killed  # the runs really died part-way ...
     assert 0 < counts[0] < counts[1] < N_GOOD, counts  # ... with part of the work committed
-    final = subprocess.run([sys.executable, "-m", "embedsearch", "--home", str(home), "index", str(corpus),
-                            "--model", "pixels", "--json"], capture_output=True, text=True, timeout=300)
+    final = subprocess.run(
+        [sys.executable, "-m", "embedsearch", "--home", str(home), "index", str(corpus), "--model", "pixels", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert final.returncode == 0, final.stderr
     with Engine(home) as engine:
         model = engine.model("pixels")
@@ -77,24 +96,42 @@ def test_kill_and_rerun_indexes_every_good_image_exactly_once(tmp_path: Path, co
         index_ids = engine.vector_index("pixels").ids()
         assert sorted(index_ids.tolist()) == sorted(db_ids)  # FAISS and metadata agree, no duplicates
         # and the index file on disk agrees too, without any catching up
-        from embedsearch.index import VectorIndex
+        from embedsearch.core.vectors import VectorIndex
 
         on_disk = VectorIndex.load(engine.index_path("pixels"), model.dim, model.metric)
         assert sorted(on_disk.ids().tolist()) == sorted(db_ids)
 
 
-def test_ctrl_c_during_a_pooled_run_stops_it_cleanly_and_keeps_what_was_committed(tmp_path: Path,
-                                                                                   corpus: Path) -> None:
+def test_ctrl_c_during_a_pooled_run_stops_it_cleanly_and_keeps_what_was_committed(tmp_path: Path, corpus: Path) -> None:
     """SIGINT to the whole process group (what Ctrl-C in a terminal sends), with decoding workers."""
     home = tmp_path / "lib"
-    args = ["-m", "embedsearch", "--home", str(home), "index", str(corpus), "--model", "pixels",
-            "--batch-size", "150", "--workers", "2"]
+    args = [
+        "-m",
+        "embedsearch",
+        "--home",
+        str(home),
+        "index",
+        str(corpus),
+        "--model",
+        "pixels",
+        "--batch-size",
+        "150",
+        "--workers",
+        "2",
+    ]
     # Through a trampoline that restores SIGINT's default: a shell that started pytest in the
     # background may have left SIGINT ignored, and Python keeps an ignored SIGINT ignored.
-    trampoline = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-                  "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
-    proc = subprocess.Popen([sys.executable, "-c", trampoline, *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    trampoline = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", trampoline, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while entries(home / "library.db") == 0 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -115,8 +152,21 @@ def test_ctrl_c_during_a_pooled_run_stops_it_cleanly_and_keeps_what_was_committe
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
 def test_sigkill_of_a_pooled_run_takes_its_workers_along_without_tracebacks(tmp_path: Path, corpus: Path) -> None:
     home = tmp_path / "lib"
-    cmd = [sys.executable, "-m", "embedsearch", "--home", str(home), "index", str(corpus), "--model", "pixels",
-           "--batch-size", "150", "--workers", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedsearch",
+        "--home",
+        str(home),
+        "index",
+        str(corpus),
+        "--model",
+        "pixels",
+        "--batch-size",
+        "150",
+        "--workers",
+        "2",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     children: list[str] = []
     deadline = time.monotonic() + 120
@@ -129,6 +179,9 @@ def test_sigkill_of_a_pooled_run_takes_its_workers_along_without_tracebacks(tmp_
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     time.sleep(0.5)
-    alive = [c for c in children if Path(f"/proc/{c}").exists()
-             and Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    alive = [
+        c
+        for c in children
+        if Path(f"/proc/{c}").exists() and Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    ]
     assert alive == [] and "Traceback" not in err, err

@@ -18,8 +18,8 @@ import math
 import numpy as np
 import pytest
 
-from embedsearch import evaluate as ev
 from embedsearch.errors import InvalidArgumentError
+from embedsearch.evaluation import metrics as ev
 
 DB = np.array([[0.0], [1.0], [2.0], [3.0], [10.0], [11.0]], dtype=np.float32)
 DB_LABELS = np.array([0, 0, 1, 1, 1, 0])
@@ -121,8 +121,9 @@ def test_self_match_exclusion() -> None:
 def test_exclusion_pads_when_too_few_items_are_left() -> None:
     db = np.array([[5], [5], [9]], dtype=np.uint8).reshape(-1, 1, 1, 1)
     pairs = ev.identical_pairs(db[:1], db)
-    ids = ev.neighbours(ev.build_index(db.reshape(-1, 1).astype(np.float32)), np.array([[5.0]], np.float32), 3,
-                        exclude=pairs)
+    ids = ev.neighbours(
+        ev.build_index(db.reshape(-1, 1).astype(np.float32)), np.array([[5.0]], np.float32), 3, exclude=pairs
+    )
     assert ids.tolist() == [[2, -1, -1]]
 
 
@@ -171,6 +172,7 @@ def test_reconstruction_kl_and_active_dims() -> None:
 
 def test_single_query_timing() -> None:
     index = ev.build_index(DB)
-    ms = ev.time_single_queries(lambda x: x.reshape(len(x), -1).astype(np.float32), index,
-                                np.zeros((3, 1, 1, 1), np.uint8), 2, repeats=20)
+    ms = ev.time_single_queries(
+        lambda x: x.reshape(len(x), -1).astype(np.float32), index, np.zeros((3, 1, 1, 1), np.uint8), 2, repeats=20
+    )
     assert 0 < ms < 100

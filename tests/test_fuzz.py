@@ -31,8 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from embedsearch.data.images import InputSpec, decode_bytes
 from embedsearch.errors import ImageError
-from embedsearch.images import InputSpec, decode_bytes
 
 # Pillow warns about every odd TIFF tag and EXIF block it meets; here that is expected.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -40,21 +40,85 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 #: Specs decoded to: grey and colour, one odd size (padding on both axes).
 SPECS = (InputSpec(8, 1), InputSpec(8, 3), InputSpec(13, 3))
 #: Interesting integers for header fields (sizes, counts, offsets).
-INTERESTING = (0, 1, 2, 7, 8, 16, 255, 256, 0x7F, 0x80, 0xFF, 0x7FFF, 0x8000, 0xFFFF, 0x10000,
-               0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 65500, 100_000, 1_000_000)
+INTERESTING = (
+    0,
+    1,
+    2,
+    7,
+    8,
+    16,
+    255,
+    256,
+    0x7F,
+    0x80,
+    0xFF,
+    0x7FFF,
+    0x8000,
+    0xFFFF,
+    0x10000,
+    0x7FFFFFFF,
+    0x80000000,
+    0xFFFFFFFF,
+    65500,
+    100_000,
+    1_000_000,
+)
 #: PNG IHDR fields: (offset in the file, width in bytes).
-IHDR_FIELDS = {"width": (16, 4), "height": (20, 4), "depth": (24, 1), "colour": (25, 1),
-               "compression": (26, 1), "filter": (27, 1), "interlace": (28, 1)}
+IHDR_FIELDS = {
+    "width": (16, 4),
+    "height": (20, 4),
+    "depth": (24, 1),
+    "colour": (25, 1),
+    "compression": (26, 1),
+    "filter": (27, 1),
+    "interlace": (28, 1),
+}
 #: TIFF tags worth rewriting: size, bits, compression, photometric, samples, strips, orientation,
 #: planar configuration, predictor, extra samples, sample format.
 TIFF_TAGS = (256, 257, 258, 259, 262, 273, 274, 277, 278, 279, 284, 317, 338, 339)
 #: Small values of those tags (codes of compressions, photometric interpretations, sample formats).
-TIFF_VALUES = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24, 32, 64, 32773, 32844, 32845, 34892,
-               0xFFFF, 100_000, 0xFFFFFFFF)
+TIFF_VALUES = (
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+    8,
+    9,
+    10,
+    12,
+    16,
+    24,
+    32,
+    64,
+    32773,
+    32844,
+    32845,
+    34892,
+    0xFFFF,
+    100_000,
+    0xFFFFFFFF,
+)
 #: JPEG start-of-frame fields: (offset after the marker, width in bytes): precision, height,
 #: width, components, then id / sampling / table of the first three components.
-SOF_FIELDS = ((4, 1), (5, 2), (7, 2), (9, 1), (10, 1), (11, 1), (12, 1), (13, 1), (14, 1), (15, 1),
-              (16, 1), (17, 1), (18, 1))
+SOF_FIELDS = (
+    (4, 1),
+    (5, 2),
+    (7, 2),
+    (9, 1),
+    (10, 1),
+    (11, 1),
+    (12, 1),
+    (13, 1),
+    (14, 1),
+    (15, 1),
+    (16, 1),
+    (17, 1),
+    (18, 1),
+)
 
 Op = tuple[Any, ...]
 
@@ -102,17 +166,40 @@ def seed_corpus() -> tuple[tuple[str, bytes], ...]:
         ("tiff-CMYK", _save(_noise(22, "CMYK"), "TIFF")),
         ("tiff-F", _save(_noise(23, "L").convert("F"), "TIFF")),
         ("tiff-I16", _save(Image.fromarray(np.arange(108, dtype=np.uint16).reshape(9, 12) * 600), "TIFF")),
-        ("tiff-multipage", _save(frames[0].convert("RGB"), "TIFF", save_all=True,
-                                 append_images=[f.convert("RGB") for f in frames[1:]])),
+        (
+            "tiff-multipage",
+            _save(
+                frames[0].convert("RGB"), "TIFF", save_all=True, append_images=[f.convert("RGB") for f in frames[1:]]
+            ),
+        ),
         ("webp-lossy", _save(_noise(24, "RGB"), "WEBP", quality=60)),
         ("webp-lossless-RGBA", _save(_noise(25, "RGBA"), "WEBP", lossless=True)),
-        ("webp-animated", _save(frames[0].convert("RGB"), "WEBP", save_all=True,
-                                append_images=[f.convert("RGB") for f in frames[1:]], duration=50)),
+        (
+            "webp-animated",
+            _save(
+                frames[0].convert("RGB"),
+                "WEBP",
+                save_all=True,
+                append_images=[f.convert("RGB") for f in frames[1:]],
+                duration=50,
+            ),
+        ),
     ]
     # The scan picks files by name and Pillow by content: a .png may hold any format Pillow opens.
-    for fmt, mode in [("ICO", "RGBA"), ("DDS", "RGBA"), ("JPEG2000", "RGB"), ("PCX", "RGB"), ("PPM", "RGB"),
-                      ("SGI", "RGB"), ("TGA", "RGBA"), ("QOI", "RGB"), ("BLP", "P"), ("XBM", "1"), ("MSP", "1"),
-                      ("AVIF", "RGB")]:
+    for fmt, mode in [
+        ("ICO", "RGBA"),
+        ("DDS", "RGBA"),
+        ("JPEG2000", "RGB"),
+        ("PCX", "RGB"),
+        ("PPM", "RGB"),
+        ("SGI", "RGB"),
+        ("TGA", "RGBA"),
+        ("QOI", "RGB"),
+        ("BLP", "P"),
+        ("XBM", "1"),
+        ("MSP", "1"),
+        ("AVIF", "RGB"),
+    ]:
         try:
             seeds.append((f"other-{fmt}", _save(_noise(30 + len(seeds), mode), fmt)))
         except (KeyError, OSError):  # a Pillow built without this writer
@@ -128,17 +215,18 @@ def _orientation(value: int) -> Image.Exif:
 
 # -- mutations: plain functions of plain data (hypothesis draws the ops; the benchmark a Random) ----
 
+
 def fix_png_crcs(data: bytes) -> bytes:
     """Recompute the CRC of every well-framed chunk of a PNG, so mutations get past the checksums."""
     if not data.startswith(b"\x89PNG\r\n\x1a\n"):
         return data
     out, pos = bytearray(data), 8
     while pos + 12 <= len(out):
-        length = int.from_bytes(out[pos:pos + 4], "big")
+        length = int.from_bytes(out[pos : pos + 4], "big")
         end = pos + 8 + length
         if end + 4 > len(out):
             break
-        out[end:end + 4] = struct.pack(">I", zlib.crc32(bytes(out[pos + 4:end])))
+        out[end : end + 4] = struct.pack(">I", zlib.crc32(bytes(out[pos + 4 : end])))
         pos = end + 4
     return bytes(out)
 
@@ -164,30 +252,30 @@ def apply_op(data: bytes, op: Op, seeds: Sequence[bytes]) -> bytes:
         return data[: op[1] % n]
     if kind == "insert":
         _, pos, blob = op
-        return data[: pos % n] + blob + data[pos % n:]
+        return data[: pos % n] + blob + data[pos % n :]
     if kind == "delete":
         _, pos, length = op
-        return data[: pos % n] + data[pos % n + length:]
+        return data[: pos % n] + data[pos % n + length :]
     if kind == "repeat":  # duplicate a run of bytes (a chunk or a marker segment, with luck)
         _, pos, length, times = op
-        piece = data[pos % n: pos % n + length]
-        return data[: pos % n] + piece * times + data[pos % n:]
+        piece = data[pos % n : pos % n + length]
+        return data[: pos % n] + piece * times + data[pos % n :]
     if kind == "splice":  # our head, another seed's tail
         _, other, cut, cut_other = op
         donor = seeds[other % len(seeds)]
-        return data[: cut % n] + donor[cut_other % max(len(donor), 1):]
+        return data[: cut % n] + donor[cut_other % max(len(donor), 1) :]
     if kind == "field":  # an interesting integer written into the first 64 bytes (header fields)
         _, pos, width, big, value = op
         pos = pos % min(n, 64)
         raw = (value % (1 << (8 * width))).to_bytes(width, "big" if big else "little")
-        return data[:pos] + raw + data[pos + width:]
+        return data[:pos] + raw + data[pos + width :]
     if kind == "ihdr":  # a PNG header field with the checksums mended
         _, name, value = op
         offset, width = IHDR_FIELDS[name]
         if not data.startswith(b"\x89PNG\r\n\x1a\n") or len(data) < offset + width:
             return data
         raw = (value % (1 << (8 * width))).to_bytes(width, "big")
-        return fix_png_crcs(data[:offset] + raw + data[offset + width:])
+        return fix_png_crcs(data[:offset] + raw + data[offset + width :])
     if kind == "fixcrc":
         return fix_png_crcs(data)
     if kind == "tifftag":
@@ -199,7 +287,7 @@ def apply_op(data: bytes, op: Op, seeds: Sequence[bytes]) -> bytes:
         if at is None or at + offset + width > len(data):
             return data
         raw = (value % (1 << (8 * width))).to_bytes(width, "big")
-        return data[: at + offset] + raw + data[at + offset + width:]
+        return data[: at + offset] + raw + data[at + offset + width :]
     raise ValueError(f"unknown mutation {op!r}")
 
 
@@ -211,25 +299,25 @@ def _set_tiff_tag(data: bytes, tag: int, value: int) -> bytes:
     ifd = int.from_bytes(buf[4:8], "little")
     if ifd + 2 > len(buf):
         return data
-    count = int.from_bytes(buf[ifd:ifd + 2], "little")
+    count = int.from_bytes(buf[ifd : ifd + 2], "little")
     entries = [ifd + 2 + 12 * i for i in range(count) if ifd + 14 + 12 * i <= len(buf)]
     if not entries:
         return data
-    at = next((e for e in entries if int.from_bytes(buf[e:e + 2], "little") == tag), None)
+    at = next((e for e in entries if int.from_bytes(buf[e : e + 2], "little") == tag), None)
     if at is None:
         at = entries[-1]
-        buf[at:at + 8] = struct.pack("<HHI", tag, 4 if value > 0xFFFF else 3, 1)
-    kind, n = struct.unpack("<HI", bytes(buf[at + 2:at + 8]))
+        buf[at : at + 8] = struct.pack("<HHI", tag, 4 if value > 0xFFFF else 3, 1)
+    kind, n = struct.unpack("<HI", bytes(buf[at + 2 : at + 8]))
     size = 4 if kind == 4 else 2
     raw = (value % (1 << (8 * size))).to_bytes(size, "little")
     if n * size <= 4:  # the values are in the entry itself
         for i in range(n):
-            buf[at + 8 + size * i:at + 8 + size * (i + 1)] = raw
+            buf[at + 8 + size * i : at + 8 + size * (i + 1)] = raw
     else:
-        where = int.from_bytes(buf[at + 8:at + 12], "little")
+        where = int.from_bytes(buf[at + 8 : at + 12], "little")
         for i in range(min(n, 16)):
             if where + size * (i + 1) <= len(buf):
-                buf[where + size * i:where + size * (i + 1)] = raw
+                buf[where + size * i : where + size * (i + 1)] = raw
     return bytes(buf)
 
 
@@ -248,8 +336,25 @@ def mutate(seeds: Sequence[bytes], index: int, ops: Sequence[Op]) -> bytes:
 
 def random_op(rng: random.Random) -> Op:
     """The benchmark's draw of one op (the same kinds and ranges as the hypothesis strategy)."""
-    kind = rng.choice(["flip", "flip", "byte", "truncate", "insert", "delete", "repeat", "splice", "field",
-                       "field", "ihdr", "fixcrc", "tifftag", "tifftag", "sof"])
+    kind = rng.choice(
+        [
+            "flip",
+            "flip",
+            "byte",
+            "truncate",
+            "insert",
+            "delete",
+            "repeat",
+            "splice",
+            "field",
+            "field",
+            "ihdr",
+            "fixcrc",
+            "tifftag",
+            "tifftag",
+            "sof",
+        ]
+    )
     pos = rng.randrange(1 << 16) if rng.random() < 0.5 else rng.randrange(96)  # header bytes more often
     if kind == "flip":
         return (kind, pos, rng.randrange(8))
@@ -266,8 +371,13 @@ def random_op(rng: random.Random) -> Op:
     if kind == "splice":
         return (kind, rng.randrange(64), pos, rng.randrange(1 << 16))
     if kind == "field":
-        return (kind, rng.randrange(64), rng.choice([1, 2, 4]), rng.random() < 0.5,
-                rng.choice(INTERESTING) if rng.random() < 0.8 else rng.randrange(1 << 32))
+        return (
+            kind,
+            rng.randrange(64),
+            rng.choice([1, 2, 4]),
+            rng.random() < 0.5,
+            rng.choice(INTERESTING) if rng.random() < 0.8 else rng.randrange(1 << 32),
+        )
     if kind == "ihdr":
         return (kind, rng.choice(sorted(IHDR_FIELDS)), rng.choice(INTERESTING + (3, 4, 6, 10, 12)))
     if kind == "tifftag":
@@ -283,6 +393,7 @@ def random_case(rng: random.Random, n_seeds: int) -> tuple[int, list[Op]]:
 
 
 # -- the property -------------------------------------------------------------------------------
+
 
 def check_decode(data: bytes, spec: InputSpec, max_pixels: int) -> bool:
     """True: decoded to a well-formed array; False: refused with ImageError. Anything else propagates."""
@@ -306,10 +417,14 @@ _ops = st.one_of(
     st.tuples(st.just("delete"), _pos, st.integers(1, 64)),
     st.tuples(st.just("repeat"), _pos, st.integers(1, 64), st.integers(2, 4)),
     st.tuples(st.just("splice"), st.integers(0, 63), _pos, st.integers(0, 1 << 16)),
-    st.tuples(st.just("field"), st.integers(0, 63), st.sampled_from([1, 2, 4]), st.booleans(),
-              st.sampled_from(INTERESTING) | st.integers(0, (1 << 32) - 1)),
-    st.tuples(st.just("ihdr"), st.sampled_from(sorted(IHDR_FIELDS)),
-              st.sampled_from(INTERESTING + (3, 4, 6, 10, 12))),
+    st.tuples(
+        st.just("field"),
+        st.integers(0, 63),
+        st.sampled_from([1, 2, 4]),
+        st.booleans(),
+        st.sampled_from(INTERESTING) | st.integers(0, (1 << 32) - 1),
+    ),
+    st.tuples(st.just("ihdr"), st.sampled_from(sorted(IHDR_FIELDS)), st.sampled_from(INTERESTING + (3, 4, 6, 10, 12))),
     st.tuples(st.just("fixcrc")),
     st.tuples(st.just("tifftag"), st.sampled_from(TIFF_TAGS), st.sampled_from(TIFF_VALUES) | st.integers(0, 0xFFFF)),
     st.tuples(st.just("sof"), st.integers(0, len(SOF_FIELDS) - 1), st.sampled_from(INTERESTING) | st.integers(0, 255)),
@@ -345,14 +460,12 @@ def test_arbitrary_bytes_decode_or_raise_image_error(data: bytes, spec: InputSpe
 
 @settings(FUZZ, max_examples=150)
 @given(magic=st.sampled_from([d[:16] for d in MAIN]), tail=st.binary(max_size=200), spec=st.sampled_from(SPECS))
-def test_valid_magic_over_random_bodies_decode_or_raise_image_error(magic: bytes, tail: bytes,
-                                                                     spec: InputSpec) -> None:
+def test_valid_magic_over_random_bodies_decode_or_raise_image_error(magic: bytes, tail: bytes, spec: InputSpec) -> None:
     check_decode(magic + tail, spec, TEST_MAX_PIXELS)
 
 
 @settings(FUZZ, max_examples=300)
 @given(seed=st.integers(0, len(OTHER) - 1), ops=st.lists(_ops, min_size=1, max_size=4), spec=st.sampled_from(SPECS))
-def test_mutated_files_of_other_formats_decode_or_raise_image_error(seed: int, ops: list[Op],
-                                                                    spec: InputSpec) -> None:
+def test_mutated_files_of_other_formats_decode_or_raise_image_error(seed: int, ops: list[Op], spec: InputSpec) -> None:
     """The other formats Pillow opens (ICO, DDS, JPEG 2000, PCX, PPM, SGI, TGA, QOI, BLP, XBM, MSP, AVIF)."""
     check_decode(mutate(OTHER, seed, ops), spec, TEST_MAX_PIXELS)

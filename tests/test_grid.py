@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from embedsearch import grid
 from embedsearch.errors import InvalidArgumentError
-from embedsearch.grid import LINE, PAD, Tile, render_grid, save_grid
+from embedsearch.render import grid
+from embedsearch.render.grid import LINE, PAD, Tile, render_grid, save_grid
 
 
 def _expected_width(cols: int, tile: int, title_w: int = 0) -> int:
@@ -85,7 +85,7 @@ def test_small_images_are_enlarged_crisply() -> None:
     # A 2x2 checkerboard enlarged to the tile must stay pure black and white (nearest neighbour).
     checker = Image.fromarray(np.array([[0, 255], [255, 0]], dtype=np.uint8), "L")
     out = np.asarray(render_grid([[Tile(checker)]], tile_size=32))
-    inner = out[LINE + PAD: LINE + PAD + 32, LINE + PAD + 16: LINE + PAD + 32]
+    inner = out[LINE + PAD : LINE + PAD + 32, LINE + PAD + 16 : LINE + PAD + 32]
     assert set(np.unique(inner)) <= {0, 255}
     assert (inner == 0).any()
 
@@ -93,7 +93,7 @@ def test_small_images_are_enlarged_crisply() -> None:
 def test_large_images_shrink_to_fit_keeping_aspect() -> None:
     wide = Image.new("RGB", (400, 100), (0, 0, 0))
     out = np.asarray(render_grid([[Tile(wide)]], tile_size=40))
-    inner = out[LINE + PAD: LINE + PAD + 40, LINE + PAD: LINE + PAD + 40]
+    inner = out[LINE + PAD : LINE + PAD + 40, LINE + PAD : LINE + PAD + 40]
     dark_rows = np.nonzero((inner < 128).all(axis=(1, 2)))[0]
     assert len(dark_rows) == 10  # 400x100 -> 40x10, centred on white
     assert (inner[0] == 255).all()

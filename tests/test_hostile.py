@@ -8,6 +8,7 @@ good files. ``test_images.py`` covers single decodes; this file covers whole run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -21,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import noise_image, png_bytes
 from PIL import Image
 
+from conftest import noise_image, png_bytes
+from embedsearch.data.images import InputSpec, decode_bytes
 from embedsearch.engine import Engine, QueryResult
 from embedsearch.errors import DataError, ImageError
-from embedsearch.images import InputSpec, decode_bytes
 
 #: The Engine runs use a lowered pixel limit, so that a real (decodable) image can be over it.
 LOW_MAX_PIXELS = 250_000
@@ -59,11 +60,11 @@ def tiff_declaring(width: int, height: int) -> bytes:
     """A small TIFF whose width and height tags are rewritten to claim a huge image."""
     data = bytearray(png_bytes(Image.new("L", (3, 5)), "TIFF"))
     ifd = int.from_bytes(data[4:8], "little")
-    for i in range(int.from_bytes(data[ifd:ifd + 2], "little")):
+    for i in range(int.from_bytes(data[ifd : ifd + 2], "little")):
         at = ifd + 2 + 12 * i
-        tag = int.from_bytes(data[at:at + 2], "little")
+        tag = int.from_bytes(data[at : at + 2], "little")
         if tag in (256, 257):
-            data[at:at + 12] = struct.pack("<HHII", tag, 4, 1, width if tag == 256 else height)
+            data[at : at + 12] = struct.pack("<HHII", tag, 4, 1, width if tag == 256 else height)
     return bytes(data)
 
 
@@ -107,8 +108,11 @@ def build_corpus(root: Path) -> dict[str, Expect]:
     put("new\nline.png", png_bytes(noise_image(17)), GOOD)
     put("folder.png/inside.png", png_bytes(noise_image(18)), GOOD)  # a folder named like an image
     # A real image, small enough by default but over LOW_MAX_PIXELS (600 x 600 = 360,000 pixels).
-    put("moderate-600x600.png", png_bytes(Image.linear_gradient("L").resize((600, 600))),
-        Expect("600x600 is more than 250000 pixels", reason_default_limit=None))
+    put(
+        "moderate-600x600.png",
+        png_bytes(Image.linear_gradient("L").resize((600, 600))),
+        Expect("600x600 is more than 250000 pixels", reason_default_limit=None),
+    )
 
     # Bad: each skipped with its own reason.
     put("empty.png", b"", Expect("empty file"))
@@ -121,16 +125,25 @@ def build_corpus(root: Path) -> dict[str, Expect]:
     put("bomb-100000x100000.tif", tiff_declaring(100_000, 100_000), Expect("decompression bomb"))
     put("bomb-65535x65535.gif", gif_declaring(65_535, 65_535), Expect("decompression bomb"))
     # A real, fully decodable 56-megapixel image (57 kB on disk): over the default limit too.
-    put("bomb-8000x7000-real.png", png_declaring(8000, 7000, zlib.compress(b"\0" * (8001 * 7000), 9)),
-        Expect("8000x7000 is more than"))
+    put(
+        "bomb-8000x7000-real.png",
+        png_declaring(8000, 7000, zlib.compress(b"\0" * (8001 * 7000), 9)),
+        Expect("8000x7000 is more than"),
+    )
 
     # Links: a loop between two names, a link to itself, a dangling one, a duplicate, a folder loop.
     os.symlink("loop-b.png", root / "loop-a.png")
     os.symlink("loop-a.png", root / "loop-b.png")
     os.symlink("self-loop.png", root / "self-loop.png")
     os.symlink(root / "no-such-file.png", root / "dangling.png")
-    expect.update({"loop-a.png": Expect(LOOP), "loop-b.png": Expect(LOOP), "self-loop.png": Expect(LOOP),
-                   "dangling.png": Expect(LOOP)})
+    expect.update(
+        {
+            "loop-a.png": Expect(LOOP),
+            "loop-b.png": Expect(LOOP),
+            "self-loop.png": Expect(LOOP),
+            "dangling.png": Expect(LOOP),
+        }
+    )
     os.symlink("plain.png", root / "link-to-plain.png")  # same bytes as plain.png: stored once
     expect["link-to-plain.png"] = GOOD
     (root / "sub").mkdir()
@@ -140,10 +153,14 @@ def build_corpus(root: Path) -> dict[str, Expect]:
 
 #: Relative path -> (format, mode, width, height) recorded for it.
 STORED_FACTS = {
-    "png-named.jpg": ("PNG", "RGB", 16, 16), "1x1.png": ("PNG", "RGB", 1, 1),
-    "wide-20000x10.png": ("PNG", "RGB", 20000, 10), "sixteen-bit.png": ("PNG", "I;16", 12, 12),
-    "cmyk.jpg": ("JPEG", "CMYK", 16, 16), "palette.png": ("PNG", "P", 16, 16),
-    "grey-alpha-LA.png": ("PNG", "LA", 16, 16), "animated.gif": ("GIF", "P", 16, 16),
+    "png-named.jpg": ("PNG", "RGB", 16, 16),
+    "1x1.png": ("PNG", "RGB", 1, 1),
+    "wide-20000x10.png": ("PNG", "RGB", 20000, 10),
+    "sixteen-bit.png": ("PNG", "I;16", 12, 12),
+    "cmyk.jpg": ("JPEG", "CMYK", 16, 16),
+    "palette.png": ("PNG", "P", 16, 16),
+    "grey-alpha-LA.png": ("PNG", "LA", 16, 16),
+    "animated.gif": ("GIF", "P", 16, 16),
 }
 #: The two names with the same content; exactly one of them is stored.
 SAME_CONTENT = {"plain.png", "link-to-plain.png"}
@@ -179,6 +196,7 @@ def assert_library_holds(home: Path, good: set[str], max_pixels: int | None = No
 
 # -- the whole corpus in one run -----------------------------------------------------------------
 
+
 def test_engine_index_skips_each_bad_file_once_with_its_reason(tmp_path: Path, corpus) -> None:
     root, expect = corpus
     good, bad = split(root, expect, low_limit=True)
@@ -207,8 +225,14 @@ def test_engine_index_skips_each_bad_file_once_with_its_reason(tmp_path: Path, c
 
 
 def run_cli(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "embedsearch", "--home", str(home), *args],
-                          check=False, capture_output=True, text=True, encoding="utf-8", timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "embedsearch", "--home", str(home), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=timeout,
+    )
 
 
 def test_cli_index_lists_each_bad_file_once_and_exits_0(tmp_path: Path, corpus) -> None:
@@ -223,8 +247,10 @@ def test_cli_index_lists_each_bad_file_once_and_exits_0(tmp_path: Path, corpus) 
         assert reason in line, (path, line)
         assert run.stderr.count(f"skipped {path}: ") == 1, path  # and logged once on stderr
     assert run.stdout.count("failed: ") == len(bad)
-    assert (f"{len(expect)} files, model 'pixels': added {len(good) - 1}, updated 0, unchanged 0, "
-            f"duplicates 1, failed {len(bad)}") in run.stdout
+    assert (
+        f"{len(expect)} files, model 'pixels': added {len(good) - 1}, updated 0, unchanged 0, "
+        f"duplicates 1, failed {len(bad)}"
+    ) in run.stdout
     again = run_cli(home, "index", str(root), "--model", "pixels", "--json")
     assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
     summary = json.loads(again.stdout)
@@ -237,6 +263,7 @@ def test_cli_index_lists_each_bad_file_once_and_exits_0(tmp_path: Path, corpus) 
 
 
 # -- the same files uploaded one by one ------------------------------------------------------------
+
 
 def test_upload_of_each_hostile_file_is_stored_or_a_clean_image_error(tmp_path: Path, corpus) -> None:
     root, expect = corpus
@@ -266,6 +293,7 @@ def test_upload_of_each_hostile_file_is_stored_or_a_clean_image_error(tmp_path: 
 
 # -- folders with nothing to index ----------------------------------------------------------------
 
+
 def test_empty_folder_with_a_model_reports_0_scanned(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     home = tmp_path / "home"
@@ -292,10 +320,13 @@ def test_empty_folder_on_a_new_library_is_a_clear_error_and_creates_no_model(tmp
         assert engine.models() == []
 
 
-@pytest.mark.parametrize("files", [
-    pytest.param({"text.png": b"not an image", "empty.jpg": b""}, id="text-and-empty"),
-    pytest.param({"text.png": b"not an image", "zero.png": png_declaring(0, 0)}, id="with-a-0x0-png"),
-])
+@pytest.mark.parametrize(
+    "files",
+    [
+        pytest.param({"text.png": b"not an image", "empty.jpg": b""}, id="text-and-empty"),
+        pytest.param({"text.png": b"not an image", "zero.png": png_declaring(0, 0)}, id="with-a-0x0-png"),
+    ],
+)
 def test_folder_of_only_bad_files_on_a_new_library_is_a_clear_error(tmp_path: Path, files: dict[str, bytes]) -> None:
     """No image to infer the pixels model's input from: a clear DataError (a 0x0 header is no image)."""
     for name, data in files.items():
@@ -307,10 +338,13 @@ def test_folder_of_only_bad_files_on_a_new_library_is_a_clear_error(tmp_path: Pa
 
 # -- files that cannot be read --------------------------------------------------------------------
 
+
 def test_unreadable_file_is_skipped(tmp_path: Path) -> None:
     if os.geteuid() == 0:
-        pytest.skip("running as root: chmod 000 does not stop root from reading (dangling links and "
-                    "link loops are the unreadable files of the corpus tests)")
+        pytest.skip(
+            "running as root: chmod 000 does not stop root from reading (dangling links and "
+            "link loops are the unreadable files of the corpus tests)"
+        )
     data = tmp_path / "data"
     data.mkdir()
     (data / "ok.png").write_bytes(png_bytes(noise_image(1)))
@@ -345,10 +379,8 @@ def test_fifo_named_like_an_image_is_skipped_not_waited_on(tmp_path: Path) -> No
     worker.join(timeout=3.0)
     hung = worker.is_alive()
     while worker.is_alive():  # let it go: a writer that opens and closes the pipe gives the reader EOF
-        try:
+        with contextlib.suppress(OSError):
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
         time.sleep(0.05)
     assert not hung, "index waited on a FIFO"
     report = outcome["report"]
@@ -356,6 +388,7 @@ def test_fifo_named_like_an_image_is_skipped_not_waited_on(tmp_path: Path) -> No
 
 
 # -- files on which Pillow raises something other than OSError / ValueError -------------------------
+
 
 def pillow_oddities() -> dict[str, bytes]:
     """Valid files of formats Pillow opens whatever their name, damaged so that Pillow raises
@@ -368,7 +401,7 @@ def pillow_oddities() -> dict[str, bytes]:
         "dds-pixel-format-flags-0.png": dds[:80] + b"\0\0\0\0" + dds[84:],  # NotImplementedError on open
         "blp-compression-255.png": blp[:4] + b"\xff" + blp[5:],  # BLPFormatError on load
         "avif-zeroed-mdat.png": avif[:mdat] + bytes(len(avif) - mdat),  # RuntimeError on load
-        "avif-unknown-primary-item.png": avif[:pitm] + b"\x00\x09" + avif[pitm + 2:],  # RuntimeError on open
+        "avif-unknown-primary-item.png": avif[:pitm] + b"\x00\x09" + avif[pitm + 2 :],  # RuntimeError on open
     }
 
 

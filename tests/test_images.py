@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import noise_image, png_bytes
+from embedsearch.data.images import InputSpec, decode_bytes, infer_spec, scan
 from embedsearch.errors import DataError, ImageError
-from embedsearch.images import InputSpec, decode_bytes, infer_spec, scan
 
 GREY28 = InputSpec(28, 1)
 RGB16 = InputSpec(16, 3)
@@ -19,6 +19,7 @@ RGB16 = InputSpec(16, 3)
 
 def bomb_png(width: int, height: int) -> bytes:
     """A valid PNG header that declares a huge image (a decompression bomb) over a tiny body."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -26,11 +27,14 @@ def bomb_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "empty file"),
-    (b"hello, I am a text file\n", "not an image"),
-    (bomb_png(100_000, 100_000), "decompression bomb"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty file"),
+        (b"hello, I am a text file\n", "not an image"),
+        (bomb_png(100_000, 100_000), "decompression bomb"),
+    ],
+)
 def test_bad_bytes_are_refused_with_a_reason(data: bytes, reason: str) -> None:
     with pytest.raises(ImageError, match=reason) as info:
         decode_bytes(data, GREY28, "bad.png")
@@ -50,8 +54,19 @@ def test_pixel_limit_is_configurable() -> None:
         decode_bytes(data, RGB16, "big.png", max_pixels=1000)
 
 
-@pytest.mark.parametrize("fmt, mode", [("PNG", "RGB"), ("JPEG", "RGB"), ("WEBP", "RGB"), ("BMP", "RGB"),
-                                       ("TIFF", "RGB"), ("GIF", "P"), ("PNG", "L"), ("PNG", "RGBA")])
+@pytest.mark.parametrize(
+    "fmt, mode",
+    [
+        ("PNG", "RGB"),
+        ("JPEG", "RGB"),
+        ("WEBP", "RGB"),
+        ("BMP", "RGB"),
+        ("TIFF", "RGB"),
+        ("GIF", "P"),
+        ("PNG", "L"),
+        ("PNG", "RGBA"),
+    ],
+)
 def test_every_supported_format_decodes(fmt: str, mode: str) -> None:
     im = noise_image(3, 20, "RGBA" if mode == "RGBA" else "RGB")
     im = im.convert(mode) if mode != "RGBA" else im

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedsearch.index import VectorIndex, atomic_write
-from embedsearch.store import Store
+from embedsearch.core.store import Store
+from embedsearch.core.vectors import VectorIndex, atomic_write
 
 
 def vectors(n: int, dim: int = 4, seed: int = 0) -> np.ndarray:
@@ -67,9 +67,23 @@ def test_sync_catches_up_with_the_database(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'lib.db'}")
     model = store.add_model(name="m", kind="pixels", config={}, dim=4, metric="l2", image_size=2, channels=1)
     x = vectors(6)
-    images = [{"path": f"/{i}.png", "sha256": f"{i:064d}", "width": 2, "height": 2, "format": "PNG",
-               "mode": "L", "label": None, "bytes": 1, "mtime": 0.0} for i in range(6)]
-    ids = store.write_batch(model.id, images, [], [(im["sha256"], v.tobytes()) for im, v in zip(images, x)])
+    images = [
+        {
+            "path": f"/{i}.png",
+            "sha256": f"{i:064d}",
+            "width": 2,
+            "height": 2,
+            "format": "PNG",
+            "mode": "L",
+            "label": None,
+            "bytes": 1,
+            "mtime": 0.0,
+        }
+        for i in range(6)
+    ]
+    ids = store.write_batch(
+        model.id, images, [], [(im["sha256"], v.tobytes()) for im, v in zip(images, x, strict=False)]
+    )
     index = VectorIndex(4)
     assert index.sync(store, model.id) and len(index) == 6
     assert not index.sync(store, model.id)  # nothing new

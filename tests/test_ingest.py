@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import noise_image, png_bytes
 
-from embedsearch import ingest
-from embedsearch.images import InputSpec, scan
+from conftest import noise_image, png_bytes
+from embedsearch.data import ingest
+from embedsearch.data.images import InputSpec, scan
 
 SPEC = InputSpec(16, 3)
 
@@ -32,7 +32,7 @@ def test_pool_decodes_every_file_in_order_like_the_serial_path(tmp_path: Path, m
     serial = list(ingest.decode_all(files, SPEC, workers=1))
     assert [d.file.path for d in pooled] == [f.path for f in files] == [d.file.path for d in serial]
     assert [i for i, d in enumerate(pooled) if d.error] == [7, 33]
-    for a, b in zip(pooled, serial):
+    for a, b in zip(pooled, serial, strict=False):
         assert a.error == b.error
         if a.pixels is not None:
             assert a.meta == b.meta and np.array_equal(a.pixels, b.pixels)
@@ -55,8 +55,9 @@ class _RecordingPool:
         return Done()
 
 
-def test_no_more_than_ahead_chunks_are_submitted_before_they_are_consumed(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_more_than_ahead_chunks_are_submitted_before_they_are_consumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     files = folder(tmp_path / "data", 50)
     monkeypatch.setattr(ingest, "CHUNK", 2)
     monkeypatch.setattr(ingest, "AHEAD", 4)

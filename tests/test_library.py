@@ -90,7 +90,7 @@ def test_generated_images_are_left_out_unless_asked(library: Engine, shapes: Pat
     probe = sorted((shapes / "ring").iterdir())[0]
     top = library.search_bytes(probe.read_bytes(), "pixels", k=1)[0]
     with library.store.session() as s:  # mark it as if a decoder had made it
-        from embedsearch.store import Image
+        from embedsearch.core.store import Image
 
         s.get(Image, top.id).generated = True
     library.refresh()

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from embedsearch.encoders import WEIGHTS_FILE, encoder_class
+from embedsearch.data.images import InputSpec
+from embedsearch.encoders.base import WEIGHTS_FILE, encoder_class
+from embedsearch.encoders.nn import checkpoint
+from embedsearch.encoders.nn.encoder import AEEncoder, VAEEncoder
+from embedsearch.encoders.nn.models import ModelConfig, build_model, kl_divergence, reconstruction_loss, reparameterize
+from embedsearch.encoders.nn.train import AEOptions, Trainer, VAEOptions, train
 from embedsearch.errors import InvalidArgumentError, ModelError
-from embedsearch.images import InputSpec
-from embedsearch.nn import checkpoint
-from embedsearch.nn.encoder import AEEncoder, VAEEncoder
-from embedsearch.nn.models import ModelConfig, build_model, kl_divergence, reconstruction_loss, reparameterize
-from embedsearch.nn.train import AEOptions, Trainer, VAEOptions, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,10 +42,7 @@ def shapes(n: int, size: int, channels: int, seed: int = 0, binary: bool = False
     for i in range(n):
         r = int(rng.integers(size // 6, size // 3))
         cy, cx = rng.integers(r, size - r, size=2)
-        if i % 2:
-            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-        else:
-            mask = (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r if i % 2 else (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
         if not binary:
             out[i] = (xx * (40 / size)).astype(np.uint8)[..., None]  # faint left-to-right gradient
         out[i][mask] = 255 if binary else rng.integers(180, 256, size=channels)
@@ -89,7 +86,7 @@ def test_same_seed_same_initial_weights_and_global_rng_untouched() -> None:
     before = torch.get_rng_state()
     a, b = build_model(config, seed=3), build_model(config, seed=3)
     assert torch.equal(torch.get_rng_state(), before)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=False))
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
@@ -132,17 +129,22 @@ def test_options_round_trip_and_validate() -> None:
     assert AEOptions.from_dict(AEOptions().to_dict()) == AEOptions()
     with pytest.raises(InvalidArgumentError, match="beta"):
         AEOptions.from_dict({"beta": 2.0})  # the AE has no KL term to weigh
-    for bad in ({"arch": "resnet"}, {"latent_dim": 0}, {"lr": -1.0}, {"val_fraction": 1.0},
-                {"likelihood": "poisson"}, {"epochs": 0}):
+    for bad in (
+        {"arch": "resnet"},
+        {"latent_dim": 0},
+        {"lr": -1.0},
+        {"val_fraction": 1.0},
+        {"likelihood": "poisson"},
+        {"epochs": 0},
+    ):
         with pytest.raises(InvalidArgumentError):
             AEOptions(**bad)  # type: ignore[arg-type]
     assert [VAEOptions(beta=2.0, kl_warmup=4).kl_weight(e) for e in (0, 2, 4, 9)] == [0.0, 1.0, 2.0, 2.0]
     assert AEOptions().kl_weight(5) == 0.0
 
 
-def test_training_logs_one_line_per_epoch_and_keeps_the_best(tmp_path: Path,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="embedsearch.nn.train"):
+def test_training_logs_one_line_per_epoch_and_keeps_the_best(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="embedsearch.encoders.nn.train"):
         enc = fit(VAEEncoder, shapes(12, 28, 1), tmp_path, epochs=3)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(lines) == 3
@@ -165,13 +167,14 @@ def test_same_seed_same_result(tmp_path: Path) -> None:
 
 
 def test_resume_trains_only_the_missing_epochs_and_matches_a_straight_run(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     images = shapes(8, 28, 1)
     straight = fit(VAEEncoder, images, tmp_path / "straight", epochs=4)
     fit(VAEEncoder, images, tmp_path / "split", epochs=2)
     spec = InputSpec(28, 1)
     options = VAEOptions(latent_dim=8, epochs=4, batch_size=8, val_fraction=0.25)
-    with caplog.at_level(logging.INFO, logger="embedsearch.nn.train"):
+    with caplog.at_level(logging.INFO, logger="embedsearch.encoders.nn.train"):
         caplog.clear()  # only the resumed run's epochs (an earlier CLI test may have set INFO already)
         resumed = VAEEncoder.fit(images, spec, options, tmp_path / "split", resume=True)
     trained = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("epoch ")]
@@ -206,11 +209,21 @@ def test_resume_refuses_other_data_or_settings(tmp_path: Path) -> None:
     fit(AEEncoder, shapes(8, 28, 1), tmp_path, epochs=1)
     spec = InputSpec(28, 1)
     with pytest.raises(ModelError, match="training images"):
-        train(shapes(8, 28, 1, seed=9), spec, AEOptions(latent_dim=8, epochs=2, batch_size=8, val_fraction=0.25),
-              tmp_path, resume=True)
+        train(
+            shapes(8, 28, 1, seed=9),
+            spec,
+            AEOptions(latent_dim=8, epochs=2, batch_size=8, val_fraction=0.25),
+            tmp_path,
+            resume=True,
+        )
     with pytest.raises(ModelError, match="lr"):
-        train(shapes(8, 28, 1), spec, AEOptions(latent_dim=8, epochs=2, batch_size=8, val_fraction=0.25, lr=0.1),
-              tmp_path, resume=True)
+        train(
+            shapes(8, 28, 1),
+            spec,
+            AEOptions(latent_dim=8, epochs=2, batch_size=8, val_fraction=0.25, lr=0.1),
+            tmp_path,
+            resume=True,
+        )
 
 
 # -- the Encoder adapters ----------------------------------------------------------------------
@@ -219,8 +232,9 @@ def test_resume_refuses_other_data_or_settings(tmp_path: Path) -> None:
 @pytest.mark.parametrize("arch", ["conv", "mlp"])
 @pytest.mark.parametrize(("size", "channels"), [(28, 1), (32, 3)])
 @pytest.mark.parametrize("cls", [AEEncoder, VAEEncoder])
-def test_both_architectures_work_for_grey_and_colour(cls: type, arch: str, size: int, channels: int,
-                                                     tmp_path: Path) -> None:
+def test_both_architectures_work_for_grey_and_colour(
+    cls: type, arch: str, size: int, channels: int, tmp_path: Path
+) -> None:
     images = shapes(8, size, channels)
     enc = fit(cls, images, tmp_path, arch=arch, epochs=1)
     vectors = enc.encode(images)
@@ -284,7 +298,9 @@ def test_encode_refuses_wrong_input(tmp_path: Path) -> None:
 
 
 def test_importing_the_package_does_not_import_torch() -> None:
-    code = "import sys, embedsearch, embedsearch.nn, embedsearch.encoders; assert 'torch' not in sys.modules"
+    code = (
+        "import sys, embedsearch, embedsearch.encoders.nn, embedsearch.encoders.base; assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 

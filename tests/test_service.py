@@ -25,12 +25,21 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import noise_image, png_bytes, live_server
+from conftest import live_server, noise_image, png_bytes
+from embedsearch.data.synth import make_shapes
 from embedsearch.engine import Engine
-from embedsearch.errors import (DataError, ImageError, InvalidArgumentError, LockedError, ModelError, NotFoundError,
-                                StoreError, UnknownModelError)
-from embedsearch.service import Gate, create_app
-from embedsearch.synth import make_shapes
+from embedsearch.errors import (
+    DataError,
+    ImageError,
+    InvalidArgumentError,
+    LockedError,
+    ModelError,
+    NotFoundError,
+    StoreError,
+    UnknownModelError,
+)
+from embedsearch.http.app import create_app
+from embedsearch.http.state import Gate
 
 TOKEN = "s3cret-token"
 
@@ -67,8 +76,9 @@ def noise_png(seed: int, size: int = 28) -> bytes:
     return png_bytes(noise_image(seed, size, "L"))
 
 
-def upload(client: TestClient, *files: tuple[str, bytes], headers: dict[str, str] | None = None,
-           **form: str) -> httpx.Response:
+def upload(
+    client: TestClient, *files: tuple[str, bytes], headers: dict[str, str] | None = None, **form: str
+) -> httpx.Response:
     return client.post("/api/images", files=[("files", f) for f in files], data=form, headers=headers)
 
 
@@ -85,6 +95,7 @@ def error_of(response: httpx.Response, status: int) -> str:
 
 # -- the library routes and the page ----------------------------------------------------------------
 
+
 def test_health_models_stats(client: TestClient) -> None:
     assert client.get("/api/health").json()["status"] == "ok"
     models = {m["name"]: m for m in client.get("/api/models").json()["models"]}
@@ -98,8 +109,10 @@ def test_page_static_files_and_docs(client: TestClient) -> None:
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "/static/app.js" in page.text and "default-src 'self'" in page.headers["content-security-policy"]
-    assert client.get("/static/app.js").headers["content-type"].split(";")[0] in ("text/javascript",
-                                                                                "application/javascript")
+    assert client.get("/static/app.js").headers["content-type"].split(";")[0] in (
+        "text/javascript",
+        "application/javascript",
+    )
     assert client.get("/static/style.css").status_code == 200
     for page_url, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
         docs = client.get(page_url)  # served from the package: the docs work without a network
@@ -107,13 +120,22 @@ def test_page_static_files_and_docs(client: TestClient) -> None:
         assert "script-src 'self' 'unsafe-inline'" in docs.headers["content-security-policy"]
         assert client.get(f"/docs-assets/{asset}").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/api/images", "/api/images/{image_id}", "/api/images/{image_id}/file", "/api/search",
-            "/api/generate", "/api/models", "/api/health", "/api/stats"} <= set(paths)
+    assert {
+        "/api/images",
+        "/api/images/{image_id}",
+        "/api/images/{image_id}/file",
+        "/api/search",
+        "/api/generate",
+        "/api/models",
+        "/api/health",
+        "/api/stats",
+    } <= set(paths)
     assert error_of(client.get("/no/such/page"), 404)
     assert error_of(client.get("/static/%2e%2e/service.py"), 404)
 
 
 # -- uploads ---------------------------------------------------------------------------------------
+
 
 def test_upload_is_stored_by_hash_indexed_everywhere_and_deduplicated(client: TestClient, library: Library) -> None:
     data = noise_png(1)
@@ -177,13 +199,15 @@ def test_request_size_limit_by_header_and_while_streaming(library: Library) -> N
             for _ in range(100):
                 yield b"x" * 1024
 
-        response = client.post("/api/images", content=chunks(),
-                               headers={"content-type": "multipart/form-data; boundary=abc"})
+        response = client.post(
+            "/api/images", content=chunks(), headers={"content-type": "multipart/form-data; boundary=abc"}
+        )
         assert error_of(response, 413)
         assert upload(client, ("small.png", noise_png(9, size=8))).status_code == 200
 
 
 # -- single images -----------------------------------------------------------------------------------
+
 
 def test_image_metadata_and_file(client: TestClient, library: Library) -> None:
     jpeg = png_bytes(noise_image(10, 24, "RGB"), "JPEG")
@@ -225,6 +249,7 @@ def test_delete_removes_metadata_vectors_and_stored_file(client: TestClient, lib
 
 # -- search ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("model", ["pixels", "ae", "vae"])
 def test_search_by_upload_and_by_id_agree(client: TestClient, library: Library, model: str) -> None:
     by_bytes = search_bytes(client, library.file("star", 2), model, k=5).json()
@@ -254,6 +279,7 @@ def test_search_errors(client: TestClient, library: Library) -> None:
 
 # -- generation ---------------------------------------------------------------------------------------
 
+
 def test_generate_near_an_image_with_neighbours(client: TestClient) -> None:
     body = client.post("/api/generate", json={"model": "vae", "n": 3, "seed": 4, "near": 1, "search": 2}).json()
     assert (body["model"], body["mode"], body["seed"], len(body["candidates"])) == ("vae", "near", 4, 3)
@@ -261,7 +287,7 @@ def test_generate_near_an_image_with_neighbours(client: TestClient) -> None:
         assert cand["index"] == i and cand["id"] is None and len(cand["latent"]) == 8
         prefix = "data:image/png;base64,"
         assert cand["image"].startswith(prefix)
-        image = Image.open(io.BytesIO(base64.b64decode(cand["image"][len(prefix):])))
+        image = Image.open(io.BytesIO(base64.b64decode(cand["image"][len(prefix) :])))
         assert (image.format, image.size) == ("PNG", (28, 28))
         assert [n["rank"] for n in cand["neighbours"]] == [1, 2]
         assert cand["neighbours"][0]["url"] == f"/api/images/{cand['neighbours'][0]['id']}/file"
@@ -278,11 +304,13 @@ def test_generate_errors(client: TestClient) -> None:
     assert error_of(client.post("/api/generate", json={"model": "nope"}), 404)
     assert error_of(client.post("/api/generate", json={"model": "vae", "near": 999999}), 404)
     assert "n" in error_of(client.post("/api/generate", json={"model": "vae", "n": 0}), 422)
-    assert error_of(client.post("/api/generate", content=b"{not json", headers={"content-type": "application/json"}),
-                    422)
+    assert error_of(
+        client.post("/api/generate", content=b"{not json", headers={"content-type": "application/json"}), 422
+    )
 
 
 # -- tokens --------------------------------------------------------------------------------------
+
 
 def test_token_guards_every_write_and_leaves_reads_open(library: Library) -> None:
     good, wrong = {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": "Bearer nope"}
@@ -317,6 +345,7 @@ def test_token_for_reads(library: Library) -> None:
 
 # -- concurrency and other writers -----------------------------------------------------------------
 
+
 def test_gate_lets_the_refresher_in_only_between_requests() -> None:
     gate = Gate()
     assert gate.try_enter()
@@ -342,10 +371,19 @@ def test_concurrent_searches_while_uploads_are_indexed(library: Library) -> None
     queries = [(shape, i) for shape in ("circle", "star", "cross") for i in (0, 3)]
     models = ("pixels", "ae", "vae")
     with live_server(create_app(library.engine)) as url, httpx.Client(base_url=url, timeout=60) as http:
-        ids = {q: _hits(http.post("/api/search", files={"file": ("q.png", library.file(*q))},
-                                  data={"model": "pixels", "k": "1"}))[0][0] for q in queries}
-        baseline = {(q, m): dict(_hits(http.get("/api/search", params={"image_id": ids[q], "model": m, "k": 8})))
-                    for q in queries for m in models}
+        ids = {
+            q: _hits(
+                http.post(
+                    "/api/search", files={"file": ("q.png", library.file(*q))}, data={"model": "pixels", "k": "1"}
+                )
+            )[0][0]
+            for q in queries
+        }
+        baseline = {
+            (q, m): dict(_hits(http.get("/api/search", params={"image_id": ids[q], "model": m, "k": 8})))
+            for q in queries
+            for m in models
+        }
         before = http.get("/api/stats").json()["images"]
         uploaded: list[int] = []
         failures: list[str] = []
@@ -364,8 +402,9 @@ def test_concurrent_searches_while_uploads_are_indexed(library: Library) -> None
                 for j in range(24):
                     q, m = queries[(worker + j) % len(queries)], models[j % len(models)]
                     if j % 2:
-                        r = own.post("/api/search", files={"file": ("q.png", library.file(*q))},
-                                     data={"model": m, "k": "8"})
+                        r = own.post(
+                            "/api/search", files={"file": ("q.png", library.file(*q))}, data={"model": m, "k": "8"}
+                        )
                     else:
                         r = own.get("/api/search", params={"image_id": ids[q], "model": m, "k": 8})
                     try:
@@ -383,13 +422,19 @@ def test_concurrent_searches_while_uploads_are_indexed(library: Library) -> None
         assert len(set(uploaded)) == 12 and http.get("/api/stats").json()["images"] == before + 12
         for seed in (0, 1):
             for model in models:
-                top = _hits(http.post("/api/search", files={"file": ("q.png", noise_png(1000 + seed * 10 + 5))},
-                                      data={"model": model, "k": "1"}))[0]
+                top = _hits(
+                    http.post(
+                        "/api/search",
+                        files={"file": ("q.png", noise_png(1000 + seed * 10 + 5))},
+                        data={"model": model, "k": "1"},
+                    )
+                )[0]
                 assert top[0] in uploaded and top[1] == pytest.approx(0.0, abs=1e-4)
 
 
-def _check_consistent(hits: list[tuple[int, float]], query_id: int, baseline: dict[int, float],
-                      uploaded: set[int]) -> None:
+def _check_consistent(
+    hits: list[tuple[int, float]], query_id: int, baseline: dict[int, float], uploaded: set[int]
+) -> None:
     """The query first; distances ascending; every hit a known image at its known distance or a new upload."""
     assert hits[0] == (query_id, pytest.approx(0.0, abs=1e-4)), hits[0]
     distances = [d for _, d in hits]
@@ -405,8 +450,20 @@ def test_service_sees_a_cli_index_run_without_restart(client: TestClient, librar
     extra = tmp_path / "extra"
     make_shapes(extra, per_class=2, size=28, seed=7, mode="L")
     before = client.get("/api/stats").json()
-    command = [sys.executable, "-m", "embedsearch", "--home", str(library.engine.home), "-q", "index", str(extra),
-               "--model", "pixels", "--workers", "0"]
+    command = [
+        sys.executable,
+        "-m",
+        "embedsearch",
+        "--home",
+        str(library.engine.home),
+        "-q",
+        "index",
+        str(extra),
+        "--model",
+        "pixels",
+        "--workers",
+        "0",
+    ]
     uploads = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as cli:
         while cli.poll() is None and len(uploads) < 40:  # the service writes while the CLI does
@@ -437,10 +494,11 @@ def test_service_sees_a_cli_index_run_without_restart(client: TestClient, librar
 
 # -- the serve command -------------------------------------------------------------------------------
 
+
 def test_serve_command_builds_the_app_with_its_options(library: Library, monkeypatch: pytest.MonkeyPatch) -> None:
     import uvicorn
 
-    from embedsearch.cli_serve import serve
+    from embedsearch.cli.serve import serve
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
@@ -452,29 +510,41 @@ def test_serve_command_builds_the_app_with_its_options(library: Library, monkeyp
     assert (calls[-1]["host"], calls[-1]["port"]) == ("127.0.0.1", 8000)
     assert (service.token, service.token_for_reads, service.max_upload_bytes) == ("from-env", False, 20 * 2**20)
     assert os.environ["OMP_NUM_THREADS"] == "1"
-    result = CliRunner().invoke(serve, ["--port", "9001", "--token", "t", "--token-for-reads", "--max-upload-mb", "1"],
-                                obj=obj, env={"EMBEDSEARCH_TOKEN": ""})
+    result = CliRunner().invoke(
+        serve,
+        ["--port", "9001", "--token", "t", "--token-for-reads", "--max-upload-mb", "1"],
+        obj=obj,
+        env={"EMBEDSEARCH_TOKEN": ""},
+    )
     assert result.exit_code == 0, result.output
     service = calls[-1]["app"].state.service
-    assert (calls[-1]["port"], service.token, service.token_for_reads, service.max_upload_bytes) == (9001, "t", True,
-                                                                                                  2**20)
+    assert (calls[-1]["port"], service.token, service.token_for_reads, service.max_upload_bytes) == (
+        9001,
+        "t",
+        True,
+        2**20,
+    )
     result = CliRunner().invoke(serve, ["--token-for-reads"], obj=obj, env={"EMBEDSEARCH_TOKEN": ""})
     assert result.exit_code == 2 and "needs --token" in result.output
 
 
-@pytest.mark.parametrize(("error", "status"), [
-    (LockedError("the library is being written by another process"), 503),
-    (StoreError("database error: disk I/O error"), 503),
-    (DataError("no such folder"), 400),
-    (InvalidArgumentError("k must be at least 1"), 400),
-    (ModelError("checkpoint is missing"), 400),
-    (UnknownModelError("x", ["vae"]), 404),
-    (NotFoundError("no image with id 5"), 404),
-    (ImageError("a.png", "cannot decode (truncated)"), 422),
-    (ImageError("a.png", "not an image (or not a supported format)"), 415),
-])
-def test_package_errors_map_to_statuses(client: TestClient, library: Library, monkeypatch: pytest.MonkeyPatch,
-                                        error: Exception, status: int) -> None:
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (LockedError("the library is being written by another process"), 503),
+        (StoreError("database error: disk I/O error"), 503),
+        (DataError("no such folder"), 400),
+        (InvalidArgumentError("k must be at least 1"), 400),
+        (ModelError("checkpoint is missing"), 400),
+        (UnknownModelError("x", ["vae"]), 404),
+        (NotFoundError("no image with id 5"), 404),
+        (ImageError("a.png", "cannot decode (truncated)"), 422),
+        (ImageError("a.png", "not an image (or not a supported format)"), 415),
+    ],
+)
+def test_package_errors_map_to_statuses(
+    client: TestClient, library: Library, monkeypatch: pytest.MonkeyPatch, error: Exception, status: int
+) -> None:
     def fail(*_: Any, **__: Any) -> None:
         raise error
 

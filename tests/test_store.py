@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 
+from embedsearch.core.store import Store, alembic_config
 from embedsearch.errors import StoreError
-from embedsearch.store import Store, alembic_config
 
 
 def test_migrated_schema_matches_the_orm_models(tmp_path: Path) -> None:
@@ -36,8 +36,17 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
 def test_deleting_an_image_deletes_its_entries(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'lib.db'}")
     model = store.add_model(name="m", kind="pixels", config={}, dim=2, metric="l2", image_size=1, channels=1)
-    image = {"path": "/a.png", "sha256": "0" * 64, "width": 1, "height": 1, "format": "PNG", "mode": "L",
-             "label": None, "bytes": 1, "mtime": 0.0}
+    image = {
+        "path": "/a.png",
+        "sha256": "0" * 64,
+        "width": 1,
+        "height": 1,
+        "format": "PNG",
+        "mode": "L",
+        "label": None,
+        "bytes": 1,
+        "mtime": 0.0,
+    }
     ids = store.write_batch(model.id, [image], [], [("0" * 64, b"\0" * 8)])
     assert store.entry_stamp(model.id) == (1, 1)
     store.delete_images(list(ids.values()))
@@ -59,8 +68,20 @@ def test_bad_url_is_a_clear_error() -> None:
 def test_labels_paths_finds_exactly_the_known_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = Store(f"sqlite:///{tmp_path / 'lib.db'}")
     model = store.add_model(name="m", kind="pixels", config={}, dim=2, metric="l2", image_size=1, channels=1)
-    images = [{"path": f"/{i}.png", "sha256": f"{i:064d}", "width": 1, "height": 1, "format": "PNG", "mode": "L",
-               "label": "odd" if i % 2 else None, "bytes": 1, "mtime": 0.0} for i in range(5)]
+    images = [
+        {
+            "path": f"/{i}.png",
+            "sha256": f"{i:064d}",
+            "width": 1,
+            "height": 1,
+            "format": "PNG",
+            "mode": "L",
+            "label": "odd" if i % 2 else None,
+            "bytes": 1,
+            "mtime": 0.0,
+        }
+        for i in range(5)
+    ]
     ids = store.write_batch(model.id, images, [], [(im["sha256"], b"\0" * 8) for im in images])
     wanted = [ids[f"{1:064d}"], ids[f"{4:064d}"], 999]  # 999: no such image
     expected = {ids[f"{1:064d}"]: ("/1.png", "odd"), ids[f"{4:064d}"]: ("/4.png", None)}

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from embedsearch.data.synth import SHAPES, make_image_array, make_shapes, shape_image
 from embedsearch.errors import InvalidArgumentError
-from embedsearch.synth import SHAPES, make_image_array, make_shapes, shape_image
 
 
 def _bytes(paths: list[Path], root: Path) -> dict[str, bytes]:
@@ -102,7 +102,7 @@ def test_make_image_array(channels: int) -> None:
 def test_array_matches_files(tmp_path: Path) -> None:
     images, labels = make_image_array(len(SHAPES), 32, 3, seed=5)
     make_shapes(tmp_path, per_class=1, size=32, seed=5)
-    for img, label in zip(images, labels):
+    for img, label in zip(images, labels, strict=False):
         shape = SHAPES[label]
         with Image.open(tmp_path / shape / f"{shape}-0000.png") as f:
             assert np.array_equal(np.asarray(f), img)

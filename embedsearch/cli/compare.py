@@ -1,0 +1,172 @@
+"""The ``compare`` and ``export-images`` commands: parse, call, render. The main group registers them.
+
+They also run on their own (tests, other groups): the library home then comes from
+EMBEDSEARCH_HOME, and the package's errors are turned into one line here as well.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from embedsearch.cli.context import CONTEXT, settings
+from embedsearch.cli.context import engine as _engine
+from embedsearch.errors import EmbedSearchError
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except EmbedSearchError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _command_line(
+    home: str | None,
+    data: str,
+    models: str,
+    queries: str | None,
+    fraction: float,
+    k: int,
+    seed: int,
+    epochs: int,
+    metric: str,
+    as_json: bool,
+    report: str | None,
+) -> str:
+    """The command with every setting spelled out, so that the report says how to repeat the run."""
+    args = ["embedsearch", *(["--home", home] if home else []), "compare", data, "--models", models]
+    args += ["--queries", queries] if queries else ["--query-fraction", str(fraction)]
+    args += ["-k", str(k), "--seed", str(seed), "--train-epochs", str(epochs), "--metric", metric]
+    args += (["--json"] if as_json else []) + (["--report", report] if report else [])
+    return shlex.join(args)
+
+
+@click.command("compare", context_settings=CONTEXT)
+@click.argument("data", type=click.Path(exists=True))
+@click.option(
+    "--models",
+    default="ae,vae,pixels,pca",
+    show_default=True,
+    help="Comma-separated model names; a kind (ae, vae, pixels, pca) not in the library is made here.",
+)
+@click.option(
+    "--queries",
+    type=click.Path(exists=True),
+    help="Labelled query data (folder or IDX); default: --query-fraction of DATA.",
+)
+@click.option(
+    "--query-fraction",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Share of DATA drawn (seeded) as queries when --queries is not given.",
+)
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000), help="Neighbours scored.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Split, training and noise seed.")
+@click.option(
+    "--train-epochs",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Epochs of AE and VAE made here (both get the same settings).",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(["l2", "cosine"]),
+    default="l2",
+    show_default=True,
+    help="Distance of the models made here (a library's existing models keep their own).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
+@click.option("--report", type=click.Path(file_okay=False), help="Write report.md with PNG plots into this folder.")
+@click.pass_context
+def compare(
+    ctx: click.Context,
+    data: str,
+    models: str,
+    queries: str | None,
+    query_fraction: float,
+    k: int,
+    seed: int,
+    train_epochs: int,
+    metric: str,
+    as_json: bool,
+    report: str | None,
+) -> None:
+    """Compare models on labelled DATA (class subfolders, or an IDX images file beside its labels).
+
+    Scores precision, mAP, recall, k-NN accuracy and near-duplicate recall with exact search, plus
+    reconstruction error (AE/VAE), KL and active dimensions (VAE) and speed.
+
+    \b
+    Example:
+      embedsearch compare photos/ --models ae,vae,pixels,pca --train-epochs 5 --report out/
+      embedsearch compare train-images-idx3-ubyte.gz --queries t10k-images-idx3-ubyte.gz --json
+    """
+    from embedsearch.evaluation.compare import CompareConfig, run_compare
+    from embedsearch.evaluation.report import format_table, write_report
+
+    names = [name.strip() for name in models.split(",") if name.strip()]
+    command = _command_line(
+        settings(ctx).get("home"),
+        data,
+        ",".join(names),
+        queries,
+        query_fraction,
+        k,
+        seed,
+        train_epochs,
+        metric,
+        as_json,
+        report,
+    )
+    with _one_line_errors():
+        config = CompareConfig(
+            data=data,
+            models=names,
+            queries=queries,
+            query_fraction=query_fraction,
+            k=k,
+            seed=seed,
+            train_epochs=train_epochs,
+            metric=metric,
+        )
+        result, artifacts = run_compare(_engine(ctx), config, command)
+        if report:
+            click.echo(f"wrote {write_report(result, artifacts, report)}", err=True)
+    click.echo(json.dumps(result.summary()) if as_json else format_table(result))
+
+
+def _prefix(idx_images: str) -> str:
+    """'train-images-idx3-ubyte.gz' -> 'train-': two sets exported into one folder do not collide."""
+    name = Path(idx_images).name
+    return name.split("-images")[0] + "-" if "-images" in name else ""
+
+
+@click.command("export-images", context_settings=CONTEXT)
+@click.argument("idx_images", type=click.Path(exists=True, dir_okay=False))
+@click.argument("idx_labels", type=click.Path(exists=True, dir_okay=False))
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--prefix", default=None, help="File name prefix [the IDX set's name, e.g. 'train-'].")
+def export_images(idx_images: str, idx_labels: str, outdir: str, prefix: str | None) -> None:
+    """Write an IDX pair (MNIST, Fashion-MNIST) as PNG files in one folder per label.
+
+    The result is a labelled folder that 'index' and 'compare' take like any other.
+
+    \b
+    Example:
+      embedsearch export-images train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz fmnist/
+    """
+    from embedsearch.data.idx import export_pngs, read_idx_pair
+
+    with _one_line_errors():
+        images, labels = read_idx_pair(idx_images, idx_labels)
+        written = export_pngs(images, labels, outdir, prefix=_prefix(idx_images) if prefix is None else prefix)
+    click.echo(f"wrote {written} PNG files in {len(set(labels.tolist()))} label folders under {outdir}")

@@ -1,0 +1,481 @@
+"""The ``embedsearch`` command: parse, call one Engine method, render. No logic of its own.
+
+Results go to stdout (tables for people, ``--json`` for machines); progress and logs to stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from embedsearch.cli.context import CONTEXT
+from embedsearch.cli.context import emit as _emit
+from embedsearch.cli.context import engine as _engine
+from embedsearch.errors import EmbedSearchError
+
+log = logging.getLogger("embedsearch")
+KINDS = ["pixels", "pca", "ae", "vae"]  # kept literal so that --help needs no imports
+
+
+class _Group(click.Group):
+    """Turns the package's own errors into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EmbedSearchError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; what was committed is kept", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.option(
+    "--home",
+    envvar="EMBEDSEARCH_HOME",
+    default="indexes",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Library folder (env EMBEDSEARCH_HOME).",
+)
+@click.option(
+    "--db",
+    envvar="EMBEDSEARCH_DB",
+    default=None,
+    help="SQLAlchemy URL of the metadata database (env EMBEDSEARCH_DB); default: HOME/library.db.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr: no progress, no logs.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logs on stderr.")
+@click.version_option(package_name="embedsearch")
+@click.pass_context
+def main(ctx: click.Context, home: str, db: str | None, quiet: bool, verbose: bool) -> None:
+    """Image similarity search with autoencoder and VAE embeddings.
+
+    \b
+    Example:
+      embedsearch demo
+      embedsearch index photos/ --model pixels
+      embedsearch query photos/cat.png --model pixels -k 5
+    """
+    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    ctx.obj = {"home": home, "db": db, "quiet": quiet}
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--model", "model", required=True, help="Model name ('pixels' is created on first use).")
+@click.option(
+    "--metric", type=click.Choice(["l2", "cosine"]), default=None, help="Distance of a model created here (default l2)."
+)
+@click.option(
+    "--batch-size", default=2048, show_default=True, type=click.IntRange(1), help="Images per committed batch."
+)
+@click.option("--workers", default=None, type=click.IntRange(0), help="Decoding processes (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def index(
+    ctx: click.Context, data: str, model: str, metric: str | None, batch_size: int, workers: int | None, as_json: bool
+) -> None:
+    """Bulk-index every image under DATA (a folder, recursively, or one file).
+
+    Incremental: a second run adds nothing; changed files are re-encoded; identical files are
+    stored once. Files that cannot be used are listed with the reason and never stop the run.
+
+    \b
+    Example:
+      embedsearch index photos/ --model pixels
+    """
+    report = _engine(ctx).index(
+        data,
+        model,
+        metric=metric,
+        batch_size=batch_size,
+        workers=workers,
+        progress=not ctx.obj["quiet"] and sys.stderr.isatty(),
+    )
+    if as_json:
+        _emit(report.to_dict())
+        return
+    for path, reason in report.failed:
+        click.echo(f"failed: {path}: {reason}")
+    click.echo(
+        f"{report.scanned} files, model {model!r}: added {report.added}, updated {report.updated}, "
+        f"unchanged {report.unchanged}, duplicates {report.duplicates}, failed {len(report.failed)} "
+        f"in {report.seconds:.1f} s ({report.images_per_second:,.0f} images/s)"
+    )
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--model", required=True, help="Model whose index to search.")
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Neighbours per query.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per query.")
+@click.option("--grid", type=click.Path(dir_okay=False), help="Write a PNG: each query, then its neighbours.")
+@click.option("--include-generated", is_flag=True, help="Also return generated images (generate --add).")
+@click.pass_context
+def query(
+    ctx: click.Context,
+    images: tuple[str, ...],
+    model: str,
+    k: int,
+    as_json: bool,
+    grid: str | None,
+    include_generated: bool,
+) -> None:
+    """Find the indexed images nearest to each IMAGE (files, or folders of images).
+
+    \b
+    Example:
+      embedsearch query photos/cat.png --model pixels -k 5 --grid cats.png
+      embedsearch query queries/ --model vae --json > results.jsonl
+    """
+    from embedsearch.engine import QueryResult
+
+    results, failed = [], 0
+    for item in _engine(ctx).query(list(images), model, k, include_generated=include_generated):
+        if not isinstance(item, QueryResult):
+            click.echo(f"skipped {item[0]}: {item[1]}", err=True)
+            failed += 1
+            continue
+        if as_json:
+            _emit({"query": item.query, "model": item.model, "results": [asdict(n) for n in item.results]})
+        else:
+            _print_result(item)
+        if grid:
+            results.append(item)
+    if not results and failed and not as_json:
+        raise click.ClickException("no query image could be read")
+    if grid and results:
+        from embedsearch.render.pictures import query_grid
+
+        click.echo(f"wrote {query_grid(results, Path(grid))}", err=True)
+
+
+def _print_result(result: Any) -> None:
+    click.echo(f"query: {result.query}")
+    click.echo(f"{'rank':>5}  {'distance':>10}  {'id':>7}  {'label':<16}  path")
+    for n in result.results:
+        click.echo(f"{n.rank:>5}  {n.distance:>10.4f}  {n.id:>7}  {(n.label or '-'):<16}  {n.path}")
+    if not result.results:
+        click.echo("  (the index is empty)")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--model", "kind", required=True, type=click.Choice(KINDS), help="Kind of model to make.")
+@click.option("--name", help="Name to register it under (default: the kind).")
+@click.option("--image-size", type=click.IntRange(4, 1024), help="Input side in pixels (default: from DATA, <= 64).")
+@click.option("--channels", type=click.Choice(["1", "3"]), help="1 grey or 3 RGB (default: grey if all DATA is).")
+@click.option("--metric", type=click.Choice(["l2", "cosine"]), default="l2", show_default=True)
+@click.option("--dim", type=click.IntRange(1), help="PCA: number of components [32].")
+@click.option("--arch", type=click.Choice(["conv", "mlp"]), help="AE/VAE architecture [conv].")
+@click.option("--latent-dim", type=click.IntRange(1), help="AE/VAE latent size [32].")
+@click.option("--epochs", type=click.IntRange(1), help="AE/VAE epochs [20].")
+@click.option("--batch-size", type=click.IntRange(1), help="AE/VAE batch size [128].")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="AE/VAE learning rate [1e-3].")
+@click.option("--seed", type=int, help="Random seed [0].")
+@click.option("--val-fraction", type=click.FloatRange(0, 0.9), help="AE/VAE validation share [0.1].")
+@click.option("--likelihood", type=click.Choice(["bernoulli", "gaussian"]), help="VAE reconstruction loss.")
+@click.option("--beta", type=click.FloatRange(0), help="VAE weight of the KL term [1].")
+@click.option("--kl-warmup", type=click.IntRange(0), help="VAE epochs over which beta ramps up from 0.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted AE/VAE training run.")
+@click.option("--replace", is_flag=True, help="Retrain an existing model (its index is emptied).")
+@click.pass_context
+def train(
+    ctx: click.Context,
+    data: str,
+    kind: str,
+    name: str | None,
+    image_size: int | None,
+    channels: str | None,
+    metric: str,
+    resume: bool,
+    replace: bool,
+    **options: Any,
+) -> None:
+    """Make a named model from the images under DATA.
+
+    \b
+    Example:
+      embedsearch train photos/ --model pca --dim 32
+      embedsearch train photos/ --model vae --name vae32 --epochs 10
+    """
+    options = {key: value for key, value in options.items() if value is not None}
+    info = _engine(ctx).create_model(
+        name or kind,
+        kind,
+        data,
+        image_size=image_size,
+        channels=int(channels) if channels else None,
+        metric=metric,
+        options=options,
+        resume=resume,
+        replace=replace,
+    )
+    click.echo(
+        f"model {info.name!r} ({info.kind}, {info.image_size}x{info.image_size}x{info.channels} -> "
+        f"{info.dim}-d, {info.metric}) is ready; index with: embedsearch index DATA --model {info.name}"
+    )
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--generated", is_flag=True, help="Remove every generated image (generate --add).")
+@click.pass_context
+def remove(ctx: click.Context, paths: tuple[str, ...], generated: bool) -> None:
+    """Forget indexed images (a folder: every image under it). The files themselves stay.
+
+    \b
+    Example:
+      embedsearch remove photos/old/
+      embedsearch remove --generated
+    """
+    if not paths and not generated:
+        raise click.UsageError("name PATH... to remove, or --generated")
+    engine = _engine(ctx)
+    removed = (engine.remove(list(paths)) if paths else 0) + (engine.remove_generated() if generated else 0)
+    click.echo(f"removed {removed} images")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def info(ctx: click.Context, as_json: bool) -> None:
+    """What the library holds: images, models, vectors per index, disk use.
+
+    \b
+    Example:
+      embedsearch --home indexes info --json
+    """
+    data = asdict(_engine(ctx).info())
+    if as_json:
+        _emit(data)
+        return
+    click.echo(f"library {data['home']}  ({data['database']})")
+    click.echo(f"images: {data['images']}")
+    _print_models(data["models"])
+    click.echo("disk: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in data["disk_bytes"].items()))
+
+
+def _print_models(models: list[dict[str, Any]]) -> None:
+    click.echo(f"{'model':<16} {'kind':<7} {'input':<10} {'dim':>6} {'metric':<7} {'vectors':>8}")
+    for m in models:
+        shape = f"{m['image_size']}x{m['image_size']}x{m['channels']}"
+        click.echo(f"{m['name']:<16} {m['kind']:<7} {shape:<10} {m['dim']:>6} {m['metric']:<7} {m['vectors']:>8}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def models(ctx: click.Context, as_json: bool) -> None:
+    """List the library's models.
+
+    \b
+    Example:
+      embedsearch models --json
+    """
+    data = [asdict(m) for m in _engine(ctx).models()]
+    _emit(data) if as_json else _print_models(data)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--per-class", default=40, show_default=True, type=click.IntRange(2, 2000))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.pass_context
+def demo(ctx: click.Context, per_class: int, seed: int) -> None:
+    """Make a labelled folder of synthetic shapes, index it, query it, write a grid. Offline.
+
+    \b
+    Example:
+      embedsearch --home /tmp/demo demo
+    """
+    from embedsearch.demo import run_demo
+
+    outcome = run_demo(_engine(ctx), per_class=per_class, seed=seed)
+    for result in outcome.results:
+        _print_result(result)
+    click.echo(outcome.summary)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--model", required=True, help="A VAE (or, with --between, an AE) model.")
+@click.option("-n", "n", default=16, show_default=True, type=click.IntRange(1, 4096), help="Candidates to draw.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0), help="Prior scale.")
+@click.option("--near", metavar="IMAGE", help="Sample around this image (file or image id): z = mu + spread*sigma*eps.")
+@click.option("--spread", default=1.0, show_default=True, type=click.FloatRange(0))
+@click.option("--between", nargs=2, metavar="A B", help="Decode the path between two images' codes.")
+@click.option("--steps", default=8, show_default=True, type=click.IntRange(2, 1000))
+@click.option("--slerp", is_flag=True, help="Spherical instead of linear interpolation.")
+@click.option("--grid", type=click.Path(dir_okay=False), help="One PNG: candidates (and neighbours) in a grid.")
+@click.option("--out", type=click.Path(file_okay=False), help="One PNG + JSON sidecar per candidate.")
+@click.option("--search", is_flag=True, help="Find each candidate's nearest indexed real images.")
+@click.option("-k", "k", default=5, show_default=True, type=click.IntRange(1, 100), help="Neighbours with --search.")
+@click.option("--add", is_flag=True, help="Store the candidates in the library, marked generated.")
+@click.option("--include-generated", is_flag=True, help="Let --search return generated images too.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def generate(
+    ctx: click.Context,
+    model: str,
+    n: int,
+    seed: int,
+    temperature: float,
+    near: str | None,
+    spread: float,
+    between: tuple[str, str] | None,
+    steps: int,
+    slerp: bool,
+    grid: str | None,
+    out: str | None,
+    search: bool,
+    k: int,
+    add: bool,
+    include_generated: bool,
+    as_json: bool,
+) -> None:
+    """New candidate images from a VAE: from the prior, near an image, or between two images.
+
+    \b
+    Example:
+      embedsearch generate --model vae -n 16 --grid samples.png
+      embedsearch generate --model vae --near photos/cat.png --spread 0.5 --search --grid near.png
+      embedsearch generate --model ae --between a.png b.png --steps 8 --slerp --grid path.png
+    """
+    from embedsearch.core.generate import candidates_grid, write_candidates
+
+    result = _engine(ctx).generate(
+        model,
+        n=n,
+        seed=seed,
+        temperature=temperature,
+        near=near,
+        spread=spread,
+        between=tuple(between) if between else None,
+        steps=steps,
+        slerp=slerp,
+        search_k=k if search else 0,
+        add=add,
+        include_generated=include_generated,
+    )
+    if grid:
+        click.echo(f"wrote {candidates_grid(result, Path(grid))}", err=True)
+    if out:
+        click.echo(f"wrote {len(write_candidates(result, Path(out)))} candidates to {out}", err=True)
+    if as_json:
+        _emit(
+            {
+                "model": result.model,
+                "mode": result.mode,
+                "seed": result.seed,
+                "sources": result.sources,
+                **result.settings,
+                "candidates": [
+                    {
+                        "index": c.index,
+                        "id": c.id,
+                        "latent": c.latent,
+                        "neighbours": [asdict(nb) for nb in c.neighbours],
+                    }
+                    for c in result.candidates
+                ],
+            }
+        )
+        return
+    click.echo(
+        f"{len(result.candidates)} candidates from {result.model!r} ({result.mode}, seed {result.seed})"
+        + (f"; stored as ids {[c.id for c in result.candidates]}" if add else "")
+    )
+    for cand in result.candidates if search else []:
+        near_ones = ", ".join(f"{nb.label or '-'} {nb.distance:.3f} {nb.path}" for nb in cand.neighbours)
+        click.echo(f"  #{cand.index}: {near_ones}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--repair", is_flag=True, help="Rebuild index files, re-encode damaged vectors, drop orphans.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def check(ctx: click.Context, repair: bool, as_json: bool) -> None:
+    """Verify that index, metadata, checkpoints and stored files agree. Exit 0 only when they do.
+
+    \b
+    Example:
+      embedsearch check
+      embedsearch check --repair --json
+    """
+    report = _engine(ctx).check(repair)
+    if as_json:
+        _emit(report.to_dict())
+    else:
+        for name, m in report.models.items():
+            click.echo(
+                f"{name}: {m.entries} entries, {m.vectors_in_file} vectors in its index file, checkpoint {m.checkpoint}"
+            )
+        for line in report.repaired:
+            click.echo(f"repaired: {line}")
+        for line in report.notes:
+            click.echo(f"note: {line}")
+        for line in report.problems:
+            click.echo(f"problem: {line}")
+        click.echo("consistent" if report.ok else "NOT consistent; run 'embedsearch check --repair'")
+    ctx.exit(0 if report.ok else 1)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--model", required=True, help="An AE or VAE model.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.pass_context
+def reconstruct(ctx: click.Context, images: tuple[str, ...], model: str, out: str) -> None:
+    """Write a grid: the IMAGEs (at the model's input) above their reconstructions.
+
+    \b
+    Example:
+      embedsearch reconstruct cat.png dog.png --model vae --out recon.png
+    """
+    from embedsearch.render.pictures import reconstruction_grid
+
+    originals, recons, used = _engine(ctx).reconstruct(list(images), model)
+    click.echo(f"wrote {reconstruction_grid(originals, recons, used, Path(out))}")
+
+
+@main.group(context_settings=CONTEXT)
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command("upgrade", context_settings=CONTEXT)
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Apply the schema migrations (opening a library does this too).
+
+    \b
+    Example:
+      embedsearch --db postgresql://localhost/images db upgrade
+    """
+    engine = _engine(ctx)
+    click.echo(f"{engine.db_url}: schema is at the newest revision")
+
+
+def _register_commands() -> None:
+    """Commands that live in their own modules (imported lazily by their bodies)."""
+    from embedsearch.cli.compare import compare, export_images
+    from embedsearch.cli.serve import serve
+
+    main.add_command(serve)
+    main.add_command(compare)
+    main.add_command(export_images, "export-images")
+
+
+_register_commands()

@@ -1,0 +1,78 @@
+"""``embedsearch serve``: the HTTP API and the web page on uvicorn (registered by ``cli.py``)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+
+import click
+
+from embedsearch.cli.context import CONTEXT
+from embedsearch.cli.context import engine as _engine
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command(context_settings=CONTEXT)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (loopback only by default; 0.0.0.0 for every interface).",
+)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--token",
+    envvar="EMBEDSEARCH_TOKEN",
+    default=None,
+    help="Writes (upload, delete, generate with add) need 'Authorization: Bearer TOKEN' (env EMBEDSEARCH_TOKEN).",
+)
+@click.option("--token-for-reads", is_flag=True, help="Every API call but /api/health needs the token.")
+@click.option(
+    "--max-upload-mb",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(0.001, 10_000),
+    help="Largest request body (an upload of one or more images), in MB.",
+)
+@click.pass_context
+def serve(
+    ctx: click.Context, host: str, port: int, token: str | None, token_for_reads: bool, max_upload_mb: float
+) -> None:
+    """Serve the library over HTTP: a JSON API (docs at /docs) and a search page at /.
+
+    \b
+    Example:
+      embedsearch --home indexes serve --port 8000
+      EMBEDSEARCH_TOKEN=s3cret embedsearch serve --host 0.0.0.0
+    """
+    import uvicorn
+
+    from embedsearch.http.app import create_app
+
+    # Requests are small and many run at once: one torch thread each beats two threads fighting
+    # over two cores for every single image (an explicit OMP_NUM_THREADS still wins).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    token = token or None
+    if token_for_reads and token is None:
+        raise click.UsageError("--token-for-reads needs --token (or EMBEDSEARCH_TOKEN)")
+    if token is None and not is_loopback(host):
+        log.warning("serving on %s without a token: anyone who can reach it can add and delete images", host)
+    engine = _engine(ctx)
+    app = create_app(
+        engine, token=token, token_for_reads=token_for_reads, max_upload_bytes=int(max_upload_mb * 1024 * 1024)
+    )
+    shown = f"[{host}]" if ":" in host else host
+    if not ctx.obj.get("quiet"):
+        click.echo(f"serving {engine.home} at http://{shown}:{port}/ (API docs at /docs); Ctrl+C stops", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning" if ctx.obj.get("quiet") else "info")

@@ -1,0 +1,301 @@
+"""Finding, reading and normalising image files: file -> bytes -> (metadata, uint8 pixel array).
+
+Resize policy (the one used everywhere: index, query, train): the image is scaled so that its longer
+side equals the model's ``image_size`` (Lanczos, aspect ratio kept), then centred on a white square
+canvas. Nothing is cropped, so a wide panorama stays a panorama. Transparency is composited on white
+first; grey models get Pillow's ITU-R 601-2 luma, colour models RGB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import stat
+import struct
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from embedsearch.errors import DataError, ImageError, InvalidArgumentError
+
+log = logging.getLogger(__name__)
+
+#: File endings a folder scan picks up (case-insensitive). The content decides the decoder.
+EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+#: Images with more pixels than this are refused before decoding (decompression-bomb guard).
+DEFAULT_MAX_PIXELS = 50_000_000
+#: ``train`` infers the input size from the data but never beyond this.
+MAX_INFERRED_SIZE = 64
+#: What Pillow's many decoders raise on damaged input (each plug-in has its own habits).
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    TypeError,
+    KeyError,
+    NotImplementedError,
+    RuntimeError,
+    ZeroDivisionError,
+    struct.error,
+)
+_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What an encoder takes: square ``image_size`` pixels with 1 (grey) or 3 (RGB) channels."""
+
+    image_size: int
+    channels: int
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise InvalidArgumentError(f"channels must be 1 or 3, not {self.channels}")
+        if not 1 <= self.image_size <= 1024:
+            raise InvalidArgumentError(f"image size must be between 1 and 1024, not {self.image_size}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.image_size, self.image_size, self.channels)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A file found by a scan, with what ``stat`` says (used for incremental re-indexing)."""
+
+    path: str
+    size: int
+    mtime: float
+    label: str | None
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    sha256: str
+    width: int
+    height: int
+    format: str
+    mode: str
+    bytes: int
+
+
+def scan(root: str | os.PathLike[str]) -> Iterator[FileInfo]:
+    """Yield every image-named file under ``root`` (or ``root`` itself if it is a file).
+
+    Hidden files and folders are skipped; symlinked folders are not followed (no loops), symlinked
+    files are. Label = name of the first-level subfolder under ``root``, if any.
+    """
+    root_path = Path(root)
+    if root_path.is_file():
+        st = root_path.stat()
+        yield FileInfo(str(root_path.resolve()), st.st_size, st.st_mtime, None)
+        return
+    if not root_path.is_dir():
+        raise DataError(f"{root}: no such file or folder")
+
+    def walk(folder: str, label: str | None) -> Iterator[FileInfo]:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            log.warning("%s: cannot list folder (%s)", folder, exc.strerror or exc)
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    yield from walk(entry.path, label if label is not None else entry.name)
+                elif os.path.splitext(entry.name)[1].lower() in EXTENSIONS:
+                    st = entry.stat()
+                    regular = stat.S_ISREG(st.st_mode)  # a FIFO or device would block or never end
+                    yield FileInfo(entry.path, st.st_size if regular else -1, st.st_mtime, label)
+            except OSError:
+                # A dangling or looping symlink: report it like any unreadable file.
+                yield FileInfo(entry.path, -1, 0.0, label)
+
+    yield from walk(str(root_path.resolve()), None)
+
+
+def _regular(path: str) -> None:
+    """Refuse anything but a regular file: opening a FIFO named x.png would wait forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ImageError(path, f"cannot read file ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise ImageError(path, "not a regular file")
+
+
+def read_bytes(path: str) -> bytes:
+    _regular(path)
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ImageError(path, f"cannot read file ({exc.strerror or exc})") from None
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _open(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, str, str]:
+    """Open, check the pixel limit, take the first frame, apply EXIF orientation and decode.
+
+    Returns the image with the file's format and mode (a transposed copy no longer knows them).
+    """
+    if not data:
+        raise ImageError(name, "empty file")
+    with warnings.catch_warnings():
+        # Our own limit below is the one that counts; Pillow's warning would only be noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageError(name, "not an image (or not a supported format)") from None
+        except Image.DecompressionBombError:
+            raise ImageError(name, f"more than {max_pixels} pixels (decompression bomb?)") from None
+        except _DECODE_ERRORS as exc:
+            raise ImageError(name, f"cannot decode ({exc})") from None
+    width, height = im.size
+    if width * height > max_pixels:
+        raise ImageError(name, f"{width}x{height} is more than {max_pixels} pixels (decompression bomb?)")
+    if width < 1 or height < 1:
+        raise ImageError(name, f"image has no pixels ({width}x{height})")
+    fmt, mode = (im.format or "unknown").upper(), im.mode
+    try:
+        im.seek(0)  # first frame of an animation
+        im.load()
+        im = ImageOps.exif_transpose(im) or im
+    except _DECODE_ERRORS as exc:
+        raise ImageError(name, f"cannot decode ({exc})") from None
+    except Image.DecompressionBombError:
+        raise ImageError(name, f"more than {max_pixels} pixels (decompression bomb?)") from None
+    return im, fmt, mode
+
+
+def _to_mode(im: Image.Image, channels: int) -> Image.Image:
+    """Composite any transparency on white and convert to L (1 channel) or RGB (3 channels)."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 1.0 if im.mode == "F" and arr.max(initial=0) <= 1.0 else 65535.0 if arr.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    target = "L" if channels == 1 else "RGB"
+    return im if im.mode == target else im.convert(target)
+
+
+def _fit_square(im: Image.Image, size: int) -> Image.Image:
+    width, height = im.size
+    if width == height == size:
+        return im
+    scale = size / max(width, height)
+    new = (max(1, round(width * scale)), max(1, round(height * scale)))
+    im = im.resize(new, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if new == (size, size):
+        return im
+    canvas = Image.new(im.mode, (size, size), 255 if im.mode == "L" else (255, 255, 255))
+    canvas.paste(im, ((size - new[0]) // 2, (size - new[1]) // 2))
+    return canvas
+
+
+def to_array(im: Image.Image, spec: InputSpec) -> np.ndarray:
+    """A decoded image as a ``(S, S, C)`` uint8 array following the resize policy."""
+    out = np.asarray(_fit_square(_to_mode(im, spec.channels), spec.image_size), dtype=np.uint8)
+    return out.reshape(spec.shape)  # (S, S, C)
+
+
+def decode_bytes(
+    data: bytes, spec: InputSpec, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[ImageMeta, np.ndarray]:
+    """Bytes of an image file -> its metadata and a ``(S, S, C)`` uint8 array. Raises ImageError."""
+    im, fmt, mode = _open(data, name, max_pixels)
+    meta = ImageMeta(sha256(data), im.width, im.height, fmt, mode, len(data))
+    try:
+        return meta, to_array(im, spec)
+    except _DECODE_ERRORS as exc:
+        raise ImageError(name, f"cannot convert ({exc})") from None
+
+
+def decode_file(path: str, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[ImageMeta, np.ndarray]:
+    return decode_bytes(read_bytes(path), spec, path, max_pixels)
+
+
+def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An image file decoded and oriented, in its own mode (used for grids and thumbnails)."""
+    return _open(read_bytes(str(path)), str(path), max_pixels)[0]
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _probe_png(head: bytes) -> tuple[int, int, bool] | None:
+    """Size and greyness straight from a PNG's IHDR (10x faster than Pillow); None if not that simple."""
+    if len(head) < 26 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    colour_type = head[25]
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if colour_type not in (0, 2, 4, 6) or not width or not height:  # 3 = palette: Pillow must look
+        return None
+    return width, height, colour_type in (0, 4)
+
+
+def probe(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, bool]:
+    """(width, height, is_grey) from the header alone; raises ImageError like decoding would."""
+    _regular(path)
+    try:
+        with open(path, "rb") as fh:
+            quick = _probe_png(fh.read(32))
+    except OSError:
+        raise ImageError(path, "cannot read file") from None
+    if quick is not None:
+        return quick
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # reads the header only
+                grey = im.mode in _GREY_MODES or (im.mode == "P" and _grey_palette(im))
+                return im.width, im.height, grey
+    except (UnidentifiedImageError, Image.DecompressionBombError, *_DECODE_ERRORS):
+        raise ImageError(path, "not an image, or unreadable") from None
+
+
+def _grey_palette(im: Image.Image) -> bool:
+    pal = im.getpalette() or []
+    rgb = np.asarray(pal[: len(pal) - len(pal) % 3], dtype=np.int16).reshape(-1, 3)
+    return bool((rgb == rgb[:, :1]).all())
+
+
+def infer_spec(paths: list[str], image_size: int | None = None, channels: int | None = None) -> InputSpec:
+    """Most common longer side (capped at 64) and grey only if every image is grey (headers only)."""
+    if image_size is not None and channels is not None:
+        return InputSpec(image_size, channels)
+    if not paths:
+        raise DataError("no images to infer the input size and channels from")
+    sizes: Counter[int] = Counter()
+    all_grey = True
+    for path in paths:
+        try:
+            width, height, grey = probe(path)
+        except ImageError:
+            continue
+        if min(width, height) < 1:
+            continue
+        sizes[max(width, height)] += 1
+        all_grey = all_grey and grey
+    if not sizes:
+        raise DataError("none of the files could be read as an image")
+    size = image_size or min(sizes.most_common(1)[0][0], MAX_INFERRED_SIZE)
+    return InputSpec(size, channels or (1 if all_grey else 3))

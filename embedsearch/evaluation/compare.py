@@ -1,0 +1,467 @@
+"""The comparison run: AE, VAE and baselines trained and scored on the same labelled data.
+
+One run loads DATA once, splits it (or takes ``queries``) into queries and a database, makes every
+named model that does not exist yet from the database part with identical settings, and scores each
+model with :mod:`embedsearch.evaluation.metrics` on exact in-memory FAISS search. Results are typed
+dataclasses that round-trip to JSON; the pictures the report draws travel separately in
+:class:`Artifacts` so that the JSON stays small.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from embedsearch.data.datasets import Dataset, data_spec, idx_labels_path, idx_to_spec, is_idx, load_dataset
+from embedsearch.data.idx import read_idx_pair
+from embedsearch.data.images import InputSpec
+from embedsearch.encoders.base import REGISTRY, Encoder, encoder_class
+from embedsearch.errors import DataError, InvalidArgumentError, UnknownModelError
+from embedsearch.evaluation import metrics as ev
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODELS = ("ae", "vae", "pixels", "pca")
+RECALL_KS = (1, 5, 10)
+NEARDUP_KS = (1, 10)
+TOP_SHOWN = 8  # results per model in the report's query grid
+
+
+@dataclass
+class CompareConfig:
+    """Everything that decides a comparison's numbers (the report prints it)."""
+
+    data: str
+    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    queries: str | None = None
+    query_fraction: float = 0.1
+    k: int = 10
+    seed: int = 0
+    train_epochs: int = 10
+    # Settings of models the run creates; AE and VAE share all of them, so the contrast is fair.
+    arch: str = "conv"
+    latent_dim: int = 32
+    batch_size: int = 128
+    lr: float = 1e-3
+    metric: str = "l2"
+    curve_k: int = 100  # precision@k is drawn for k = 1 .. curve_k
+    timing_queries: int = 200
+    shown_queries: int = 6
+    samples: int = 16
+
+    def __post_init__(self) -> None:
+        if not self.models or any(not m for m in self.models):
+            raise InvalidArgumentError("name at least one model, e.g. --models ae,vae,pixels,pca")
+        if len(set(self.models)) != len(self.models):
+            raise InvalidArgumentError(f"a model is named twice in {','.join(self.models)}")
+        if not 0 < self.query_fraction < 1:
+            raise InvalidArgumentError(f"--query-fraction must be between 0 and 1, not {self.query_fraction}")
+        if self.k < 1 or self.train_epochs < 1 or self.latent_dim < 1 or self.curve_k < 1:
+            raise InvalidArgumentError("k, train epochs, latent dim and curve k must be at least 1")
+        if self.metric not in ev.METRICS:
+            raise InvalidArgumentError(f"unknown metric {self.metric!r}; choose one of {', '.join(ev.METRICS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CompareConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass
+class ModelResult:
+    """One model's scores; ``recall`` and ``neardup_recall`` map k to the value."""
+
+    name: str
+    kind: str
+    metric: str
+    dim: int
+    bytes_per_image: int
+    precision: float
+    map: float
+    recall: dict[int, float]
+    knn_accuracy: float
+    neardup_recall: dict[int, float]
+    encode_images_per_s: float
+    query_ms_p50: float
+    created: bool = False  # made by this run (else an existing library model)
+    trained: bool = False  # created and trained on the database part
+    train_seconds: float | None = None
+    recon_error: float | None = None
+    kl: float | None = None
+    active_dims: int | None = None
+    precision_curve: list[float] = field(default_factory=list)
+
+    def metrics(self, k: int) -> dict[str, Any]:
+        """The ``--json`` entry: contract keys first (``@k`` following k), then extras that apply."""
+        out: dict[str, Any] = {f"precision@{k}": _r(self.precision), f"map@{k}": _r(self.map)}
+        out.update({f"recall@{n}": _r(v) for n, v in sorted(self.recall.items())})
+        out["knn_accuracy"] = _r(self.knn_accuracy)
+        out.update({f"neardup_recall@{n}": _r(v) for n, v in sorted(self.neardup_recall.items())})
+        out.update(
+            dim=self.dim,
+            encode_images_per_s=round(self.encode_images_per_s, 1),
+            query_ms_p50=round(self.query_ms_p50, 4),
+            kind=self.kind,
+            metric=self.metric,
+            bytes_per_image=self.bytes_per_image,
+            created=self.created,
+            trained=self.trained,
+        )
+        extras = {
+            "train_seconds": self.train_seconds,
+            "recon_error": self.recon_error,
+            "kl": self.kl,
+            "active_dims": self.active_dims,
+        }
+        out.update({key: _r(v) if isinstance(v, float) else v for key, v in extras.items() if v is not None})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelResult:
+        known = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in values.items() if k in known}
+        for key in ("recall", "neardup_recall"):  # JSON object keys are strings
+            kept[key] = {int(n): float(v) for n, v in kept.get(key, {}).items()}
+        return cls(**kept)
+
+
+def _r(value: float) -> float:
+    return round(float(value), 6)
+
+
+@dataclass
+class CompareResult:
+    config: CompareConfig
+    data: str
+    query_source: str  # "fraction 0.1 of DATA" or the --queries path
+    queries: int
+    database: int
+    labels: list[str]
+    models: dict[str, ModelResult]
+    seconds: float
+    command: str = ""
+
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    def summary(self) -> dict[str, Any]:
+        """What ``compare --json`` prints, key for key."""
+        return {
+            "data": self.data,
+            "queries": self.queries,
+            "database": self.database,
+            "k": self.k,
+            "models": {name: m.metrics(self.k) for name, m in self.models.items()},
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["config"] = self.config.to_dict()
+        out["models"] = {name: m.to_dict() for name, m in self.models.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CompareResult:
+        kept = dict(values)
+        kept["config"] = CompareConfig.from_dict(values["config"])
+        kept["models"] = {name: ModelResult.from_dict(m) for name, m in values["models"].items()}
+        return cls(**kept)
+
+
+@dataclass
+class Artifacts:
+    """What the report draws besides numbers; in memory only. Images are at the data's spec."""
+
+    label_names: list[str]
+    db_images: np.ndarray
+    query_images: np.ndarray
+    db_labels: np.ndarray
+    query_labels: np.ndarray
+    shown: np.ndarray  # query rows whose top results the report shows
+    kinds: dict[str, str] = field(default_factory=dict)
+    top: dict[str, np.ndarray] = field(default_factory=dict)  # model -> (len(shown), TOP_SHOWN) rows
+    latents: dict[str, np.ndarray] = field(default_factory=dict)  # AE/VAE model -> query vectors
+    samples: dict[str, np.ndarray] = field(default_factory=dict)  # AE/VAE model -> generated images
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class View:
+    """The comparison's images decoded at one input spec (models with other specs get their own)."""
+
+    db: np.ndarray
+    queries: np.ndarray
+    altered: np.ndarray | None = None  # the near-duplicate queries, made on first use
+
+
+class Data:
+    """Queries and database with integer labels; ``exclude`` holds identical (query, db) pairs."""
+
+    def __init__(self, config: CompareConfig, max_pixels: int) -> None:
+        self.config, self.max_pixels = config, max_pixels
+        self.spec, main = self._load_main(config.data)
+        if config.queries is None:
+            n_q = round(len(main) * config.query_fraction)
+            if not 1 <= n_q < len(main):
+                raise DataError(
+                    f"{config.data}: {len(main)} images cannot be split by --query-fraction {config.query_fraction}"
+                )
+            perm = np.random.default_rng(config.seed).permutation(len(main))
+            self.q_rows, self.db_rows = np.sort(perm[:n_q]), np.sort(perm[n_q:])
+            queries, self.query_source = main, f"fraction {config.query_fraction} of DATA (seed {config.seed})"
+        else:
+            queries = self._load(config.queries, self.spec)
+            self.q_rows, self.db_rows, self.query_source = None, None, config.queries
+        self.main_size, self.query_size = len(main), len(queries)
+        db_names, q_names = _take(main.labels, self.db_rows), _take(queries.labels, self.q_rows)
+        self.label_names = sorted(set(db_names) | set(q_names), key=_label_order)
+        code = {name: i for i, name in enumerate(self.label_names)}
+        self.db_labels = np.array([code[s] for s in db_names], dtype=np.int64)
+        self.query_labels = np.array([code[s] for s in q_names], dtype=np.int64)
+        self.views = {self.spec: View(_rows(main.images, self.db_rows), _rows(queries.images, self.q_rows))}
+        base = self.views[self.spec]
+        self.exclude = ev.identical_pairs(base.queries, base.db)
+        if len(self.exclude):
+            log.info(
+                "%d queries have an identical image in the database; those are left out of their ranks",
+                len(np.unique(self.exclude[:, 0])),
+            )
+
+    def _load_main(self, source: str) -> tuple[InputSpec, Dataset]:
+        """DATA at its own spec. An IDX file is read once (data_spec would read it just for the size)."""
+        if not is_idx(source):
+            spec = data_spec(source)
+            return spec, self._load(source, spec)
+        x, y = read_idx_pair(source, idx_labels_path(source))
+        spec = InputSpec(x.shape[1], 1)
+        return spec, self._check(Dataset(idx_to_spec(x, spec), [str(int(v)) for v in y], source), source)
+
+    def _load(self, source: str, spec: InputSpec) -> Dataset:
+        return self._check(load_dataset(source, spec, self.max_pixels), source)
+
+    @staticmethod
+    def _check(dataset: Dataset, source: str) -> Dataset:
+        for path, reason in dataset.failed:
+            log.warning("skipped %s: %s", path, reason)
+        if len(dataset) == 0:
+            raise DataError(f"{source}: no usable images")
+        unlabelled = sum(label is None for label in dataset.labels)
+        if unlabelled:
+            raise DataError(f"{source}: {unlabelled} images have no label; put them in class subfolders")
+        return dataset
+
+    def view(self, spec: InputSpec) -> View:
+        """The images at ``spec``, decoded again from the sources for a model with another spec."""
+        if spec not in self.views:
+            log.info("decoding the data again at %dx%dx%d for a model with that input", *spec.shape)
+            db = self._reload(self.config.data, spec, self.main_size, self.db_rows)
+            source = self.config.queries or self.config.data
+            size = self.query_size if self.config.queries else self.main_size
+            self.views[spec] = View(db, self._reload(source, spec, size, self.q_rows))
+        return self.views[spec]
+
+    def _reload(self, source: str, spec: InputSpec, size: int, rows: np.ndarray | None) -> np.ndarray:
+        dataset = load_dataset(source, spec, self.max_pixels)  # IDX data: resized with idx_to_spec
+        if len(dataset) != size:
+            raise DataError(f"{source}: {len(dataset)} usable images at {spec.shape}, {size} at {self.spec.shape}")
+        return _rows(dataset.images, rows)
+
+    def altered(self, spec: InputSpec) -> np.ndarray:
+        view = self.view(spec)
+        if view.altered is None:
+            view.altered = ev.augment(view.queries, self.config.seed)
+        return view.altered
+
+    def shown_queries(self) -> np.ndarray:
+        """A few fixed query rows, of different labels where there are enough, chosen by the seed."""
+        rng = np.random.default_rng(self.config.seed)
+        labels = np.unique(self.query_labels)[: self.config.shown_queries]
+        return np.array([rng.choice(np.flatnonzero(self.query_labels == lab)) for lab in labels], dtype=np.int64)
+
+
+def _label_order(label: str) -> tuple[int, int, str]:
+    return (0, int(label), "") if label.isdigit() else (1, 0, label)  # IDX labels "0".."9" numerically
+
+
+def _rows(images: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    return images if rows is None else images[rows]
+
+
+def _take(labels: list[str | None], rows: np.ndarray | None) -> list[str]:
+    return [str(labels[i]) for i in (range(len(labels)) if rows is None else rows.tolist())]
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+
+def plan_models(engine: Any, names: list[str]) -> dict[str, str | None]:
+    """name -> kind to create, or None for a model the library has already. Refuses unknown names."""
+    plan: dict[str, str | None] = {}
+    for name in names:
+        if engine.store.model(name) is not None:
+            plan[name] = None
+        elif name in REGISTRY:
+            plan[name] = name
+        else:
+            raise UnknownModelError(name, [m.name for m in engine.store.models()])
+    return plan
+
+
+def _options(kind: str, config: CompareConfig) -> dict[str, Any]:
+    if kind == "pca":
+        return {"dim": config.latent_dim, "seed": config.seed}
+    if kind in ("ae", "vae"):
+        return {
+            "arch": config.arch,
+            "latent_dim": config.latent_dim,
+            "epochs": config.train_epochs,
+            "batch_size": config.batch_size,
+            "lr": config.lr,
+            "seed": config.seed,
+        }
+    return {}
+
+
+def prepare_model(engine: Any, name: str, kind: str | None, data: Data) -> tuple[Encoder, str, float | None]:
+    """The model's encoder and metric, training it on the database first when ``kind`` is given."""
+    if kind is None:
+        model = engine.model(name)
+        log.info(
+            "using the library's model %r (%s, %dx%dx%d, %s) as it is",
+            name,
+            model.kind,
+            model.image_size,
+            model.image_size,
+            model.channels,
+            model.metric,
+        )
+        return engine.encoder(name), model.metric, None
+    cls = encoder_class(kind)
+    images = data.view(data.spec).db if cls.needs_training else np.zeros((0, *data.spec.shape), np.uint8)
+    started = time.perf_counter()
+    info = engine.fit_model(
+        name,
+        kind,
+        images,
+        data.spec,
+        metric=data.config.metric,
+        options=_options(kind, data.config),
+        source=data.config.data,
+    )
+    seconds = time.perf_counter() - started
+    if cls.needs_training:
+        log.info("trained %s model %r in %.1f s", kind, name, seconds)
+    return engine.encoder(name), info.metric, seconds
+
+
+def evaluate_model(name: str, kind: str, encoder: Encoder, metric: str, data: Data, art: Artifacts) -> ModelResult:
+    """Score one model on the comparison's data; fills ``art`` with what the report draws of it."""
+    config, view = data.config, data.view(encoder.spec)
+    log.info("%s: encoding %d database and %d query images", name, len(view.db), len(view.queries))
+    started = time.perf_counter()
+    db_vecs = encoder.encode(view.db)
+    per_s = len(view.db) / max(time.perf_counter() - started, 1e-9)
+    q_vecs = encoder.encode(view.queries)
+    index = ev.build_index(db_vecs, metric)
+    depth = max(config.k, config.curve_k, max(RECALL_KS), TOP_SHOWN)
+    ids = ev.neighbours(index, q_vecs, depth, metric, data.exclude)  # (Q, depth), one batched search
+    hits = ev.hit_matrix(ids, data.db_labels, data.query_labels)
+    relevant = ev.relevant_counts(data.db_labels, data.query_labels, data.exclude)
+    query_ms = ev.time_single_queries(encoder.encode, index, view.queries, config.k, metric, config.timing_queries)
+    ev.add_vectors(index, q_vecs, metric)  # near duplicates are searched among database + originals
+    dup_ids = ev.search(index, encoder.encode(data.altered(encoder.spec)), max(NEARDUP_KS), metric)
+    result = ModelResult(
+        name,
+        kind,
+        metric,
+        encoder.dim,
+        encoder.dim * 4,
+        ev.precision_at(hits, config.k),
+        ev.map_at(hits, config.k, relevant),
+        {n: ev.recall_at(hits, n) for n in RECALL_KS},
+        ev.knn_accuracy(ids, data.db_labels, data.query_labels, config.k),
+        ev.neardup_recall(dup_ids, len(db_vecs), NEARDUP_KS, data.exclude),
+        per_s,
+        query_ms,
+        precision_curve=ev.precision_curve(hits, config.curve_k),
+    )
+    art.kinds[name], art.top[name] = kind, ids[art.shown, :TOP_SHOWN]
+    if hasattr(encoder, "reconstruct"):
+        _generative(name, encoder, view.queries, q_vecs, result, art, config)
+    return result
+
+
+def _generative(
+    name: str,
+    encoder: Any,
+    queries: np.ndarray,
+    q_vecs: np.ndarray,
+    result: ModelResult,
+    art: Artifacts,
+    config: CompareConfig,
+) -> None:
+    """Reconstruction error, for a VAE also KL and active dimensions, and decoded samples."""
+    result.recon_error = ev.mse_per_pixel(queries, encoder.reconstruct(queries))
+    rng = np.random.default_rng(config.seed)
+    noise = rng.standard_normal((config.samples, encoder.dim)).astype(np.float32)
+    if hasattr(encoder, "encode_dist"):
+        mu, logvar = encoder.encode_dist(queries)
+        result.kl, result.active_dims = ev.gaussian_kl(mu, logvar), ev.active_dims(mu)
+        art.samples[name] = encoder.decode(noise)  # the VAE's prior is N(0, I)
+    else:
+        # An AE has no prior: sample a Gaussian matched per dimension to its query codes.
+        art.samples[name] = encoder.decode(q_vecs.mean(axis=0) + noise * q_vecs.std(axis=0))
+    art.latents[name] = q_vecs
+
+
+def run_compare(engine: Any, config: CompareConfig, command: str = "") -> tuple[CompareResult, Artifacts]:
+    """The whole comparison; ``command`` is recorded in the result for the report."""
+    started = time.perf_counter()
+    plan = plan_models(engine, config.models)  # unknown names fail before any data is read
+    data = Data(config, engine.max_pixels)
+    base = data.view(data.spec)
+    log.info(
+        "%d queries (%s), %d database images, %d labels, input %dx%dx%d",
+        len(base.queries),
+        data.query_source,
+        len(base.db),
+        len(data.label_names),
+        *data.spec.shape,
+    )
+    art = Artifacts(data.label_names, base.db, base.queries, data.db_labels, data.query_labels, data.shown_queries())
+    results: dict[str, ModelResult] = {}
+    for name, kind in plan.items():
+        encoder, metric, seconds = prepare_model(engine, name, kind, data)
+        result = evaluate_model(name, encoder.kind, encoder, metric, data, art)
+        result.created = seconds is not None
+        result.trained = result.created and encoder_class(encoder.kind).needs_training
+        result.train_seconds = seconds if result.trained else None
+        results[name] = result
+        log.info(
+            "%s: precision@%d %.4f, neardup_recall@10 %.4f", name, config.k, result.precision, result.neardup_recall[10]
+        )
+    outcome = CompareResult(
+        config,
+        config.data,
+        data.query_source,
+        len(base.queries),
+        len(base.db),
+        data.label_names,
+        results,
+        time.perf_counter() - started,
+        command,
+    )
+    return outcome, art

@@ -1,0 +1,307 @@
+"""The HTTP service: a FastAPI app over one shared :class:`~embedsearch.engine.Engine`.
+
+``create_app`` builds everything (nothing happens at import time). The routes live in
+``service_api.py`` and only parse, call one engine method and render. This module holds what is
+around them: the error mapping (package errors -> ``{"error": message}`` with a 4xx status), the
+bearer token check, the request-size limit, security headers, and the background refresher that
+lets the service see what other processes (a CLI ``index`` run) committed.
+
+Threads: endpoints are plain ``def`` functions, so FastAPI runs them in its thread pool and many
+searches run at once. FAISS is guarded by ``Engine.index_lock``; cross-process writes by
+``Engine.writing()``. :meth:`Engine.refresh` swaps the engine's caches and syncs the indexes, so it
+runs only while no request is inside the engine (:class:`Gate`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from embedsearch import __version__
+from embedsearch.errors import (
+    DataError,
+    EmbedSearchError,
+    ImageError,
+    InvalidArgumentError,
+    LockedError,
+    ModelError,
+    NotFoundError,
+    StoreError,
+    UnknownModelError,
+)
+from embedsearch.http.state import DEFAULT_MAX_UPLOAD, Service
+
+if TYPE_CHECKING:
+    from embedsearch.engine import Engine
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).with_name("web")
+REFRESH_SECONDS = 1.0
+#: How long the refresher may hold new requests back while waiting for running ones to finish.
+REFRESH_WAIT = 0.05
+_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+DOCS_ASSETS = "/docs-assets"
+#: The docs pages start Swagger UI and ReDoc with inline scripts: their own policy, still only 'self'.
+_DOCS_PATHS = ("/docs", "/redoc")
+_DOCS_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'"
+)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+#: Package error -> HTTP status; the first matching class wins, so subclasses come first.
+STATUS: list[tuple[type[EmbedSearchError], int]] = [
+    (UnknownModelError, 404),
+    (NotFoundError, 404),
+    (LockedError, 503),
+    (ImageError, 422),
+    (InvalidArgumentError, 400),
+    (DataError, 400),
+    (ModelError, 400),
+    (StoreError, 503),
+]
+_UNSUPPORTED = ("not an image", "not an accepted upload format")
+
+
+def status_of(exc: EmbedSearchError) -> int:
+    if isinstance(exc, ImageError) and any(s in exc.reason for s in _UNSUPPORTED):
+        return 415  # decided by the content: Pillow does not know it as an image we take
+    return next((code for cls, code in STATUS if isinstance(exc, cls)), 500)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _package_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, EmbedSearchError)
+    status = status_of(exc)
+    if status >= 500:
+        log.error("%s: %s", type(exc).__name__, exc)
+    return _error(status, str(exc), {"Retry-After": "5"} if status == 503 else None)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ())[1:]) or "request"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return _error(422, "; ".join(parts) or "invalid request")
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.error("unexpected error", exc_info=exc)
+    return _error(500, "internal server error (see the service's log)")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(EmbedSearchError, _package_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+# -- ASGI middleware ------------------------------------------------------------------------------
+
+
+class _TooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request is larger than the service's limit of {limit:,} bytes")
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes: at once by Content-Length, else while streaming.
+
+    A chunked body is counted as it arrives and cut off at the limit, so nothing unbounded is read.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            bad = not length.isdigit()
+            response = _error(400 if bad else 413, "invalid Content-Length" if bad else str(_TooLarge(self.limit)))
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge(self.limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class SecurityHeaders:
+    """nosniff everywhere (uploads are served back), a strict CSP for the page."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        docs = scope["path"].startswith(_DOCS_PATHS)
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+                headers.append((b"content-security-policy", (_DOCS_CSP if docs else _CSP).encode()))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+# -- background work ------------------------------------------------------------------------------
+
+
+class Refresher(threading.Thread):
+    """Warm the models up, then pick up other processes' writes about once a second."""
+
+    def __init__(self, service: Service, interval: float = REFRESH_SECONDS) -> None:
+        super().__init__(name="embedsearch-refresh", daemon=True)
+        self.service = service
+        self.interval = interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        self._warm_up()
+        while not self.stopped.wait(self.interval):
+            self.refresh_once()
+
+    def refresh_once(self) -> bool:
+        engine = self.service.engine
+        try:
+            with self.service.gate.try_exclusive(REFRESH_WAIT) as got:
+                if got:
+                    with engine.index_lock:
+                        engine.refresh()
+                return got
+        except Exception:  # keep serving; the next round tries again
+            log.warning("refreshing the library failed", exc_info=True)
+            return False
+
+    def _warm_up(self) -> None:
+        """Load every model's encoder and index now, so that the first search is not slow."""
+        engine = self.service.engine
+        try:
+            names = [m.name for m in engine.store.models()]
+        except EmbedSearchError:
+            return
+        for name in names:
+            if self.stopped.is_set():
+                return
+            try:
+                with self.service.gate.shared():
+                    engine.encoder(name)
+                    with engine.index_lock:
+                        engine.vector_index(name)
+            except EmbedSearchError as exc:
+                log.warning("model %r could not be loaded: %s", name, exc)
+
+
+# -- the app ----------------------------------------------------------------------------------------
+
+
+def _open_engine(engine_or_home: Engine | str | os.PathLike[str]) -> tuple[Engine, bool]:
+    from embedsearch.engine import Engine
+
+    if isinstance(engine_or_home, Engine):
+        return engine_or_home, False
+    return Engine(engine_or_home), True
+
+
+def create_app(
+    engine_or_home: Engine | str | os.PathLike[str],
+    token: str | None = None,
+    token_for_reads: bool = False,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+) -> FastAPI:
+    """The service over an open Engine (shared, not closed here) or a library home (opened and closed here).
+
+    ``token``: every write (upload, delete, generate with add) needs ``Authorization: Bearer TOKEN``;
+    with ``token_for_reads`` every API call but ``/api/health`` does. ``max_upload_bytes`` caps a
+    request body (all files and fields of one upload together).
+    """
+    from embedsearch.http.routes import router
+
+    if max_upload_bytes < 1:
+        raise InvalidArgumentError("max_upload_bytes must be at least 1")
+    engine, owned = _open_engine(engine_or_home)
+    service = Service(engine, token or None, token_for_reads, max_upload_bytes, owned)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        refresher = Refresher(service)
+        refresher.start()
+        try:
+            yield
+        finally:
+            refresher.stopped.set()
+            refresher.join(timeout=10)
+            if owned:
+                engine.close()
+
+    # The docs pages with Swagger UI and ReDoc served from the package, not from a CDN: they work offline.
+    app = FastAPIOffline(
+        title="embedsearch",
+        version=__version__,
+        lifespan=lifespan,
+        static_url=DOCS_ASSETS,
+        description="Image similarity search with autoencoder (AE) and VAE embeddings. "
+        'Errors are JSON: {"error": message}. The page is at /.',
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router(router)
+    _add_page(app)
+    app.add_middleware(BodyLimit, limit=max_upload_bytes)
+    app.add_middleware(SecurityHeaders)
+    return app
+
+
+def _add_page(app: FastAPI) -> None:
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")

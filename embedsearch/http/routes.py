@@ -1,0 +1,266 @@
+"""The routes of the HTTP API: each parses its request, calls one Engine method and renders JSON.
+
+Errors are the package's own exceptions; ``service.py`` maps them to statuses centrally. The routes
+are ``async`` and hand the engine call to the thread pool themselves (``in_thread``): one thread hop
+per request, where a plain ``def`` route would take a second one to validate its response.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+from collections.abc import AsyncIterator
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
+from fastapi.responses import FileResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool as in_thread
+
+from embedsearch import __version__
+from embedsearch.engine import Engine
+from embedsearch.errors import ImageError
+from embedsearch.http.schemas import (
+    MAX_ID,
+    MAX_K,
+    Deleted,
+    GenerateIn,
+    GenerateOut,
+    HealthOut,
+    ImageOut,
+    ModelsOut,
+    SearchOut,
+    StatsOut,
+    UploadOut,
+)
+from embedsearch.http.state import Service
+
+if TYPE_CHECKING:
+    from embedsearch.engine import Neighbour
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/api")
+bearer = HTTPBearer(auto_error=False, description="The service's token, when it was started with one.")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+ImageId = Annotated[int, Path(ge=0, le=MAX_ID, description="image id")]
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
+def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return credentials.credentials if credentials is not None else None
+
+
+async def _inside(
+    request: Request, credentials: HTTPAuthorizationCredentials | None, write: bool
+) -> AsyncIterator[Engine]:
+    """Check the token, then hold the engine's gate for the request (async: no thread hop)."""
+    service = _service(request)
+    service.authorize(_token(credentials), write=write)
+    await service.gate.enter()
+    try:
+        yield service.engine
+    finally:
+        service.gate.leave()
+
+
+async def reader(request: Request, credentials: Credentials) -> AsyncIterator[Engine]:
+    async for engine in _inside(request, credentials, write=False):
+        yield engine
+
+
+async def writer(request: Request, credentials: Credentials) -> AsyncIterator[Engine]:
+    async for engine in _inside(request, credentials, write=True):
+        yield engine
+
+
+ReadEngine = Annotated[Engine, Depends(reader)]
+WriteEngine = Annotated[Engine, Depends(writer)]
+
+
+def file_url(image_id: int) -> str:
+    return f"/api/images/{image_id}/file"
+
+
+def hits(neighbours: list[Neighbour]) -> list[dict[str, Any]]:
+    return [
+        {"rank": n.rank, "id": n.id, "label": n.label, "distance": n.distance, "url": file_url(n.id)}
+        for n in neighbours
+    ]
+
+
+def client_name(filename: str | None) -> str:
+    """The client's file name for messages and echoes only: last component, no control characters."""
+    name = PurePosixPath((filename or "").replace("\\", "/")).name
+    return re.sub(r"[\x00-\x1f\x7f]", "", name)[:200] or "upload"
+
+
+def model_list(models: str | None) -> list[str] | None:
+    names = [m.strip() for m in (models or "").split(",") if m.strip()]
+    return names or None
+
+
+# -- images ---------------------------------------------------------------------------------------
+
+
+@router.post("/images", response_model=UploadOut, tags=["images"])
+async def upload_images(
+    engine: WriteEngine,
+    files: Annotated[list[UploadFile], File(description="one or more image files")],
+    label: Annotated[str | None, Form(max_length=200)] = None,
+    models: Annotated[str | None, Form(description="comma-separated model names (default: every model)")] = None,
+) -> dict[str, Any]:
+    """Store images by content hash and index them into every model (or those named).
+
+    An image stored already returns its existing id (``created`` false). With several files, the
+    ones that are not usable images are listed under ``errors`` and the others are still stored;
+    a single bad file (or a request where every file is bad) is answered with 415 or 422.
+    """
+    contents = [(client_name(f.filename), await f.read()) for f in files]
+    return await in_thread(_add_all, engine, contents, label or None, model_list(models))
+
+
+def _add_all(
+    engine: Engine, contents: list[tuple[str, bytes]], label: str | None, models: list[str] | None
+) -> dict[str, Any]:
+    images, errors = [], []
+    for name, data in contents:
+        try:
+            added = engine.add_image(data, label, models, name)
+        except ImageError as exc:
+            errors.append((name, exc))
+            continue
+        images.append({"id": added.id, "sha256": added.sha256, "created": added.created, "filename": name})
+    if not images and errors:
+        raise errors[0][1]
+    return {"images": images, "errors": [{"filename": n, "error": str(e)} for n, e in errors]}
+
+
+@router.get("/images/{image_id}", response_model=ImageOut, tags=["images"])
+async def get_image(image_id: ImageId, engine: ReadEngine) -> dict[str, Any]:
+    """An image's metadata (its server-side folder is not shown)."""
+    record = await in_thread(engine.image, image_id)
+    return {
+        "id": record.id,
+        "name": PurePosixPath(record.path).name if record.path else None,
+        "url": file_url(record.id),
+        "sha256": record.sha256,
+        "width": record.width,
+        "height": record.height,
+        "format": record.format,
+        "label": record.label,
+        "bytes": record.bytes,
+        "added_at": record.added_at,
+        "generated": record.generated,
+        "provenance": record.provenance,
+        "models": record.models,
+    }
+
+
+@router.get(
+    "/images/{image_id}/file",
+    response_class=FileResponse,
+    tags=["images"],
+    responses={200: {"content": {"image/*": {}}, "description": "the image's bytes"}},
+)
+async def get_image_file(image_id: ImageId, engine: ReadEngine) -> FileResponse:
+    """The image's stored bytes, with the content type of their format."""
+    path, content_type = await in_thread(engine.image_file, image_id)
+    return FileResponse(path, media_type=content_type)
+
+
+@router.delete("/images/{image_id}", response_model=Deleted, tags=["images"])
+async def delete_image(image_id: ImageId, engine: WriteEngine) -> dict[str, Any]:
+    """Forget an image: metadata, vectors in every model, and the stored file of an upload."""
+    await in_thread(engine.delete_image, image_id)
+    return {"id": image_id, "deleted": True}
+
+
+# -- search and generation ---------------------------------------------------------------------
+
+
+@router.post("/search", response_model=SearchOut, tags=["search"])
+async def search_upload(
+    engine: ReadEngine,
+    file: Annotated[UploadFile, File(description="the query image (not stored)")],
+    model: Annotated[str, Form()],
+    k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
+) -> dict[str, Any]:
+    """The indexed images nearest to an uploaded image, nearest first."""
+    data = await file.read()
+    found = await in_thread(engine.search_bytes, data, model, k, name=client_name(file.filename))
+    return {"model": model, "results": hits(found)}
+
+
+@router.get("/search", response_model=SearchOut, tags=["search"])
+async def search_image(
+    engine: ReadEngine,
+    image_id: Annotated[int, Query(ge=0, le=MAX_ID)],
+    model: Annotated[str, Query()],
+    k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+) -> dict[str, Any]:
+    """The indexed images nearest to an indexed image (itself first), from its stored vector."""
+    return {"model": model, "results": hits(await in_thread(engine.search_image, image_id, model, k))}
+
+
+@router.post("/generate", response_model=GenerateOut, tags=["search"])
+async def generate(body: GenerateIn, request: Request, credentials: Credentials, engine: ReadEngine) -> dict[str, Any]:
+    """New candidates from a model's decoder (VAE prior, or near an indexed image), with their
+    nearest indexed images when ``search`` > 0. ``add`` stores them (a write: needs the token).
+    """
+    if body.add:
+        _service(request).authorize(_token(credentials), write=True)
+    return await in_thread(_generate, engine, body)
+
+
+def _generate(engine: Engine, body: GenerateIn) -> dict[str, Any]:
+    from embedsearch.core.generate import to_png
+
+    out = engine.generate(
+        body.model,
+        n=body.n,
+        seed=body.seed,
+        temperature=body.temperature,
+        near=body.near,
+        spread=body.spread,
+        search_k=body.search,
+        add=body.add,
+    )
+    candidates = [
+        {
+            "index": c.index,
+            "latent": c.latent,
+            "id": c.id,
+            "neighbours": hits(c.neighbours),
+            "image": "data:image/png;base64," + base64.b64encode(to_png(c.image)).decode("ascii"),
+        }
+        for c in out.candidates
+    ]
+    return {"model": out.model, "mode": out.mode, "seed": out.seed, "candidates": candidates}
+
+
+# -- the library --------------------------------------------------------------------------------
+
+
+@router.get("/models", response_model=ModelsOut, tags=["library"])
+async def list_models(engine: ReadEngine) -> dict[str, Any]:
+    """The library's models (name, kind ae/vae/pixels/pca, input, dimension, vectors)."""
+    fields = ("name", "kind", "dim", "metric", "image_size", "channels", "vectors", "created_at")
+    return {"models": [{f: getattr(m, f) for f in fields} for m in await in_thread(engine.models)]}
+
+
+@router.get("/stats", response_model=StatsOut, tags=["library"])
+async def stats(engine: ReadEngine) -> dict[str, Any]:
+    """Counts: images, generated images, models, vectors per model."""
+    return await in_thread(engine.stats)  # type: ignore[no-any-return]
+
+
+@router.get("/health", response_model=HealthOut, tags=["library"])
+async def health() -> dict[str, Any]:
+    """Liveness; always open, even with --token-for-reads."""
+    return {"status": "ok", "version": __version__}

@@ -1,0 +1,116 @@
+"""The JSON shapes of the HTTP API (pydantic models): what /docs shows and what the routes return."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+MAX_K = 1000
+MAX_ID = 2**63 - 1  # SQLite integers; a larger id is refused (422) rather than overflowing
+
+
+class Hit(BaseModel):
+    rank: int
+    id: int
+    label: str | None
+    distance: float
+    url: str = Field(description="/api/images/{id}/file")
+
+
+class SearchOut(BaseModel):
+    model: str
+    results: list[Hit]
+
+
+class Uploaded(BaseModel):
+    id: int
+    sha256: str
+    created: bool = Field(description="false: the same bytes were stored already; this is their id")
+    filename: str = Field(description="the client's file name, echoed only (files are stored by hash)")
+
+
+class UploadFailure(BaseModel):
+    filename: str
+    error: str
+
+
+class UploadOut(BaseModel):
+    images: list[Uploaded]
+    errors: list[UploadFailure] = Field(
+        default_factory=list, description="files of a multi-file upload that are not usable images"
+    )
+
+
+class ImageOut(BaseModel):
+    id: int
+    name: str | None = Field(description="file name only; the server's folders are not shown")
+    url: str
+    sha256: str
+    width: int
+    height: int
+    format: str
+    label: str | None
+    bytes: int
+    added_at: str
+    generated: bool
+    provenance: dict[str, Any] | None
+    models: list[str]
+
+
+class Deleted(BaseModel):
+    id: int
+    deleted: bool = True
+
+
+class ModelOut(BaseModel):
+    name: str
+    kind: str
+    dim: int
+    metric: str
+    image_size: int
+    channels: int
+    vectors: int
+    created_at: str
+
+
+class ModelsOut(BaseModel):
+    models: list[ModelOut]
+
+
+class StatsOut(BaseModel):
+    images: int
+    generated: int
+    models: int
+    vectors: dict[str, int]
+
+
+class HealthOut(BaseModel):
+    status: str
+    version: str
+
+
+class GenerateIn(BaseModel):
+    model: str = Field(description="an AE or VAE model; only a VAE can sample (prior or near an image)")
+    n: int = Field(8, ge=1, le=64, description="number of candidates")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    near: int | None = Field(None, ge=0, le=MAX_ID, description="sample around this indexed image (id)")
+    search: int = Field(0, ge=0, le=50, description="k nearest indexed images per candidate (0: none)")
+    temperature: float = Field(1.0, gt=0, le=10, description="prior sampling: scale of the noise")
+    spread: float = Field(1.0, ge=0, le=10, description="near sampling: scale of the posterior's spread")
+    add: bool = Field(False, description="store the candidates as generated images (a write: needs the token)")
+
+
+class CandidateOut(BaseModel):
+    index: int
+    image: str = Field(description="data:image/png;base64,...")
+    latent: list[float]
+    id: int | None = Field(description="id of the stored image when add was set")
+    neighbours: list[Hit]
+
+
+class GenerateOut(BaseModel):
+    model: str
+    mode: str
+    seed: int
+    candidates: list[CandidateOut]

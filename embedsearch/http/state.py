@@ -1,0 +1,128 @@
+"""What the routes share: the engine, the gate in front of it and the access settings.
+
+Its own module so that the app (which builds a :class:`Service`) and the routes (which read it
+from ``request.app.state.service``) both import it and not each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from starlette.exceptions import HTTPException
+
+if TYPE_CHECKING:
+    from embedsearch.engine import Engine
+
+DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
+
+
+class Gate:
+    """Many requests share the engine; the refresher alone may swap its caches.
+
+    Requests :meth:`enter` (or, in a thread, hold :meth:`shared`) and never wait for each other.
+    :meth:`try_exclusive` holds new requests back for at most ``timeout`` seconds while it waits for
+    running ones; if they do not finish in time it gives up, so a slow upload (waiting for a CLI
+    writer's lock) only delays the next refresh, never the searches for long.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._closed = False
+        self._exclusive = threading.Lock()  # one refresher at a time, even with several apps
+
+    def try_enter(self) -> bool:
+        """Enter unless the refresher is closing the gate; never blocks (safe on the event loop)."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._active += 1
+            return True
+
+    async def enter(self) -> None:
+        while not self.try_enter():
+            await asyncio.sleep(0.002)
+
+    def leave(self) -> None:
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        """Blocking form of enter/leave, for threads."""
+        with self._cond:
+            while self._closed:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            self.leave()
+
+    @contextmanager
+    def try_exclusive(self, timeout: float) -> Iterator[bool]:
+        """Yield True while no request is inside, or False if that did not happen within ``timeout``."""
+        if not self._exclusive.acquire(blocking=False):
+            yield False
+            return
+        try:
+            with self._cond:
+                self._closed = True
+                got = self._cond.wait_for(lambda: self._active == 0, timeout)
+                if not got:
+                    self._closed = False
+                    self._cond.notify_all()
+            try:
+                yield got
+            finally:
+                if got:
+                    with self._cond:
+                        self._closed = False
+                        self._cond.notify_all()
+        finally:
+            self._exclusive.release()
+
+
+#: One gate per engine: several apps may share an engine (and each runs a refresher).
+_GATES: weakref.WeakKeyDictionary[Any, Gate] = weakref.WeakKeyDictionary()
+_GATES_LOCK = threading.Lock()
+
+
+def gate_of(engine: Engine) -> Gate:
+    with _GATES_LOCK:
+        return _GATES.setdefault(engine, Gate())
+
+
+@dataclass
+class Service:
+    """What the routes need: the engine, its gate and the access settings (``app.state.service``)."""
+
+    engine: Engine
+    token: str | None = None
+    token_for_reads: bool = False
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD
+    owns_engine: bool = False
+    gate: Gate = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gate = gate_of(self.engine)
+
+    def authorize(self, token: str | None, write: bool) -> None:
+        """Raise 401 unless ``token`` is the configured one (or this access needs none)."""
+        if self.token is None or not (write or self.token_for_reads):
+            return
+        if token is None or not hmac.compare_digest(token.encode(), self.token.encode()):
+            what = "this request" if write else "reading"
+            raise HTTPException(
+                401,
+                f"{what} needs the header 'Authorization: Bearer TOKEN' with the service's token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
