@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 from embedsearch.data.synth import SHAPES, make_shapes
 
 if TYPE_CHECKING:
-    from embedsearch.engine import Engine, QueryResult
+    from embedsearch.engine import Engine
+    from embedsearch.results import QueryResult
 
 log = logging.getLogger(__name__)
 

@@ -12,49 +12,24 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from embedsearch.core.library import ImagesMixin
-from embedsearch.core.models import ModelInfo, ModelsMixin
+from embedsearch.core.models import ModelsMixin
 from embedsearch.core.store import Model, Store
 from embedsearch.core.vectors import VectorIndex
 from embedsearch.data.images import DEFAULT_MAX_PIXELS, decode_file, scan
 from embedsearch.encoders.base import Encoder
 from embedsearch.errors import DataError, ImageError, InvalidArgumentError, LockedError
+from embedsearch.results import LibraryInfo, Neighbour, QueryResult
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOME = "indexes"
 LOCK_TIMEOUT = 600.0
-
-
-@dataclass
-class Neighbour:
-    rank: int
-    id: int
-    path: str | None
-    label: str | None
-    distance: float
-
-
-@dataclass
-class QueryResult:
-    query: str
-    model: str
-    results: list[Neighbour]
-
-
-@dataclass
-class LibraryInfo:
-    home: str
-    database: str
-    images: int
-    models: list[ModelInfo]
-    disk_bytes: dict[str, int]
 
 
 def _dir_size(path: Path) -> int:

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import noise_image, png_bytes
-from embedsearch.engine import Engine, QueryResult
+from embedsearch.engine import Engine
+from embedsearch.results import QueryResult
 
 
 @pytest.mark.parametrize("original, copy", [("a.png", "b.png"), ("b.png", "a.png")])

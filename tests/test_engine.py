@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import noise_image, png_bytes
-from embedsearch.engine import Engine, QueryResult
+from embedsearch.engine import Engine
 from embedsearch.errors import DataError, InvalidArgumentError, ModelError, UnknownModelError
+from embedsearch.results import QueryResult
 
 
 def results(engine: Engine, paths: list[str], model: str, k: int = 5) -> list[QueryResult]:

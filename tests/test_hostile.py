@@ -26,8 +26,9 @@ from PIL import Image
 
 from conftest import noise_image, png_bytes
 from embedsearch.data.images import InputSpec, decode_bytes
-from embedsearch.engine import Engine, QueryResult
+from embedsearch.engine import Engine
 from embedsearch.errors import DataError, ImageError
+from embedsearch.results import QueryResult
 
 #: The Engine runs use a lowered pixel limit, so that a real (decodable) image can be over it.
 LOW_MAX_PIXELS = 250_000

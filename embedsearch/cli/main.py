@@ -140,7 +140,7 @@ def query(
       embedsearch query photos/cat.png --model pixels -k 5 --grid cats.png
       embedsearch query queries/ --model vae --json > results.jsonl
     """
-    from embedsearch.engine import QueryResult
+    from embedsearch.results import QueryResult
 
     results, failed = [], 0
     for item in _engine(ctx).query(list(images), model, k, include_generated=include_generated):

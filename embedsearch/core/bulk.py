@@ -21,42 +21,12 @@ from embedsearch.data.images import infer_spec, scan
 from embedsearch.data.ingest import Decoded, decode_all, plan, uses_pool
 from embedsearch.encoders.base import REGISTRY, encoder_class
 from embedsearch.errors import InvalidArgumentError, UnknownModelError
+from embedsearch.results import IndexReport
 
 if TYPE_CHECKING:
     from embedsearch.engine import Engine
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class IndexReport:
-    """What a bulk run did. ``failed`` lists (path, reason) for every file that was skipped."""
-
-    model: str
-    scanned: int = 0
-    added: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    duplicates: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def images_per_second(self) -> float:
-        return self.scanned / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "scanned": self.scanned,
-            "added": self.added,
-            "updated": self.updated,
-            "unchanged": self.unchanged,
-            "duplicates": self.duplicates,
-            "failed": [{"path": p, "reason": r} for p, r in self.failed],
-            "seconds": round(self.seconds, 3),
-            "images_per_second": round(self.images_per_second, 1),
-        }
 
 
 class _Batch:

@@ -14,9 +14,8 @@ not match cannot be mended here: the model must be retrained.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy import select
@@ -26,40 +25,12 @@ from embedsearch.core.store import Image, IndexEntry
 from embedsearch.core.vectors import VectorIndex
 from embedsearch.data.images import decode_file
 from embedsearch.errors import EmbedSearchError, ImageError
+from embedsearch.results import CheckReport, ModelCheck
 
 if TYPE_CHECKING:
     from embedsearch.engine import Engine
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelCheck:
-    entries: int = 0
-    vectors_in_file: int = 0
-    missing_from_file: int = 0
-    orphans_in_file: int = 0
-    stale_in_file: int = 0
-    bad_vectors: int = 0
-    checkpoint: str = "ok"
-
-
-@dataclass
-class CheckReport:
-    ok: bool = True
-    models: dict[str, ModelCheck] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    repaired: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # not inconsistencies: e.g. user files moved away
-
-    def problem(self, text: str) -> None:
-        self.ok = False
-        self.problems.append(text)
-
-    def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return asdict(self)
 
 
 def _entries(engine: Engine, model_id: int, dim: int) -> tuple[dict[int, np.ndarray], list[int]]:

@@ -8,7 +8,6 @@ by anything a client sent — so no request can name a path.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ import numpy as np
 from embedsearch.core.vectors import atomic_write
 from embedsearch.data.images import decode_bytes, sha256
 from embedsearch.errors import ImageError, InvalidArgumentError, NotFoundError
+from embedsearch.results import Added, ImageRecord
 
 if TYPE_CHECKING:
     from embedsearch.core.generate import Generation
@@ -33,29 +33,6 @@ FORMATS = {  # Pillow format -> (file ending, content type)
     "BMP": (".bmp", "image/bmp"),
     "TIFF": (".tif", "image/tiff"),
 }
-
-
-@dataclass
-class ImageRecord:
-    id: int
-    path: str | None
-    sha256: str
-    width: int
-    height: int
-    format: str
-    label: str | None
-    bytes: int
-    added_at: str
-    generated: bool
-    provenance: dict[str, Any] | None
-    models: list[str]
-
-
-@dataclass
-class Added:
-    id: int
-    created: bool  # False: the same bytes were stored already
-    sha256: str
 
 
 class ImagesMixin:

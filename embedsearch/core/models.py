@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,25 +17,12 @@ from embedsearch.data.datasets import data_spec, load_dataset
 from embedsearch.data.images import InputSpec
 from embedsearch.encoders.base import Encoder, encoder_class, write_config
 from embedsearch.errors import DataError, InvalidArgumentError, ModelError, UnknownModelError
+from embedsearch.results import ModelInfo
 
 if TYPE_CHECKING:
     from embedsearch.engine import Engine
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelInfo:
-    name: str
-    kind: str
-    dim: int
-    metric: str
-    image_size: int
-    channels: int
-    vectors: int
-    created_at: str
-    checkpoint: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)
 
 
 def file_sha256(path: Path) -> str:

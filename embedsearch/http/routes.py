@@ -38,7 +38,7 @@ from embedsearch.http.schemas import (
 from embedsearch.http.state import Service
 
 if TYPE_CHECKING:
-    from embedsearch.engine import Neighbour
+    from embedsearch.results import Neighbour
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from embedsearch.errors import ImageError
 from embedsearch.render.grid import Tile, save_grid
 
 if TYPE_CHECKING:
-    from embedsearch.engine import QueryResult
+    from embedsearch.results import QueryResult
 
 
 def image_tile(path: str | None, caption: str) -> Tile:

@@ -1,0 +1,134 @@
+"""The result types every layer shares: what the Engine returns and the faces render.
+
+At the bottom of the package: it imports nothing from embedsearch, so any module may use it.
+Each type is a plain dataclass; ``dataclasses.asdict`` gives its JSON form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: The distances a model's index can use: Euclidean, or 1 - cosine similarity.
+METRICS: tuple[str, ...] = ("l2", "cosine")
+
+
+@dataclass
+class Neighbour:
+    rank: int
+    id: int
+    path: str | None
+    label: str | None
+    distance: float
+
+
+@dataclass
+class QueryResult:
+    query: str
+    model: str
+    results: list[Neighbour]
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    kind: str
+    dim: int
+    metric: str
+    image_size: int
+    channels: int
+    vectors: int
+    created_at: str
+    checkpoint: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LibraryInfo:
+    home: str
+    database: str
+    images: int
+    models: list[ModelInfo]
+    disk_bytes: dict[str, int]
+
+
+@dataclass
+class ImageRecord:
+    id: int
+    path: str | None
+    sha256: str
+    width: int
+    height: int
+    format: str
+    label: str | None
+    bytes: int
+    added_at: str
+    generated: bool
+    provenance: dict[str, Any] | None
+    models: list[str]
+
+
+@dataclass
+class Added:
+    id: int
+    created: bool  # False: the same bytes were stored already
+    sha256: str
+
+
+@dataclass
+class IndexReport:
+    """What a bulk run did. ``failed`` lists (path, reason) for every file that was skipped."""
+
+    model: str
+    scanned: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    duplicates: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.scanned / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "scanned": self.scanned,
+            "added": self.added,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "duplicates": self.duplicates,
+            "failed": [{"path": p, "reason": r} for p, r in self.failed],
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 1),
+        }
+
+
+@dataclass
+class ModelCheck:
+    entries: int = 0
+    vectors_in_file: int = 0
+    missing_from_file: int = 0
+    orphans_in_file: int = 0
+    stale_in_file: int = 0
+    bad_vectors: int = 0
+    checkpoint: str = "ok"
+
+
+@dataclass
+class CheckReport:
+    ok: bool = True
+    models: dict[str, ModelCheck] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # not inconsistencies: e.g. user files moved away
+
+    def problem(self, text: str) -> None:
+        self.ok = False
+        self.problems.append(text)
+
+    def to_dict(self) -> dict[str, Any]:
+
+        return asdict(self)
