@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/fuzz.py [--cases 50000] [--other 10000] [--random 5000] [--seed 0]
 
-Uses the seeds and mutations of ``tests/test_fuzz.py`` (bit flips, byte writes, truncation,
-insertion, deletion, repeats, splices, header fields, PNG IHDR fields with mended CRCs, TIFF tags,
+Uses the seeds and mutations of ``embedsearch.data.mutations``, as ``tests/test_fuzz.py`` does
+(bit flips, byte writes, truncation, insertion, deletion, repeats, splices, header fields, PNG IHDR
+fields with mended CRCs, TIFF tags,
 JPEG frame fields), drawn from a seeded ``random.Random`` instead of hypothesis, and keeps going
 after a failure. Three families: ``--cases`` mutations of PNG, JPEG, GIF, BMP, TIFF and WebP files;
 ``--other`` mutations of the other formats Pillow opens whatever a file is called (ICO, DDS, JPEG
@@ -28,13 +29,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from common import OUT, ROOT, machine
-
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
 from embedsearch.data.images import DEFAULT_MAX_PIXELS, decode_bytes
+from embedsearch.data.mutations import SPECS, family, mutate, random_case, seed_corpus
 from embedsearch.errors import ImageError
-from test_fuzz import SPECS, family, mutate, random_case, seed_corpus
 
 
 @dataclass

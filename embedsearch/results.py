@@ -30,7 +30,9 @@ class QueryResult:
 
 
 @dataclass
-class ModelInfo:
+class ModelSummary:
+    """What a model is, as listed (``models``, ``/api/models``): no files, no training settings."""
+
     name: str
     kind: str
     dim: int
@@ -39,6 +41,12 @@ class ModelInfo:
     channels: int
     vectors: int
     created_at: str
+
+
+@dataclass
+class ModelInfo(ModelSummary):
+    """A model's summary with its weights file and config.json contents."""
+
     checkpoint: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -54,6 +62,9 @@ class LibraryInfo:
 
 @dataclass
 class ImageRecord:
+    """An image's metadata. The HTTP API's ``ImageOut`` is made from these fields (``path`` becomes
+    ``name`` and ``url`` there), so a field added here appears in ``/api/images/{id}`` too."""
+
     id: int
     path: str | None
     sha256: str

@@ -7,7 +7,7 @@ or, simpler, ``embedsearch db upgrade``.
 from alembic import context
 from sqlalchemy import create_engine
 
-from embedsearch.core.store import Base
+from embedsearch.core.schema import Base
 
 config = context.config
 target_metadata = Base.metadata

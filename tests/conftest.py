@@ -1,38 +1,42 @@
-"""Shared fixtures: small real images made in code, and fresh libraries."""
+"""The fixtures: folders of small real images made in code, and libraries built on them.
+
+One family, each fixture building on the one before (helpers that tests call are in ``helpers.py``):
+
+* ``shapes``: a private, writable folder of labelled pictures: 8 shape classes x 6, 32x32 RGB,
+  in ``<shape>/<shape>-<i>.png``.
+* ``home``: the path of an empty library home (not created yet).
+* ``engine``: an open :class:`Engine` on ``home``, nothing in it.
+* ``indexed``: ``engine`` with ``shapes`` indexed by the ``pixels`` model (48 images).
+* ``library``: ``indexed`` plus a PCA model ``pca`` (8-d) with ``shapes`` indexed, and one upload
+  (labelled ``upload``, in both models): 49 images.
+* ``library_home``: the same library built and closed; its home path (for the CLI, or to reopen).
+
+A trained library, built once per module that asks for it (training is the slow part):
+
+* ``trained_data``: 8 shape classes x 6, 28x28 grey; read it, do not change it.
+* ``trained``: an open :class:`Engine` over ``trained_data`` with ``pixels``, an ``ae`` and a ``vae``
+  (latent 8, 2 epochs). Tests of one module share it: they assert what holds whatever the others added.
+"""
 
 from __future__ import annotations
 
-import io
-import socket
-import threading
-import time
+import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from embedsearch.data.synth import make_shapes
+from embedsearch.engine import Engine
+from helpers import noise_image, png_bytes
 
-
-def png_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
-
-
-def noise_image(seed: int, size: int = 16, mode: str = "RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
-    arr = rng.integers(0, 256, (size, size, channels), dtype=np.uint8)
-    return Image.fromarray(arr.squeeze(-1) if channels == 1 else arr, mode)
+#: Options of the AE and VAE of ``trained``: tiny and quick, latent 8.
+TRAINED_OPTIONS = {"epochs": 2, "latent_dim": 8, "batch_size": 16}
 
 
 @pytest.fixture(scope="session")
 def shapes_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pictures ``shapes`` copies (made once per session; never handed to a test to change)."""
     root = tmp_path_factory.mktemp("shapes")
     make_shapes(root, per_class=6, size=32, seed=1)
     return root
@@ -41,38 +45,61 @@ def shapes_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def shapes(tmp_path: Path, shapes_master: Path) -> Path:
     """A private copy (tests modify it) of a labelled folder: 8 shape classes x 6 images, 32x32 RGB."""
-    import shutil
-
     dest = tmp_path / "data"
     shutil.copytree(shapes_master, dest)
     return dest
 
 
 @pytest.fixture
-def engine(tmp_path: Path):
-    from embedsearch.engine import Engine
+def home(tmp_path: Path) -> Path:
+    """Where this test's library lives; empty (the Engine or the CLI creates it)."""
+    return tmp_path / "home"
 
-    with Engine(tmp_path / "home") as eng:
+
+@pytest.fixture
+def engine(home: Path) -> Iterator[Engine]:
+    with Engine(home) as eng:
         yield eng
 
 
-@contextmanager
-def live_server(app: Any) -> Iterator[str]:
-    """uvicorn on a free loopback port in a thread (service and browser tests)."""
-    import uvicorn
+def _fill_library(engine: Engine, shapes: Path) -> None:
+    engine.index(str(shapes), "pixels")
+    engine.create_model("pca", "pca", str(shapes), options={"dim": 8})
+    engine.index(str(shapes), "pca")
+    engine.add_image(png_bytes(noise_image(21, 30)), label="upload")
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+
+@pytest.fixture
+def indexed(engine: Engine, shapes: Path) -> Engine:
+    engine.index(str(shapes), "pixels")
+    return engine
+
+
+@pytest.fixture
+def library(engine: Engine, shapes: Path) -> Engine:
+    _fill_library(engine, shapes)
+    return engine
+
+
+@pytest.fixture
+def library_home(home: Path, shapes: Path) -> Path:
+    with Engine(home) as eng:
+        _fill_library(eng, shapes)
+    return home
+
+
+@pytest.fixture(scope="module")
+def trained_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("trained-data")
+    make_shapes(root, per_class=6, size=28, mode="L")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, trained_data: Path) -> Iterator[Engine]:
+    with Engine(tmp_path_factory.mktemp("trained") / "home") as eng:
+        eng.index(str(trained_data), "pixels", workers=0)
+        for kind in ("ae", "vae"):
+            eng.create_model(kind, kind, str(trained_data), options=TRAINED_OPTIONS)
+            eng.index(str(trained_data), kind, workers=0)
+        yield eng

@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 
-from conftest import live_server
-from embedsearch.data.synth import make_shapes
 from embedsearch.engine import Engine
 from embedsearch.http.app import create_app
+from helpers import live_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -31,9 +30,12 @@ ARGS = [
 ]
 K = 8  # the page's default number of results per column
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing: apt-get install -y chromium to run the browser test"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing: apt-get install -y chromium to run the browser test"
+    ),
+]
 
 
 @dataclass
@@ -44,17 +46,10 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    """Running services over a small shapes library with pixels, an AE and a VAE; and its data folder."""
-    root = tmp_path_factory.mktemp("browser")
-    make_shapes(root / "data", per_class=8, size=28, mode="L")
-    with Engine(root / "home") as engine:
-        for kind in ("ae", "vae"):
-            engine.create_model(kind, kind, str(root / "data"), options={"epochs": 4, "latent_dim": 8})
-            engine.index(str(root / "data"), kind, workers=0)
-        engine.index(str(root / "data"), "pixels", workers=0)
-        with live_server(create_app(engine)) as url, live_server(create_app(engine, token="t0ken")) as guarded:
-            yield Site(url, guarded, root / "data")
+def site(trained: Engine, trained_data: Path) -> Iterator[Site]:
+    """Running services over the module's ``trained`` library (pixels, an AE and a VAE over shapes)."""
+    with live_server(create_app(trained)) as url, live_server(create_app(trained, token="t0ken")) as guarded:
+        yield Site(url, guarded, trained_data)
 
 
 @pytest.fixture(scope="module")

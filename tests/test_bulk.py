@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import noise_image, png_bytes
 from embedsearch.engine import Engine
 from embedsearch.results import QueryResult
+from helpers import noise_image, png_bytes
 
 
 @pytest.mark.parametrize("original, copy", [("a.png", "b.png"), ("b.png", "a.png")])
@@ -127,6 +127,7 @@ EXAMPLES = int(os.environ.get("BULK_EXAMPLES", "40"))
         st.tuples(st.lists(_op, min_size=1, max_size=6), st.sampled_from([1, 2, 1000])), min_size=1, max_size=4
     )
 )
+@pytest.mark.slow
 def test_random_changes_between_runs_keep_every_content_stored_once(
     tmp_path_factory: pytest.TempPathFactory, steps: list
 ) -> None:

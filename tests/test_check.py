@@ -5,26 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 from sqlalchemy import update
 
-from conftest import noise_image, png_bytes
 from embedsearch.cli.main import main
 from embedsearch.core.store import Image, IndexEntry
 from embedsearch.core.vectors import VectorIndex
 from embedsearch.engine import Engine
-
-
-@pytest.fixture
-def library(tmp_path: Path, shapes: Path) -> Path:
-    home = tmp_path / "lib"
-    with Engine(home) as engine:
-        engine.index(str(shapes), "pixels")
-        engine.create_model("pca", "pca", str(shapes), options={"dim": 6})
-        engine.index(str(shapes), "pca")
-        engine.add_image(png_bytes(noise_image(21, 30)), label="upload")
-    return home
 
 
 def check(home: Path, *args: str) -> tuple[int, str]:
@@ -32,42 +19,42 @@ def check(home: Path, *args: str) -> tuple[int, str]:
     return result.exit_code, result.stdout
 
 
-def test_a_clean_library_is_consistent(library: Path) -> None:
-    code, out = check(library)
+def test_a_clean_library_is_consistent(library_home: Path) -> None:
+    code, out = check(library_home)
     assert code == 0 and out.strip().endswith("consistent")
-    with Engine(library) as engine:
+    with Engine(library_home) as engine:
         report = engine.check()
     assert report.ok and report.models["pca"].entries == report.models["pca"].vectors_in_file == 49
 
 
-def test_an_index_file_behind_the_database_is_a_note_and_repair_rewrites_it(library: Path) -> None:
-    (library / "indexes" / "pca.faiss").unlink()  # a crash before the first save looks like this
-    code, out = check(library)
+def test_an_index_file_behind_the_database_is_a_note_and_repair_rewrites_it(library_home: Path) -> None:
+    (library_home / "indexes" / "pca.faiss").unlink()  # a crash before the first save looks like this
+    code, out = check(library_home)
     assert code == 0 and "index file is behind the database" in out
-    code, out = check(library, "--repair")
+    code, out = check(library_home, "--repair")
     assert code == 0 and "rebuilt its index file" in out
-    assert "behind" not in check(library)[1]
+    assert "behind" not in check(library_home)[1]
 
 
-def test_orphans_catch_up_but_a_stale_vector_is_a_problem(library: Path) -> None:
-    with Engine(library) as engine:
+def test_orphans_catch_up_but_a_stale_vector_is_a_problem(library_home: Path) -> None:
+    with Engine(library_home) as engine:
         model = engine.model("pca")
         index = VectorIndex.load(engine.index_path("pca"), model.dim, model.metric)
-        index.add(np.array([9999]), np.ones((1, 6), np.float32))  # an image deleted after the save
+        index.add(np.array([9999]), np.ones((1, model.dim), np.float32))  # an image deleted after the save
         index.save(engine.index_path("pca"))
         report = engine.check()
         assert report.ok and report.notes
         first = int(index.ids()[0])
         index.remove([first])
-        index.add(np.array([first]), np.full((1, 6), 7.0, np.float32))  # a vector the database never had
+        index.add(np.array([first]), np.full((1, model.dim), 7.0, np.float32))  # a vector the database never had
         index.save(engine.index_path("pca"))
         report = engine.check()
         assert not report.ok and report.models["pca"].stale_in_file == 1
         assert engine.check(repair=True).ok
 
 
-def test_damaged_stored_vector_is_reencoded(library: Path) -> None:
-    with Engine(library) as engine:
+def test_damaged_stored_vector_is_reencoded(library_home: Path) -> None:
+    with Engine(library_home) as engine:
         model = engine.model("pca")
         image_id = engine.store.entry_image_ids(model.id)[0]
         original = dict(engine.store.entry_vectors(model.id, [image_id]))[image_id]
@@ -85,26 +72,26 @@ def test_damaged_stored_vector_is_reencoded(library: Path) -> None:
         assert np.allclose(np.frombuffer(again, np.float32), np.frombuffer(original, np.float32), atol=1e-5)
 
 
-def test_tampered_checkpoint_cannot_be_repaired(library: Path) -> None:
-    weights = library / "models" / "pca" / "weights.safetensors"
+def test_tampered_checkpoint_cannot_be_repaired(library_home: Path) -> None:
+    weights = library_home / "models" / "pca" / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\1")
-    code, out = check(library, "--repair")
+    code, out = check(library_home, "--repair")
     assert code == 1 and "does not match its recorded sha256" in out
 
 
-def test_stored_uploads_are_verified_and_strays_removed(library: Path) -> None:
-    [upload] = list((library / "uploads").rglob("*.png"))
+def test_stored_uploads_are_verified_and_strays_removed(library_home: Path) -> None:
+    [upload] = list((library_home / "uploads").rglob("*.png"))
     stray = upload.parent / "0123.png"
     stray.write_bytes(b"stray")
     upload.write_bytes(upload.read_bytes() + b"tampered")
-    with Engine(library) as engine:
+    with Engine(library_home) as engine:
         report = engine.check(repair=True)
     assert not stray.exists()
     assert not report.ok and any("does not match its sha256" in p for p in report.problems)
 
 
-def test_image_rows_in_no_index_are_dropped(library: Path, shapes: Path) -> None:
-    with Engine(library) as engine:
+def test_image_rows_in_no_index_are_dropped(library_home: Path, shapes: Path) -> None:
+    with Engine(library_home) as engine:
         with engine.store.session() as s:
             s.add(Image(path="/nowhere.png", sha256="f" * 64, width=1, height=1, format="PNG", mode="L", bytes=1))
         assert not engine.check().ok

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from embedsearch.cli.main import main
+from embedsearch.data.synth import SHAPES
 
 COMMANDS = [
     "index",
@@ -40,8 +42,7 @@ def test_every_command_has_help_with_an_example(command: str) -> None:
     assert result.exit_code == 0 and "Example" in result.output
 
 
-def test_index_query_info_remove_end_to_end(tmp_path: Path, shapes: Path) -> None:
-    home = tmp_path / "home"
+def test_index_query_info_remove_end_to_end(tmp_path: Path, home: Path, shapes: Path) -> None:
     code, out, _ = run(home, "index", str(shapes), "--model", "pixels")
     assert code == 0 and "added 48" in out and "failed 0" in out and "images/s" in out
     code, out, _ = run(home, "index", str(shapes), "--model", "pixels")
@@ -68,16 +69,32 @@ def test_index_query_info_remove_end_to_end(tmp_path: Path, shapes: Path) -> Non
     code, out, _ = run(home, "remove", str(shapes / "ring"))
     assert code == 0 and "removed 6" in out
     code, out, _ = run(home, "models")
-    assert "pixels" in out and "42" in out
+    header, *rows = out.splitlines()
+    assert code == 0 and header.split() == ["model", "kind", "input", "dim", "metric", "vectors"]
+    assert [row.split() for row in rows] == [["pixels", "pixels", "32x32x3", "3072", "l2", "42"]]
 
 
-def test_train_pca_then_query_table(tmp_path: Path, shapes: Path) -> None:
-    home = tmp_path / "home"
+def table_rows(out: str) -> list[dict[str, str]]:
+    """The rows of the query command's table (one query): column name -> cell."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["rank", "distance"])
+    header = lines[start].split()
+    return [dict(zip(header, line.split(), strict=True)) for line in lines[start + 1 :] if line.strip()]
+
+
+def test_train_pca_then_query_table(home: Path, shapes: Path) -> None:
     code, out, _ = run(home, "train", str(shapes), "--model", "pca", "--dim", "8", "--image-size", "16")
     assert code == 0 and "16x16x3 -> 8-d" in out
     run(home, "index", str(shapes), "--model", "pca")
-    code, out, _ = run(home, "query", str(sorted((shapes / "star").iterdir())[0]), "--model", "pca", "-k", "2")
-    assert code == 0 and "rank" in out and "star" in out
+    probe = sorted((shapes / "star").iterdir())[0]
+    code, out, _ = run(home, "query", str(probe), "--model", "pca", "-k", "2")
+    assert code == 0 and out.splitlines()[0] == f"query: {probe}"
+    rows = table_rows(out)
+    assert [r["rank"] for r in rows] == ["1", "2"]
+    # The probe is indexed: it is its own nearest neighbour, at distance 0, with its folder's label.
+    assert (rows[0]["path"], rows[0]["label"], float(rows[0]["distance"])) == (str(probe), "star", 0.0)
+    assert rows[1]["path"] != str(probe) and Path(rows[1]["path"]).parent.name == rows[1]["label"]
+    assert float(rows[1]["distance"]) > 0.0
 
 
 @pytest.mark.parametrize(
@@ -114,7 +131,44 @@ def test_unreadable_database_is_one_line(tmp_path: Path) -> None:
     assert "cannot open the metadata database" in proc.stderr
 
 
-def test_demo_runs_offline_and_writes_a_grid(tmp_path: Path) -> None:
-    code, out, _ = run(tmp_path / "home", "demo", "--per-class", "4")
-    assert code == 0 and "neighbours share their query's shape" in out
-    assert (tmp_path / "home" / "demo" / "query-grid.png").is_file()
+SUMMARY = re.compile(
+    r"^indexed (\d+) images \((\d+) new\) with 'pixels' and 'pca-demo'; "
+    r"(\d+)/(\d+) neighbours share their query's shape; grid: (.+)$"
+)
+
+
+def test_demo_runs_offline_and_writes_a_grid(home: Path) -> None:
+    per_class, k = 4, 6  # the demo asks for 6 results per query: itself and 5 neighbours
+    code, out, _ = run(home, "demo", "--per-class", str(per_class))
+    assert code == 0
+    *tables, summary = out.splitlines()
+    match = SUMMARY.match(summary)
+    assert match, summary
+    scanned, new, hits, total = (int(g) for g in match.groups()[:4])
+    assert scanned == new == per_class * len(SHAPES)
+    # One table per shape, for its first picture; each picture finds itself first, at distance 0.
+    starts = [i for i, line in enumerate(tables) if line.startswith("query: ")]
+    assert starts[0] == 0
+    blocks = ["\n".join(tables[a:b]) for a, b in zip(starts, [*starts[1:], len(tables)], strict=True)]
+    queries = [Path(block.splitlines()[0].removeprefix("query: ")) for block in blocks]
+    assert [q.parent.name for q in queries] == list(SHAPES)
+    assert all(q.name == f"{q.parent.name}-0000.png" for q in queries)
+    same_shape = 0
+    for query, block in zip(queries, blocks, strict=True):
+        rows = table_rows(block)
+        assert [r["rank"] for r in rows] == [str(i) for i in range(1, k + 1)]
+        assert (rows[0]["path"], float(rows[0]["distance"])) == (str(query), 0.0)
+        same_shape += sum(r["label"] == query.parent.name for r in rows[1:])
+    # The summary's count is the count of the tables above it.
+    assert (hits, total) == (same_shape, len(SHAPES) * (k - 1))
+    grid = Path(match.group(5))
+    assert grid == home / "demo" / "query-grid.png"
+    with Image.open(grid) as im:  # a row per query: the query, then its k results, in 96-pixel tiles
+        assert im.format == "PNG" and im.width > (k + 1) * 96 and im.height > len(SHAPES) * 96
+        assert len(im.convert("L").getcolors()) > 16  # pictures, not an empty frame
+
+    # A second run reuses the pictures and the models: nothing new, the same answer.
+    code, again, _ = run(home, "demo", "--per-class", str(per_class))
+    assert code == 0
+    second = SUMMARY.match(again.splitlines()[-1])
+    assert second and second.groups() == (str(scanned), "0", *match.groups()[2:])

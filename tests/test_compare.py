@@ -80,6 +80,7 @@ def write_idx_pair(folder: Path, prefix: str, images: np.ndarray, labels: np.nda
 # -- the command ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_json_and_report(tmp_path: Path, grey_shapes: Path) -> None:
     home, out = tmp_path / "home", tmp_path / "report"
     code, stdout, stderr = run(

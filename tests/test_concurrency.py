@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,8 @@ from PIL import Image
 
 from embedsearch.core.vectors import VectorIndex
 from embedsearch.engine import Engine
+
+pytestmark = pytest.mark.slow
 
 WAITING = "another process is writing to"
 
@@ -146,19 +147,13 @@ def test_index_run_that_waited_to_create_the_model_keeps_what_another_run_indexe
     b = noise_folder(tmp_path / "b", 60, seed=5)
     home = tmp_path / "home"
     Engine(home).close()  # a library without the pixels model: 'index --model pixels' will create it
-    lock = FileLock(str(home / "library.lock"))
-    lock.acquire()
     log = tmp_path / "b.log"
-    try:
+    # The first run (this test) takes the writer lock before the second run starts, and then, while
+    # the second run waits for it, creates the model and indexes A in the same locked block.
+    with Engine(home) as engine, engine.cache.writing():
         proc = start_index(home, tmp_path / "b", log)
         wait_for(lambda: WAITING in log.read_text(), what="the second run to wait")
-        # Meanwhile the first run (this test, which holds the lock) creates the model and indexes A.
-        monkeypatch.setattr(Engine, "writing", lambda self, timeout=0: nullcontext())
-        with Engine(home) as engine:
-            assert engine.index(str(tmp_path / "a"), "pixels").added == 60
-        monkeypatch.undo()
-    finally:
-        lock.release()
+        assert engine.index(str(tmp_path / "a"), "pixels").added == 60
     finish(proc, log)
     assert_consistent(home, {p.read_bytes() for p in a + b})
 

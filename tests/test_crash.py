@@ -17,6 +17,8 @@ from PIL import Image
 from embedsearch.data.synth import make_image_array
 from embedsearch.engine import Engine
 
+pytestmark = pytest.mark.slow
+
 N_GOOD = 2400
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import noise_image, png_bytes
 from embedsearch.engine import Engine
 from embedsearch.errors import DataError, InvalidArgumentError, ModelError, UnknownModelError
 from embedsearch.results import QueryResult
+from helpers import noise_image, png_bytes
 
 
 def results(engine: Engine, paths: list[str], model: str, k: int = 5) -> list[QueryResult]:
@@ -27,14 +27,13 @@ def test_index_then_query_returns_the_image_itself_first(engine: Engine, shapes:
     assert [n.rank for n in result.results] == [1, 2, 3, 4, 5]
 
 
-def test_pixels_model_is_created_from_the_data(engine: Engine, shapes: Path) -> None:
-    engine.index(str(shapes), "pixels")
-    [info] = engine.models()
+def test_pixels_model_is_created_from_the_data(indexed: Engine) -> None:
+    [info] = indexed.models()
     assert (info.kind, info.image_size, info.channels, info.dim, info.vectors) == ("pixels", 32, 3, 3072, 48)
 
 
-def test_second_run_adds_nothing_and_changed_files_are_reencoded(engine: Engine, shapes: Path) -> None:
-    engine.index(str(shapes), "pixels")
+def test_second_run_adds_nothing_and_changed_files_are_reencoded(indexed: Engine, shapes: Path) -> None:
+    engine = indexed
     again = engine.index(str(shapes), "pixels")
     assert (again.added, again.updated, again.unchanged) == (0, 0, 48)
     target = sorted((shapes / "circle").iterdir())[0]
@@ -68,8 +67,8 @@ def test_bad_files_are_listed_and_never_stop_the_run(engine: Engine, shapes: Pat
     assert report.added == 48
 
 
-def test_remove_a_file_and_a_folder(engine: Engine, shapes: Path) -> None:
-    engine.index(str(shapes), "pixels")
+def test_remove_a_file_and_a_folder(indexed: Engine, shapes: Path) -> None:
+    engine = indexed
     one = sorted((shapes / "arrow").iterdir())[0]
     assert engine.remove([str(one)]) == 1
     assert engine.remove([str(shapes / "cross")]) == 6
@@ -80,8 +79,7 @@ def test_remove_a_file_and_a_folder(engine: Engine, shapes: Path) -> None:
         engine.remove([str(one)])
 
 
-def test_pca_train_index_query_and_round_trip(tmp_path: Path, shapes: Path) -> None:
-    home = tmp_path / "lib"
+def test_pca_train_index_query_and_round_trip(home: Path, shapes: Path) -> None:
     with Engine(home) as engine:
         info = engine.create_model("pca8", "pca", str(shapes), options={"dim": 8})
         assert (info.dim, info.kind) == (8, "pca")
@@ -96,17 +94,17 @@ def test_pca_train_index_query_and_round_trip(tmp_path: Path, shapes: Path) -> N
         assert reopened.models()[0].vectors == 48
 
 
-def test_tampered_checkpoint_is_refused(tmp_path: Path, shapes: Path) -> None:
-    with Engine(tmp_path / "lib") as engine:
+def test_tampered_checkpoint_is_refused(home: Path, shapes: Path) -> None:
+    with Engine(home) as engine:
         engine.create_model("pca", "pca", str(shapes), options={"dim": 4})
-        weights = tmp_path / "lib" / "models" / "pca" / "weights.safetensors"
+        weights = home / "models" / "pca" / "weights.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with Engine(tmp_path / "lib") as engine, pytest.raises(ModelError, match="does not match"):
+    with Engine(home) as engine, pytest.raises(ModelError, match="does not match"):
         engine.encoder("pca")
     weights.unlink()
-    with Engine(tmp_path / "lib") as engine, pytest.raises(ModelError, match="missing"):
+    with Engine(home) as engine, pytest.raises(ModelError, match="missing"):
         engine.encoder("pca")
 
 
@@ -134,9 +132,13 @@ def test_cosine_model_and_folder_query(engine: Engine, shapes: Path) -> None:
         assert r.results[0].path == r.query and 0 <= r.results[0].distance < 1e-5
 
 
-def test_index_file_is_rebuilt_when_deleted(tmp_path: Path, shapes: Path) -> None:
-    with Engine(tmp_path / "lib") as engine:
+def test_index_file_is_rebuilt_when_deleted(home: Path, shapes: Path) -> None:
+    with Engine(home) as engine:
         engine.index(str(shapes), "pixels")
-    (tmp_path / "lib" / "indexes" / "pixels.faiss").unlink()
-    with Engine(tmp_path / "lib") as engine:
-        assert len(engine.vector_index("pixels")) == 48
+    (home / "indexes" / "pixels.faiss").unlink()
+    with Engine(home) as engine:  # searches see every image again, and the library is consistent
+        probe = sorted((shapes / "ring").iterdir())[0]
+        [result] = results(engine, [str(probe)], "pixels", k=50)
+        assert len(result.results) == 48 and len({n.id for n in result.results}) == 48
+        assert result.results[0].path == str(probe) and result.results[0].distance == 0.0
+        assert engine.check().ok

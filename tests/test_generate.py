@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,60 +12,45 @@ from click.testing import CliRunner
 
 from embedsearch.cli.main import main
 from embedsearch.core.generate import interpolate
-from embedsearch.data.synth import make_shapes
 from embedsearch.engine import Engine
 from embedsearch.errors import ModelError
 
-TINY = {"epochs": 2, "latent_dim": 8, "batch_size": 16}
 
-
-@pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("gen")
-    data = root / "data"
-    make_shapes(data, per_class=5, size=28, seed=2, mode="L")
-    with Engine(root / "home") as engine:
-        for kind in ("vae", "ae"):
-            engine.create_model(kind, kind, str(data), options=TINY)
-            engine.index(str(data), kind)
-        engine.index(str(data), "pixels")
-    return root / "home", data
-
-
-@pytest.fixture
-def engine(library: tuple[Path, Path]):
-    with Engine(library[0]) as eng:
-        yield eng
-        eng.remove_generated()
+@pytest.fixture(autouse=True)
+def no_generated_images_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The tests share the module's ``trained`` library: what one generates into it goes afterwards."""
+    yield
+    if "trained" in request.fixturenames:
+        request.getfixturevalue("trained").remove_generated()
 
 
 def first_image(data: Path, shape: str = "circle") -> str:
     return str(sorted((data / shape).iterdir())[0])
 
 
-def test_a_fixed_seed_gives_identical_candidates(engine: Engine) -> None:
-    a = engine.generate("vae", n=6, seed=3)
-    b = engine.generate("vae", n=6, seed=3)
-    c = engine.generate("vae", n=6, seed=4)
+def test_a_fixed_seed_gives_identical_candidates(trained: Engine) -> None:
+    a = trained.generate("vae", n=6, seed=3)
+    b = trained.generate("vae", n=6, seed=3)
+    c = trained.generate("vae", n=6, seed=4)
     assert all(np.array_equal(x.image, y.image) for x, y in zip(a.candidates, b.candidates, strict=False))
     assert not all(np.array_equal(x.image, y.image) for x, y in zip(a.candidates, c.candidates, strict=False))
     assert a.candidates[0].image.shape == (28, 28, 1)
 
 
-def test_temperature_zero_decodes_the_prior_mean(engine: Engine) -> None:
-    gen = engine.generate("vae", n=3, seed=1, temperature=0.0)
+def test_temperature_zero_decodes_the_prior_mean(trained: Engine) -> None:
+    gen = trained.generate("vae", n=3, seed=1, temperature=0.0)
     assert all(v == 0.0 for c in gen.candidates for v in c.latent)
-    assert np.array_equal(gen.candidates[0].image, engine.encoder("vae").decode(np.zeros((1, 8)))[0])
+    assert np.array_equal(gen.candidates[0].image, trained.encoder("vae").decode(np.zeros((1, 8)))[0])
 
 
-def test_near_with_spread_zero_decodes_exactly_mu(engine: Engine, library: tuple[Path, Path]) -> None:
-    source = first_image(library[1])
-    gen = engine.generate("vae", n=4, seed=0, near=source, spread=0.0)
-    encoder = engine.encoder("vae")
-    mu = encoder.encode(encoder_input(engine, source))
+def test_near_with_spread_zero_decodes_exactly_mu(trained: Engine, trained_data: Path) -> None:
+    source = first_image(trained_data)
+    gen = trained.generate("vae", n=4, seed=0, near=source, spread=0.0)
+    encoder = trained.encoder("vae")
+    mu = encoder.encode(encoder_input(trained, source))
     assert np.allclose(np.array([c.latent for c in gen.candidates]), mu)
     assert all(np.array_equal(c.image, encoder.decode(mu)[0]) for c in gen.candidates)
-    spread = engine.generate("vae", n=4, seed=0, near=source, spread=1.0)
+    spread = trained.generate("vae", n=4, seed=0, near=source, spread=1.0)
     assert not np.allclose(np.array([c.latent for c in spread.candidates]), mu)
 
 
@@ -76,12 +62,12 @@ def encoder_input(engine: Engine, path: str) -> np.ndarray:
 
 @pytest.mark.parametrize("model, slerp", [("vae", False), ("vae", True), ("ae", False), ("ae", True)])
 def test_interpolation_endpoints_decode_the_two_codes(
-    engine: Engine, library: tuple[Path, Path], model: str, slerp: bool
+    trained: Engine, trained_data: Path, model: str, slerp: bool
 ) -> None:
-    a, b = first_image(library[1], "circle"), first_image(library[1], "star")
-    gen = engine.generate(model, between=(a, b), steps=5, slerp=slerp)
-    encoder = engine.encoder(model)
-    za, zb = encoder.encode(np.concatenate([encoder_input(engine, a), encoder_input(engine, b)]))
+    a, b = first_image(trained_data, "circle"), first_image(trained_data, "star")
+    gen = trained.generate(model, between=(a, b), steps=5, slerp=slerp)
+    encoder = trained.encoder(model)
+    za, zb = encoder.encode(np.concatenate([encoder_input(trained, a), encoder_input(trained, b)]))
     assert len(gen.candidates) == 5 and gen.mode == "between"
     assert np.allclose(gen.candidates[0].latent, za, atol=1e-5) and np.allclose(
         gen.candidates[-1].latent, zb, atol=1e-5
@@ -97,34 +83,34 @@ def test_slerp_keeps_the_norm_between_equal_norm_codes() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"near": "x.png"}])
-def test_ae_refuses_prior_and_near_with_a_reason(engine: Engine, kwargs: dict) -> None:
+def test_ae_refuses_prior_and_near_with_a_reason(trained: Engine, kwargs: dict) -> None:
     with pytest.raises(ModelError, match="plain autoencoder.*no prior"):
-        engine.generate("ae", n=2, **kwargs)
+        trained.generate("ae", n=2, **kwargs)
 
 
-def test_models_without_decoder_are_refused(engine: Engine) -> None:
+def test_models_without_decoder_are_refused(trained: Engine) -> None:
     with pytest.raises(ModelError, match="no decoder"):
-        engine.generate("pixels", n=2)
+        trained.generate("pixels", n=2)
 
 
-def test_search_add_exclusion_and_removal(engine: Engine, library: tuple[Path, Path]) -> None:
-    gen = engine.generate("vae", n=4, seed=7, search_k=3, add=True)
+def test_search_add_exclusion_and_removal(trained: Engine) -> None:
+    gen = trained.generate("vae", n=4, seed=7, search_k=3, add=True)
     assert all(len(c.neighbours) == 3 and c.id is not None for c in gen.candidates)
     ids = {c.id for c in gen.candidates}
-    record = engine.image(gen.candidates[0].id)
+    record = trained.image(gen.candidates[0].id)
     assert record.generated and record.provenance["mode"] == "prior" and record.provenance["seed"] == 7
-    assert Path(record.path).is_relative_to(engine.home / "generated")
-    probe = engine.search_image(gen.candidates[0].id, "vae", k=60)
+    assert Path(record.path).is_relative_to(trained.home / "generated")
+    probe = trained.search_image(gen.candidates[0].id, "vae", k=60)
     assert not ids & {n.id for n in probe}  # left out by default ...
     assert gen.candidates[0].id in {
-        n.id for n in engine.search_image(gen.candidates[0].id, "vae", k=60, include_generated=True)
+        n.id for n in trained.search_image(gen.candidates[0].id, "vae", k=60, include_generated=True)
     }  # ... unless asked
-    assert engine.remove_generated() == len(ids)
-    assert not Path(record.path).exists() and engine.stats()["generated"] == 0
+    assert trained.remove_generated() == len(ids)
+    assert not Path(record.path).exists() and trained.stats()["generated"] == 0
 
 
-def test_cli_generate_grid_out_json_and_remove(library: tuple[Path, Path], tmp_path: Path) -> None:
-    home, data = library
+def test_cli_generate_grid_out_json_and_remove(trained: Engine, tmp_path: Path) -> None:
+    home = trained.home
     args = [
         "--home",
         str(home),
@@ -159,8 +145,10 @@ def test_cli_generate_grid_out_json_and_remove(library: tuple[Path, Path], tmp_p
     assert "removed 3 images" in removed.stdout
 
 
-def test_reconstruct_writes_originals_above_reconstructions(library: tuple[Path, Path], tmp_path: Path) -> None:
-    home, data = library
+def test_reconstruct_writes_originals_above_reconstructions(
+    trained: Engine, trained_data: Path, tmp_path: Path
+) -> None:
+    home, data = trained.home, trained_data
     images = [first_image(data, "circle"), first_image(data, "star")]
     out = tmp_path / "recon.png"
     result = CliRunner().invoke(

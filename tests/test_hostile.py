@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import noise_image, png_bytes
 from embedsearch.data.images import InputSpec, decode_bytes
 from embedsearch.engine import Engine
 from embedsearch.errors import DataError, ImageError
 from embedsearch.results import QueryResult
+from helpers import noise_image, png_bytes
 
 #: The Engine runs use a lowered pixel limit, so that a real (decodable) image can be over it.
 LOW_MAX_PIXELS = 250_000
@@ -236,6 +236,7 @@ def run_cli(home: Path, *args: str, timeout: float = 120) -> subprocess.Complete
     )
 
 
+@pytest.mark.slow
 def test_cli_index_lists_each_bad_file_once_and_exits_0(tmp_path: Path, corpus) -> None:
     root, expect = corpus
     good, bad = split(root, expect, low_limit=False)
@@ -295,6 +296,7 @@ def test_upload_of_each_hostile_file_is_stored_or_a_clean_image_error(tmp_path: 
 # -- folders with nothing to index ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_empty_folder_with_a_model_reports_0_scanned(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     home = tmp_path / "home"

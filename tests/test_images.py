@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import noise_image, png_bytes
 from embedsearch.data.images import InputSpec, decode_bytes, infer_spec, scan
 from embedsearch.errors import DataError, ImageError
+from helpers import noise_image, png_bytes
 
 GREY28 = InputSpec(28, 1)
 RGB16 = InputSpec(16, 3)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import noise_image, png_bytes
 from embedsearch.data import ingest
 from embedsearch.data.images import InputSpec, scan
+from helpers import noise_image, png_bytes
 
 SPEC = InputSpec(16, 3)
 

@@ -6,17 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import noise_image, png_bytes
 from embedsearch.engine import Engine
 from embedsearch.errors import ImageError, NotFoundError, UnknownModelError
-
-
-@pytest.fixture
-def library(engine: Engine, shapes: Path) -> Engine:
-    engine.index(str(shapes), "pixels")
-    engine.create_model("pca", "pca", str(shapes), options={"dim": 8})
-    engine.index(str(shapes), "pca")
-    return engine
+from helpers import noise_image, png_bytes
 
 
 def test_upload_is_stored_by_hash_indexed_everywhere_and_deduplicated(library: Engine) -> None:
@@ -44,10 +36,12 @@ def test_upload_into_named_models_only(library: Engine) -> None:
 
 def test_not_an_image_is_refused_and_nothing_is_stored(library: Engine) -> None:
     before = library.store.counts()
+    stored = sorted((library.home / "uploads").rglob("*"))
+    assert len([p for p in stored if p.is_file()]) == 1  # the library's own upload
     with pytest.raises(ImageError, match="not an image"):
         library.add_image(b"<html>hello</html>", name="page.png")
     assert library.store.counts() == before
-    assert not (library.home / "uploads").exists()
+    assert sorted((library.home / "uploads").rglob("*")) == stored
 
 
 def test_file_and_content_type(library: Engine) -> None:

@@ -108,6 +108,7 @@ def test_conv_refuses_a_size_that_is_not_a_multiple_of_4(tmp_path: Path) -> None
 # -- training ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [AEEncoder, VAEEncoder])
 def test_tiny_model_overfits_a_handful_of_images(cls: type, tmp_path: Path) -> None:
     # Binary images, so that the Bernoulli loss can fall towards 0 (grey pixels have an entropy floor);

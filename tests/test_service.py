@@ -1,6 +1,6 @@
 """The HTTP service: every route, each 4xx path, tokens, limits, concurrency and other writers.
 
-One small library (shapes, 28x28 grey; pixels, a 1-epoch AE and VAE) is built once for the module;
+One small library (the `trained` fixture: shapes, 28x28 grey; pixels, a tiny AE and VAE) is built once for the module;
 tests that change it only make assertions that hold whatever the others added.
 """
 
@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import live_server, noise_image, png_bytes
 from embedsearch.data.synth import make_shapes
 from embedsearch.engine import Engine
 from embedsearch.errors import (
@@ -40,35 +38,14 @@ from embedsearch.errors import (
 )
 from embedsearch.http.app import create_app
 from embedsearch.http.state import Gate
+from helpers import live_server, noise_image, png_bytes, shape_file
 
 TOKEN = "s3cret-token"
 
 
-@dataclass
-class Library:
-    engine: Engine
-    data: Path
-
-    def file(self, shape: str = "circle", i: int = 0) -> bytes:
-        return (self.data / shape / f"{shape}-{i:04d}.png").read_bytes()
-
-
 @pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Library]:
-    root = tmp_path_factory.mktemp("service")
-    make_shapes(root / "data", per_class=6, size=28, mode="L")
-    engine = Engine(root / "home")
-    engine.index(str(root / "data"), "pixels", workers=0)
-    for kind in ("ae", "vae"):
-        engine.create_model(kind, kind, str(root / "data"), options={"epochs": 1, "latent_dim": 8})
-        engine.index(str(root / "data"), kind, workers=0)
-    yield Library(engine, root / "data")
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def client(library: Library) -> Iterator[TestClient]:
-    with TestClient(create_app(library.engine)) as test_client:
+def client(trained: Engine) -> Iterator[TestClient]:
+    with TestClient(create_app(trained)) as test_client:
         yield test_client
 
 
@@ -137,7 +114,7 @@ def test_page_static_files_and_docs(client: TestClient) -> None:
 # -- uploads ---------------------------------------------------------------------------------------
 
 
-def test_upload_is_stored_by_hash_indexed_everywhere_and_deduplicated(client: TestClient, library: Library) -> None:
+def test_upload_is_stored_by_hash_indexed_everywhere_and_deduplicated(client: TestClient, trained: Engine) -> None:
     data = noise_png(1)
     body = upload(client, ("../../etc/evil name.png", data), label="noise").json()
     [added] = body["images"]
@@ -145,7 +122,7 @@ def test_upload_is_stored_by_hash_indexed_everywhere_and_deduplicated(client: Te
     meta = client.get(f"/api/images/{added['id']}").json()
     assert meta["models"] == ["ae", "pixels", "vae"] and meta["label"] == "noise" and meta["sha256"] == added["sha256"]
     assert meta["name"] == f"{added['sha256']}.png" and "path" not in meta
-    stored = library.engine.home / "uploads" / added["sha256"][:2] / f"{added['sha256']}.png"
+    stored = trained.home / "uploads" / added["sha256"][:2] / f"{added['sha256']}.png"
     assert stored.read_bytes() == data
     again = upload(client, ("other.png", data)).json()["images"][0]
     assert (again["id"], again["created"]) == (added["id"], False)
@@ -178,9 +155,9 @@ def test_upload_errors_are_4xx_and_store_nothing(client: TestClient) -> None:
     assert client.get("/api/stats").json()["images"] == before
 
 
-def test_too_many_pixels_is_refused(library: Library) -> None:
+def test_too_many_pixels_is_refused(trained: Engine) -> None:
     big = png_bytes(Image.new("L", (400, 300)))  # 120,000 pixels, a few hundred bytes
-    engine = Engine(library.engine.home, max_pixels=100_000)
+    engine = Engine(trained.home, max_pixels=100_000)
     try:
         with TestClient(create_app(engine)) as client:
             assert "pixels" in error_of(upload(client, ("big.png", big)), 422)
@@ -189,8 +166,8 @@ def test_too_many_pixels_is_refused(library: Library) -> None:
         engine.close()
 
 
-def test_request_size_limit_by_header_and_while_streaming(library: Library) -> None:
-    with TestClient(create_app(library.engine, max_upload_bytes=4096)) as client:
+def test_request_size_limit_by_header_and_while_streaming(trained: Engine) -> None:
+    with TestClient(create_app(trained, max_upload_bytes=4096)) as client:
         big = noise_png(8, size=64)  # about 12 KB of incompressible noise
         assert "4,096 bytes" in error_of(upload(client, ("big.png", big)), 413)
         assert error_of(search_bytes(client, big, "pixels"), 413)
@@ -209,7 +186,7 @@ def test_request_size_limit_by_header_and_while_streaming(library: Library) -> N
 # -- single images -----------------------------------------------------------------------------------
 
 
-def test_image_metadata_and_file(client: TestClient, library: Library) -> None:
+def test_image_metadata_and_file(client: TestClient) -> None:
     jpeg = png_bytes(noise_image(10, 24, "RGB"), "JPEG")
     [added] = upload(client, ("photo.jpeg", jpeg)).json()["images"]
     meta = client.get(f"/api/images/{added['id']}").json()
@@ -233,10 +210,10 @@ def test_bad_ids_are_422(client: TestClient) -> None:
     assert error_of(client.get("/api/images/-1"), 422)
 
 
-def test_delete_removes_metadata_vectors_and_stored_file(client: TestClient, library: Library) -> None:
+def test_delete_removes_metadata_vectors_and_stored_file(client: TestClient, trained: Engine) -> None:
     data = noise_png(11)
     [added] = upload(client, ("gone.png", data)).json()["images"]
-    stored = library.engine.home / "uploads" / added["sha256"][:2] / f"{added['sha256']}.png"
+    stored = trained.home / "uploads" / added["sha256"][:2] / f"{added['sha256']}.png"
     assert stored.exists()
     assert client.delete(f"/api/images/{added['id']}").json() == {"id": added["id"], "deleted": True}
     assert not stored.exists()
@@ -251,8 +228,8 @@ def test_delete_removes_metadata_vectors_and_stored_file(client: TestClient, lib
 
 
 @pytest.mark.parametrize("model", ["pixels", "ae", "vae"])
-def test_search_by_upload_and_by_id_agree(client: TestClient, library: Library, model: str) -> None:
-    by_bytes = search_bytes(client, library.file("star", 2), model, k=5).json()
+def test_search_by_upload_and_by_id_agree(client: TestClient, trained_data: Path, model: str) -> None:
+    by_bytes = search_bytes(client, shape_file(trained_data, "star", 2), model, k=5).json()
     assert by_bytes["model"] == model and len(by_bytes["results"]) == 5
     top = by_bytes["results"][0]
     assert top["label"] == "star" and top["distance"] == pytest.approx(0.0, abs=1e-4)
@@ -265,8 +242,8 @@ def test_search_by_upload_and_by_id_agree(client: TestClient, library: Library, 
     assert set(by_id["results"][0]) == {"rank", "id", "label", "distance", "url"}
 
 
-def test_search_errors(client: TestClient, library: Library) -> None:
-    png = library.file()
+def test_search_errors(client: TestClient, trained_data: Path) -> None:
+    png = shape_file(trained_data)
     assert "unknown model 'nope'" in error_of(search_bytes(client, png, "nope"), 404)
     assert error_of(client.get("/api/search", params={"image_id": 1, "model": "nope"}), 404)
     assert error_of(client.get("/api/search", params={"image_id": 999999, "model": "vae"}), 404)
@@ -312,9 +289,9 @@ def test_generate_errors(client: TestClient) -> None:
 # -- tokens --------------------------------------------------------------------------------------
 
 
-def test_token_guards_every_write_and_leaves_reads_open(library: Library) -> None:
+def test_token_guards_every_write_and_leaves_reads_open(trained: Engine) -> None:
     good, wrong = {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": "Bearer nope"}
-    with TestClient(create_app(library.engine, token=TOKEN)) as client:
+    with TestClient(create_app(trained, token=TOKEN)) as client:
         for headers in (None, wrong, {"Authorization": f"Basic {TOKEN}"}):
             response = upload(client, ("t.png", noise_png(12)), headers=headers)
             assert "Bearer" in error_of(response, 401) and response.headers["www-authenticate"] == "Bearer"
@@ -333,11 +310,11 @@ def test_token_guards_every_write_and_leaves_reads_open(library: Library) -> Non
         assert meta["generated"] and meta["provenance"]["mode"] == "near"
 
 
-def test_token_for_reads(library: Library) -> None:
-    with TestClient(create_app(library.engine, token=TOKEN, token_for_reads=True)) as client:
+def test_token_for_reads(trained: Engine, trained_data: Path) -> None:
+    with TestClient(create_app(trained, token=TOKEN, token_for_reads=True)) as client:
         for path in ("/api/models", "/api/stats", "/api/images/1", "/api/images/1/file"):
             error_of(client.get(path), 401)
-        error_of(search_bytes(client, library.file(), "vae"), 401)
+        error_of(search_bytes(client, shape_file(trained_data), "vae"), 401)
         error_of(client.post("/api/generate", json={"model": "vae"}), 401)
         assert client.get("/api/health").status_code == 200 and client.get("/").status_code == 200
         assert client.get("/api/models", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
@@ -367,14 +344,17 @@ def _hits(response: httpx.Response) -> list[tuple[int, float]]:
     return [(r["id"], r["distance"]) for r in response.json()["results"]]
 
 
-def test_concurrent_searches_while_uploads_are_indexed(library: Library) -> None:
+@pytest.mark.slow
+def test_concurrent_searches_while_uploads_are_indexed(trained: Engine, trained_data: Path) -> None:
     queries = [(shape, i) for shape in ("circle", "star", "cross") for i in (0, 3)]
     models = ("pixels", "ae", "vae")
-    with live_server(create_app(library.engine)) as url, httpx.Client(base_url=url, timeout=60) as http:
+    with live_server(create_app(trained)) as url, httpx.Client(base_url=url, timeout=60) as http:
         ids = {
             q: _hits(
                 http.post(
-                    "/api/search", files={"file": ("q.png", library.file(*q))}, data={"model": "pixels", "k": "1"}
+                    "/api/search",
+                    files={"file": ("q.png", shape_file(trained_data, *q))},
+                    data={"model": "pixels", "k": "1"},
                 )
             )[0][0]
             for q in queries
@@ -403,7 +383,9 @@ def test_concurrent_searches_while_uploads_are_indexed(library: Library) -> None
                     q, m = queries[(worker + j) % len(queries)], models[j % len(models)]
                     if j % 2:
                         r = own.post(
-                            "/api/search", files={"file": ("q.png", library.file(*q))}, data={"model": m, "k": "8"}
+                            "/api/search",
+                            files={"file": ("q.png", shape_file(trained_data, *q))},
+                            data={"model": m, "k": "8"},
                         )
                     else:
                         r = own.get("/api/search", params={"image_id": ids[q], "model": m, "k": 8})
@@ -446,7 +428,8 @@ def _check_consistent(
             assert image_id in uploaded or image_id > max(baseline), image_id
 
 
-def test_service_sees_a_cli_index_run_without_restart(client: TestClient, library: Library, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_service_sees_a_cli_index_run_without_restart(client: TestClient, trained: Engine, tmp_path: Path) -> None:
     extra = tmp_path / "extra"
     make_shapes(extra, per_class=2, size=28, seed=7, mode="L")
     before = client.get("/api/stats").json()
@@ -455,7 +438,7 @@ def test_service_sees_a_cli_index_run_without_restart(client: TestClient, librar
         "-m",
         "embedsearch",
         "--home",
-        str(library.engine.home),
+        str(trained.home),
         "-q",
         "index",
         str(extra),
@@ -485,7 +468,7 @@ def test_service_sees_a_cli_index_run_without_restart(client: TestClient, librar
             break
         time.sleep(0.2)
     assert top["distance"] == pytest.approx(0.0, abs=1e-4) and top["label"] == "ring"
-    with Engine(library.engine.home) as fresh:  # nothing was lost or doubled on disk
+    with Engine(trained.home) as fresh:  # nothing was lost or doubled on disk
         counts = fresh.store.counts()
         assert counts["images"] == before["images"] + 16 + len(uploads)
         for model in ("pixels", "ae", "vae"):
@@ -495,7 +478,7 @@ def test_service_sees_a_cli_index_run_without_restart(client: TestClient, librar
 # -- the serve command -------------------------------------------------------------------------------
 
 
-def test_serve_command_builds_the_app_with_its_options(library: Library, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_command_builds_the_app_with_its_options(trained: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     import uvicorn
 
     from embedsearch.cli.serve import serve
@@ -503,7 +486,7 @@ def test_serve_command_builds_the_app_with_its_options(library: Library, monkeyp
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored afterwards
-    obj = {"home": str(library.engine.home), "db": None, "quiet": True}
+    obj = {"home": str(trained.home), "db": None, "quiet": True}
     result = CliRunner().invoke(serve, [], obj=obj, env={"EMBEDSEARCH_TOKEN": "from-env"})
     assert result.exit_code == 0, result.output
     service = calls[-1]["app"].state.service
@@ -543,12 +526,12 @@ def test_serve_command_builds_the_app_with_its_options(library: Library, monkeyp
     ],
 )
 def test_package_errors_map_to_statuses(
-    client: TestClient, library: Library, monkeypatch: pytest.MonkeyPatch, error: Exception, status: int
+    client: TestClient, trained: Engine, monkeypatch: pytest.MonkeyPatch, error: Exception, status: int
 ) -> None:
     def fail(*_: Any, **__: Any) -> None:
         raise error
 
-    monkeypatch.setattr(library.engine, "search_image", fail)
+    monkeypatch.setattr(trained, "search_image", fail)
     response = client.get("/api/search", params={"image_id": 1, "model": "vae"})
     assert error_of(response, status) == str(error)
     assert (response.headers.get("retry-after") == "5") == (status == 503)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,24 @@ def _bytes(paths: list[Path], root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in paths}
 
 
-def test_at_least_six_distinct_classes() -> None:
-    assert len(SHAPES) >= 6
-    assert len(set(SHAPES)) == len(SHAPES)
+@pytest.mark.parametrize("seed", range(6))
+def test_each_class_draws_its_own_outline(seed: int) -> None:
+    """From the same generator state every class draws the same background, colour, size, place and
+    turn (those are drawn first); what is left to tell them apart is the outline. Every pair of
+    classes must differ on a good share of the pixels, and each picture is a pure function of the seed."""
+    size = 32
+    drawn = {s: np.asarray(shape_image(s, np.random.default_rng(seed), size, "L"), np.int16) for s in SHAPES}
+    assert len(drawn) >= 6  # enough classes for retrieval to be worth measuring
+    for i, a in enumerate(SHAPES):
+        again = np.asarray(shape_image(a, np.random.default_rng(seed), size, "L"), np.int16)
+        assert np.array_equal(drawn[a], again)  # the same seed draws the same picture
+        other_seed = np.asarray(shape_image(a, np.random.default_rng(seed + 100), size, "L"), np.int16)
+        assert not np.array_equal(drawn[a], other_seed)  # another seed draws another one
+        for b in SHAPES[i + 1 :]:
+            # Shape and background differ by >= 70 grey levels: count the pixels where one picture
+            # has the shape and the other the background (more than half that contrast apart).
+            differing = np.mean(np.abs(drawn[a] - drawn[b]) > 35)
+            assert differing >= 0.02, (a, b, differing)
 
 
 def test_layout_count_and_sorting(tmp_path: Path) -> None:
@@ -128,10 +142,3 @@ def test_empty_array() -> None:
 def test_invalid_arguments(tmp_path: Path, call) -> None:
     with pytest.raises(InvalidArgumentError):
         call(tmp_path)
-
-
-def test_fast_enough(tmp_path: Path) -> None:
-    start = time.perf_counter()
-    make_image_array(300, 64, 3, seed=0)
-    # 300 images in memory; the brief's budget is 1,000 written files in well under 2 s.
-    assert time.perf_counter() - start < 1.5

@@ -17,6 +17,7 @@ import click
 from embedsearch.cli.context import CONTEXT, settings
 from embedsearch.cli.context import engine as _engine
 from embedsearch.errors import EmbedSearchError
+from embedsearch.results import METRICS
 
 
 @contextmanager
@@ -79,7 +80,7 @@ def _command_line(
 )
 @click.option(
     "--metric",
-    type=click.Choice(["l2", "cosine"]),
+    type=click.Choice(list(METRICS)),
     default="l2",
     show_default=True,
     help="Distance of the models made here (a library's existing models keep their own).",

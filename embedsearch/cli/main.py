@@ -17,6 +17,7 @@ from embedsearch.cli.context import CONTEXT
 from embedsearch.cli.context import emit as _emit
 from embedsearch.cli.context import engine as _engine
 from embedsearch.errors import EmbedSearchError
+from embedsearch.results import METRICS
 
 log = logging.getLogger("embedsearch")
 KINDS = ["pixels", "pca", "ae", "vae"]  # kept literal so that --help needs no imports
@@ -76,7 +77,7 @@ def main(ctx: click.Context, home: str, db: str | None, quiet: bool, verbose: bo
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--model", "model", required=True, help="Model name ('pixels' is created on first use).")
 @click.option(
-    "--metric", type=click.Choice(["l2", "cosine"]), default=None, help="Distance of a model created here (default l2)."
+    "--metric", type=click.Choice(list(METRICS)), default=None, help="Distance of a model created here (default l2)."
 )
 @click.option(
     "--batch-size", default=2048, show_default=True, type=click.IntRange(1), help="Images per committed batch."
@@ -177,7 +178,7 @@ def _print_result(result: Any) -> None:
 @click.option("--name", help="Name to register it under (default: the kind).")
 @click.option("--image-size", type=click.IntRange(4, 1024), help="Input side in pixels (default: from DATA, <= 64).")
 @click.option("--channels", type=click.Choice(["1", "3"]), help="1 grey or 3 RGB (default: grey if all DATA is).")
-@click.option("--metric", type=click.Choice(["l2", "cosine"]), default="l2", show_default=True)
+@click.option("--metric", type=click.Choice(list(METRICS)), default="l2", show_default=True)
 @click.option("--dim", type=click.IntRange(1), help="PCA: number of components [32].")
 @click.option("--arch", type=click.Choice(["conv", "mlp"]), help="AE/VAE architecture [conv].")
 @click.option("--latent-dim", type=click.IntRange(1), help="AE/VAE latent size [32].")
@@ -353,7 +354,8 @@ def generate(
       embedsearch generate --model vae --near photos/cat.png --spread 0.5 --search --grid near.png
       embedsearch generate --model ae --between a.png b.png --steps 8 --slerp --grid path.png
     """
-    from embedsearch.core.generate import candidates_grid, write_candidates
+    from embedsearch.core.generate import write_candidates
+    from embedsearch.render.pictures import candidates_grid
 
     result = _engine(ctx).generate(
         model,

@@ -1,8 +1,8 @@
 """Bulk indexing: scan -> decode (worker processes) -> encode -> one transaction per batch.
 
 Each batch is committed to the database in one transaction (images and their vectors together),
-then added to the in-memory FAISS index; the index file is written when the run ends. A run killed
-at any moment therefore loses at most the batch in flight, and the next run (or any open) brings
+then added to the in-memory FAISS index through the index cache, which writes the file when the
+run ends. A run killed at any moment therefore loses at most the batch in flight, and the next run (or any open) brings
 the FAISS file up to date from the database: every good image ends up indexed exactly once.
 """
 
@@ -13,18 +13,19 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from embedsearch.core.index_cache import IndexCache
+from embedsearch.core.models import ModelRegistry
+from embedsearch.core.schema import Model
+from embedsearch.core.store import Store
 from embedsearch.data.images import infer_spec, scan
 from embedsearch.data.ingest import Decoded, decode_all, plan, uses_pool
-from embedsearch.encoders.base import REGISTRY, encoder_class
+from embedsearch.encoders.base import REGISTRY, Encoder, encoder_class
 from embedsearch.errors import InvalidArgumentError, UnknownModelError
 from embedsearch.results import IndexReport
-
-if TYPE_CHECKING:
-    from embedsearch.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,9 @@ class _Batch:
         return len(self.pixels)
 
 
-def _ensure_model(engine: Engine, data: str, model: str, metric: str | None) -> None:
+def _ensure_model(registry: ModelRegistry, store: Store, data: str, model: str, metric: str | None) -> None:
     """``--model pixels`` on a library without it creates it from the data (pixels needs no training)."""
-    existing = engine.store.model(model)
+    existing = store.model(model)
     if existing is not None:
         if metric is not None and metric != existing.metric:
             raise InvalidArgumentError(
@@ -55,52 +56,78 @@ def _ensure_model(engine: Engine, data: str, model: str, metric: str | None) -> 
         return
     if model in REGISTRY and not encoder_class(model).needs_training:
         spec = infer_spec([f.path for f in scan(data) if f.size >= 0])
-        engine.create_model(
+        registry.create_model(
             model, model, data, image_size=spec.image_size, channels=spec.channels, metric=metric or "l2"
         )
         return
-    raise UnknownModelError(model, [m.name for m in engine.store.models()])
+    raise UnknownModelError(model, [m.name for m in store.models()])
 
 
-def bulk_index(
-    engine: Engine,
-    data: str,
-    model: str,
-    *,
-    metric: str | None = None,
-    batch_size: int = 2048,
-    workers: int | None = None,
-    progress: bool = False,
-) -> IndexReport:
-    started = time.perf_counter()
-    with engine.writing():  # decide whether to create the model under the lock: no other run may race us
-        _ensure_model(engine, data, model, metric)
-        encoder = engine.encoder(model)
-        row = engine.model(model)
-        index = engine.vector_index(model)
-        index.sync(engine.store, row.id)  # under the lock: include what other writers committed
-        known = engine.store.known_files(row.id)
-        work = plan(data, known)
-        report = IndexReport(model, scanned=work.scanned, unchanged=work.unchanged)
-        state = _State(known, engine.store.all_shas() if work.todo else {}, set(index.ids().tolist()))
-        bar = _progress(len(work.todo), progress)
-        batch = _Batch()
-        sharing = encoder.sharing_cores() if uses_pool(len(work.todo), workers) else nullcontext()
-        try:
-            with sharing:
-                for item in decode_all(work.todo, encoder.spec, engine.max_pixels, workers):
-                    bar.update(1)
-                    _route(item, state, batch, report)
-                    if len(batch) + len(batch.touched) >= batch_size:
-                        _flush(engine, row.id, encoder, index, batch, state)
-                        batch = _Batch()
-                _flush(engine, row.id, encoder, index, batch, state)
-        finally:
-            bar.close()
-            index.stamp.count, index.stamp.last_entry_id = engine.store.entry_stamp(row.id)
-            engine.save_index(model)
-    report.seconds = time.perf_counter() - started
-    return report
+class BulkIndexer:
+    """Indexes a folder into one model, batch by batch, under the writer lock."""
+
+    def __init__(self, store: Store, cache: IndexCache, registry: ModelRegistry, max_pixels: int) -> None:
+        self.store = store
+        self.cache = cache
+        self.registry = registry
+        self.max_pixels = max_pixels
+
+    def run(
+        self,
+        data: str,
+        model: str,
+        *,
+        metric: str | None = None,
+        batch_size: int = 2048,
+        workers: int | None = None,
+        progress: bool = False,
+    ) -> IndexReport:
+        started = time.perf_counter()
+        with self.cache.writing():  # decide whether to create the model under the lock: no run may race us
+            _ensure_model(self.registry, self.store, data, model, metric)
+            encoder = self.registry.encoder(model)
+            row = self.registry.model(model)
+            index = self.cache.index(row)  # in step with what other writers committed: we hold the lock
+            known = self.store.known_files(row.id)
+            work = plan(data, known)
+            report = IndexReport(model, scanned=work.scanned, unchanged=work.unchanged)
+            state = _State(known, self.store.all_shas() if work.todo else {}, set(index.ids().tolist()))
+            bar = _progress(len(work.todo), progress)
+            batch = _Batch()
+            sharing = encoder.sharing_cores() if uses_pool(len(work.todo), workers) else nullcontext()
+            try:
+                with sharing:
+                    for item in decode_all(work.todo, encoder.spec, self.max_pixels, workers):
+                        bar.update(1)
+                        _route(item, state, batch, report)
+                        if len(batch) + len(batch.touched) >= batch_size:
+                            self._flush(row, encoder, batch, state)
+                            batch = _Batch()
+                    self._flush(row, encoder, batch, state)
+            finally:
+                bar.close()
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _flush(self, row: Model, encoder: Encoder, batch: _Batch, state: _State) -> None:
+        if not (len(batch) or batch.touched or batch.deleted):
+            return
+        empty = np.zeros((0, encoder.dim), np.float32)
+        vectors = encoder.encode(np.stack(batch.pixels)) if len(batch) else empty  # (N, dim) float32
+        blobs = [v.tobytes() for v in vectors]
+        new_ids = self.store.write_batch(
+            row.id,
+            batch.new_images,
+            batch.changed,
+            list(zip(batch.keys, blobs, strict=True)),
+            deleted=batch.deleted,
+            touched=batch.touched,
+        )
+        state.shas.update(new_ids)
+        ids = np.array([new_ids[k] if isinstance(k, str) else k for k in batch.keys], dtype=np.int64)
+        self.cache.remove_images(batch.deleted)  # deleted rows leave every model's index
+        self.cache.add(row, ids, vectors)
+        state.indexed.update(ids.tolist())
 
 
 @dataclass
@@ -122,8 +149,8 @@ class _State:
 
 def _route(item: Decoded, state: _State, batch: _Batch, report: IndexReport) -> None:
     """Decide what one decoded file is: failed, unchanged, duplicate, changed or new."""
-    info, meta = item.file, item.meta
-    if item.error is not None or meta is None or item.pixels is None:
+    info, meta, pixels = item.file, item.meta, item.pixels
+    if item.error is not None or meta is None or pixels is None:
         report.failed.append((info.path, item.error or "unknown error"))
         log.warning("skipped %s: %s", info.path, item.error)
         return
@@ -134,7 +161,7 @@ def _route(item: Decoded, state: _State, batch: _Batch, report: IndexReport) -> 
         if old[0] in state.indexed:
             report.unchanged += 1
         else:
-            _queue(batch, state, old[0], item.pixels)
+            _queue(batch, state, old[0], pixels)
             report.added += 1
         return
     values = {
@@ -151,24 +178,24 @@ def _route(item: Decoded, state: _State, batch: _Batch, report: IndexReport) -> 
     first = state.seen.setdefault(meta.sha256, info.path)
     stored = state.shas.get(meta.sha256)
     if first != info.path or stored is not None:
-        _duplicate(item, values, stored, first, old, state, batch, report)
+        _duplicate(pixels, values, stored, first, old, state, batch, report)
     elif old is None:
         batch.new_images.append(values)
-        _queue(batch, state, meta.sha256, item.pixels)
+        _queue(batch, state, meta.sha256, pixels)
         report.added += 1
     elif _moved_to_copy(old, state, batch, report):
         batch.new_images.append(values)  # the row went to a copy of its old content: this file is new
-        _queue(batch, state, meta.sha256, item.pixels)
+        _queue(batch, state, meta.sha256, pixels)
         report.added += 1
     else:  # new content at a known path: its row is rewritten and re-encoded
-        _rewrite(batch, state, old[0], values, item.pixels)
+        _rewrite(batch, state, old[0], values, pixels)
         state.shas.pop(old[3], None)  # its old content is gone: a later copy of it is new, not a duplicate
         state.shas[meta.sha256] = old[0]
         report.updated += 1
 
 
 def _duplicate(
-    item: Decoded,
+    pixels: np.ndarray,
     values: dict[str, Any],
     stored: int | None,
     first: str,
@@ -188,7 +215,7 @@ def _duplicate(
     if stored is not None and was_at is not None and not os.path.exists(was_at):
         # The stored image's file is gone (renamed or moved): the image follows its content here.
         log.info("%s: the stored image of %s, whose file is gone", values["path"], was_at)
-        _rewrite(batch, state, stored, values, item.pixels)
+        _rewrite(batch, state, stored, values, pixels)
         report.updated += 1
         return
     report.duplicates += 1
@@ -196,9 +223,9 @@ def _duplicate(
     if stored is not None:
         # If the stored image's own file turns out to have changed later in the run, this copy
         # takes its place (a swap of two files' contents, say).
-        state.copies.setdefault(values["sha256"], (values, item.pixels))
+        state.copies.setdefault(values["sha256"], (values, pixels))
         if stored not in state.indexed:
-            _queue(batch, state, stored, item.pixels)  # stored elsewhere, not yet in this model's index
+            _queue(batch, state, stored, pixels)  # stored elsewhere, not yet in this model's index
 
 
 def _moved_to_copy(
@@ -227,27 +254,6 @@ def _queue(batch: _Batch, state: _State, key: int | str, pixels: np.ndarray) -> 
     batch.pixels.append(pixels)
     if isinstance(key, int):
         state.indexed.add(key)  # queued counts as indexed: never queue one image twice
-
-
-def _flush(engine: Engine, model_id: int, encoder: Any, index: Any, batch: _Batch, state: _State) -> None:
-    if not (len(batch) or batch.touched or batch.deleted):
-        return
-    vectors = encoder.encode(np.stack(batch.pixels)) if len(batch) else np.zeros((0, encoder.dim), np.float32)
-    blobs = [v.tobytes() for v in vectors]  # (dim,) float32 each
-    new_ids = engine.store.write_batch(
-        model_id,
-        batch.new_images,
-        batch.changed,
-        list(zip(batch.keys, blobs, strict=False)),
-        deleted=batch.deleted,
-        touched=batch.touched,
-    )
-    state.shas.update(new_ids)
-    ids = np.array([new_ids[k] if isinstance(k, str) else k for k in batch.keys], dtype=np.int64)
-    with engine.index_lock:
-        index.remove(np.concatenate([ids, np.array(batch.deleted, dtype=np.int64)]))
-        index.add(ids, vectors)
-    state.indexed.update(ids.tolist())
 
 
 def _progress(total: int, enabled: bool) -> Any:

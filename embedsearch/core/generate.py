@@ -8,18 +8,22 @@ for it only the path between two images' codes makes sense.
 from __future__ import annotations
 
 import io
+import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from embedsearch.core.library import ImageLibrary, NewImage
+from embedsearch.core.models import ModelRegistry
+from embedsearch.core.search import Search
+from embedsearch.data.images import InputSpec, decode_file, to_pil
+from embedsearch.encoders.base import DecodingEncoder, PosteriorEncoder
 from embedsearch.errors import DataError, InvalidArgumentError, ModelError
-
-if TYPE_CHECKING:
-    from embedsearch.engine import Engine, Neighbour
+from embedsearch.files import atomic_write
+from embedsearch.results import Neighbour
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +69,26 @@ class Generation:
 
 def to_png(image: np.ndarray) -> bytes:
     """(S, S, C) uint8 -> PNG bytes."""
-    arr = image[..., 0] if image.shape[-1] == 1 else image
     buf = io.BytesIO()
-    Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB").save(buf, format="PNG")
+    to_pil(image).save(buf, format="PNG")
     return buf.getvalue()
+
+
+@dataclass
+class GenerateRequest:
+    """What to generate: ``n`` codes from the prior, near an image, or ``steps`` between two."""
+
+    n: int = 16
+    seed: int = 0
+    temperature: float = 1.0
+    near: str | int | None = None
+    spread: float = 1.0
+    between: tuple[str | int, str | int] | None = None
+    steps: int = 8
+    slerp: bool = False
+    search_k: int = 0
+    add: bool = False
+    include_generated: bool = False
 
 
 def interpolate(za: np.ndarray, zb: np.ndarray, steps: int, slerp: bool = False) -> np.ndarray:
@@ -85,110 +105,87 @@ def interpolate(za: np.ndarray, zb: np.ndarray, steps: int, slerp: bool = False)
     return ((1 - t) * a + t * b).astype(np.float32)
 
 
-def _source_pixels(engine: Engine, source: str | int, spec: Any) -> tuple[np.ndarray, str]:
-    """(1, S, S, C) uint8 of an image given as a file path or an indexed image id."""
-    from embedsearch.data.images import decode_file
+class Generator:
+    """Samples codes, decodes them, finds their neighbours and stores them on request."""
 
-    if isinstance(source, int) or (isinstance(source, str) and source.isdigit() and not Path(source).exists()):
-        path, _ = engine.image_file(int(source))
-        name = f"id:{int(source)}"
-    else:
-        path, name = Path(source), str(source)
-        if not path.is_file():
-            raise DataError(f"{source}: no such image file")
-    return decode_file(str(path), spec, engine.max_pixels)[1][None], name
+    def __init__(self, registry: ModelRegistry, library: ImageLibrary, search: Search, max_pixels: int) -> None:
+        self.registry = registry
+        self.library = library
+        self.search = search
+        self.max_pixels = max_pixels
 
+    def _decoder(self, model: str) -> DecodingEncoder:
+        encoder = self.registry.encoder(model)
+        if not isinstance(encoder, DecodingEncoder):
+            kind = self.registry.model(model).kind
+            raise ModelError(f"model {model!r} ({kind}) has no decoder; generate with an AE or VAE model")
+        return encoder
 
-def sample_latents(
-    engine: Engine,
-    model: str,
-    n: int,
-    seed: int,
-    temperature: float,
-    near: str | int | None,
-    spread: float,
-    between: tuple[str | int, str | int] | None,
-    steps: int,
-    slerp: bool,
-) -> tuple[str, np.ndarray, list[str]]:
-    """(mode, (N, dim) codes, source names) for one request."""
-    encoder = engine.encoder(model)
-    kind = engine.model(model).kind
-    if not hasattr(encoder, "decode"):
-        raise ModelError(f"model {model!r} ({kind}) has no decoder; generate with an AE or VAE model")
-    if near is not None and between is not None:
-        raise InvalidArgumentError("choose --near or --between, not both")
-    rng = np.random.default_rng(seed)
-    if between is not None:
-        if steps < 2:
-            raise InvalidArgumentError("--steps must be at least 2 (the two ends)")
-        (xa, na), (xb, nb) = (_source_pixels(engine, s, encoder.spec) for s in between)
-        za, zb = encoder.encode(np.concatenate([xa, xb]))  # (dim,) each
-        return "between", interpolate(za, zb, steps, slerp), [na, nb]
-    if kind != "vae":
-        raise ModelError(_NO_PRIOR.format(name=model))
-    if n < 1:
-        raise InvalidArgumentError("-n must be at least 1")
-    eps = rng.standard_normal((n, encoder.dim)).astype(np.float32)  # (N, dim)
-    if near is None:
-        return "prior", temperature * eps, []
-    x, name = _source_pixels(engine, near, encoder.spec)
-    mu, logvar = encoder.encode_dist(x)  # (1, dim) each
-    return "near", mu + spread * np.exp(0.5 * logvar) * eps, [name]
+    def _source_pixels(self, source: str | int, spec: InputSpec) -> tuple[np.ndarray, str]:
+        """(1, S, S, C) uint8 of an image given as a file path or an indexed image id."""
+        if isinstance(source, int) or (source.isdigit() and not Path(source).exists()):
+            path, _ = self.library.image_file(int(source))
+            name = f"id:{int(source)}"
+        else:
+            path, name = Path(source), str(source)
+            if not path.is_file():
+                raise DataError(f"{source}: no such image file")
+        return decode_file(str(path), spec, self.max_pixels)[1][None], name
 
+    def sample_latents(self, model: str, request: GenerateRequest) -> tuple[str, np.ndarray, list[str]]:
+        """(mode, (N, dim) codes, source names) for one request."""
+        encoder = self._decoder(model)
+        r = request
+        if r.near is not None and r.between is not None:
+            raise InvalidArgumentError("choose --near or --between, not both")
+        if r.between is not None:
+            if r.steps < 2:
+                raise InvalidArgumentError("--steps must be at least 2 (the two ends)")
+            (xa, na), (xb, nb) = (self._source_pixels(s, encoder.spec) for s in r.between)
+            za, zb = encoder.encode(np.concatenate([xa, xb]))  # (dim,) each
+            return "between", interpolate(za, zb, r.steps, r.slerp), [na, nb]
+        if not isinstance(encoder, PosteriorEncoder):
+            raise ModelError(_NO_PRIOR.format(name=model))
+        if r.n < 1:
+            raise InvalidArgumentError("-n must be at least 1")
+        rng = np.random.default_rng(r.seed)
+        eps = rng.standard_normal((r.n, encoder.dim)).astype(np.float32)  # (N, dim)
+        if r.near is None:
+            return "prior", r.temperature * eps, []
+        x, name = self._source_pixels(r.near, encoder.spec)
+        mu, logvar = encoder.encode_dist(x)  # (1, dim) each
+        return "near", mu + r.spread * np.exp(0.5 * logvar) * eps, [name]
 
-def generate(
-    engine: Engine,
-    model: str,
-    n: int = 16,
-    seed: int = 0,
-    temperature: float = 1.0,
-    near: str | int | None = None,
-    spread: float = 1.0,
-    between: tuple[str | int, str | int] | None = None,
-    steps: int = 8,
-    slerp: bool = False,
-    search_k: int = 0,
-    add: bool = False,
-    include_generated: bool = False,
-) -> Generation:
-    """Decode candidates, optionally find their nearest indexed images and store them as generated."""
-    mode, z, sources = sample_latents(engine, model, n, seed, temperature, near, spread, between, steps, slerp)
-    encoder = engine.encoder(model)
-    images = encoder.decode(z)  # (N, S, S, C) uint8
-    settings = (
-        {"temperature": temperature}
-        if mode == "prior"
-        else {"spread": spread}
-        if mode == "near"
-        else {"steps": steps, "slerp": slerp}
-    )
-    out = Generation(
-        model,
-        mode,
-        seed,
-        settings,
-        sources,
-        [Candidate(i, img, [float(v) for v in zi]) for i, (img, zi) in enumerate(zip(images, z, strict=False))],
-    )
-    if search_k > 0:
-        vectors = encoder.encode(images)  # what --add would index: the candidate image's own code
-        for cand, hits in zip(
-            out.candidates, engine.search_vectors(vectors, model, search_k, include_generated), strict=False
-        ):
-            cand.neighbours = hits
-    if add:
-        engine.add_generated(out)
-    return out
+    def generate(self, model: str, request: GenerateRequest) -> Generation:
+        """Decode candidates, optionally find their nearest indexed images and store them as generated."""
+        mode, z, sources = self.sample_latents(model, request)
+        encoder = self._decoder(model)
+        images = encoder.decode(z)  # (N, S, S, C) uint8
+        r = request
+        by_mode: dict[str, dict[str, Any]] = {
+            "prior": {"temperature": r.temperature},
+            "near": {"spread": r.spread},
+            "between": {"steps": r.steps, "slerp": r.slerp},
+        }
+        settings = by_mode[mode]
+        candidates = [
+            Candidate(i, img, [float(v) for v in zi]) for i, (img, zi) in enumerate(zip(images, z, strict=True))
+        ]
+        out = Generation(model, mode, r.seed, settings, sources, candidates)
+        if r.search_k > 0:
+            vectors = encoder.encode(images)  # what --add would index: the candidate image's own code
+            found = self.search.vectors(vectors, model, r.search_k, r.include_generated)
+            for cand, hits in zip(out.candidates, found, strict=True):
+                cand.neighbours = hits
+        if r.add:
+            stored = [NewImage(to_png(c.image), c.image, out.provenance(c)) for c in out.candidates]
+            for cand, image_id in zip(out.candidates, self.library.add_generated(model, stored), strict=True):
+                cand.id = image_id
+        return out
 
 
 def write_candidates(generation: Generation, out: Path) -> list[Path]:
     """One PNG per candidate plus a JSON sidecar (model, mode, seed, latent vector, neighbours)."""
-    import json
-    from dataclasses import asdict
-
-    from embedsearch.core.vectors import atomic_write
-
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for cand in generation.candidates:
@@ -203,31 +200,3 @@ def write_candidates(generation: Generation, out: Path) -> list[Path]:
         atomic_write(stem.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
         written.append(stem.with_suffix(".png"))
     return written
-
-
-def candidates_grid(generation: Generation, path: Path, columns: int = 8) -> Path:
-    """Candidates in rows of ``columns``, each captioned, its nearest real images under it."""
-    from embedsearch.render.grid import Tile, save_grid
-    from embedsearch.render.pictures import image_tile
-
-    rows: list[list[Tile]] = []
-    cands = generation.candidates
-    for start in range(0, len(cands), columns):
-        block = cands[start : start + columns]
-        rows.append(
-            [
-                Tile(Image.fromarray(c.image.squeeze(-1) if c.image.shape[-1] == 1 else c.image), c.caption)
-                for c in block
-            ]
-        )
-        depth = max((len(c.neighbours) for c in block), default=0)
-        for r in range(depth):
-            rows.append(
-                [
-                    image_tile(c.neighbours[r].path, f"{c.neighbours[r].label or ''} {c.neighbours[r].distance:.2f}")
-                    if r < len(c.neighbours)
-                    else Tile(None, "")
-                    for c in block
-                ]
-            )
-    return save_grid(rows, path)

@@ -1,61 +1,70 @@
-"""Single images by id: uploads stored by content hash, metadata, deletion, search by example bytes.
+"""Single images by id: uploads stored by content hash, metadata, deletion, generated images.
 
-A mixin of :class:`Engine`; the HTTP service calls these. Uploaded bytes are kept under
-``HOME/uploads/<sha[:2]>/<sha>.<ext>`` — named by their hash and the format Pillow detected, never
-by anything a client sent — so no request can name a path.
+Uploaded bytes are kept under ``HOME/uploads/<sha[:2]>/<sha>.<ext>`` (generated images under
+``HOME/generated/``), named by their hash and the format Pillow detected, never by anything a
+client sent, so no request can name a path. Stored files are written and deleted under the writer
+lock, so a deletion racing an upload of the same content can never remove an acknowledged file.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from embedsearch.core.vectors import atomic_write
-from embedsearch.data.images import decode_bytes, sha256
-from embedsearch.errors import ImageError, InvalidArgumentError, NotFoundError
+from embedsearch.core.index_cache import IndexCache
+from embedsearch.core.layout import FORMATS, Layout
+from embedsearch.core.models import ModelRegistry
+from embedsearch.core.store import Store
+from embedsearch.data.images import decode_bytes, decode_file, sha256
+from embedsearch.encoders.base import DecodingEncoder
+from embedsearch.errors import DataError, ImageError, InvalidArgumentError, NotFoundError
+from embedsearch.files import atomic_write
 from embedsearch.results import Added, ImageRecord
-
-if TYPE_CHECKING:
-    from embedsearch.core.generate import Generation
-    from embedsearch.engine import Engine, Neighbour
 
 log = logging.getLogger(__name__)
 
-FORMATS = {  # Pillow format -> (file ending, content type)
-    "PNG": (".png", "image/png"),
-    "JPEG": (".jpg", "image/jpeg"),
-    "MPO": (".jpg", "image/jpeg"),
-    "WEBP": (".webp", "image/webp"),
-    "GIF": (".gif", "image/gif"),
-    "BMP": (".bmp", "image/bmp"),
-    "TIFF": (".tif", "image/tiff"),
-}
+
+@dataclass
+class NewImage:
+    """A generated image to store: its PNG bytes, pixels (S, S, C) uint8 and provenance."""
+
+    png: bytes
+    pixels: np.ndarray
+    provenance: dict[str, Any]
 
 
-class ImagesMixin:
-    """Image-level operations. Relies on Engine's store, home, encoders, indexes and locks."""
+class ImageLibrary:
+    """Image-level operations over the store, the index cache and the model registry."""
 
-    def stored_path(self: Engine, sha256: str, fmt: str, folder: str = "uploads") -> Path:
-        return self.home / folder / sha256[:2] / f"{sha256}{FORMATS.get(fmt, ('.img', ''))[0]}"
+    def __init__(
+        self, store: Store, layout: Layout, cache: IndexCache, registry: ModelRegistry, max_pixels: int
+    ) -> None:
+        self.store = store
+        self.layout = layout
+        self.cache = cache
+        self.registry = registry
+        self.max_pixels = max_pixels
 
     def add_image(
-        self: Engine, data: bytes, label: str | None = None, models: list[str] | None = None, name: str = "<upload>"
+        self, data: bytes, label: str | None = None, models: list[str] | None = None, name: str = "<upload>"
     ) -> Added:
         """Store uploaded bytes by content hash and index them into every model (or ``models``)."""
         names = models or [m.name for m in self.store.models()]
-        targets = [(self.model(n), self.encoder(n)) for n in names]  # unknown model: error before writing
+        targets = [(self.registry.model(n), self.registry.encoder(n)) for n in names]  # unknown: fail first
         if not targets:
             raise InvalidArgumentError("the library has no models to index into; make one first")
         decoded = [decode_bytes(data, enc.spec, name, self.max_pixels) for _, enc in targets]  # ImageError
         meta = decoded[0][0]
         if meta.format not in FORMATS:
             raise ImageError(name, f"{meta.format} is not an accepted upload format")
-        with self.writing():
+        with self.cache.writing():
             existing = self.store.all_shas_for([meta.sha256]).get(meta.sha256)
-            path = self.stored_path(meta.sha256, meta.format)
+            path = self.layout.stored_path(meta.sha256, meta.format)
             if existing is None and not path.exists():
                 atomic_write(path, data)
             values = {
@@ -70,7 +79,7 @@ class ImagesMixin:
                 "mtime": None,
             }
             image_id = existing
-            for (model, encoder), (_, pixels) in zip(targets, decoded, strict=False):
+            for (model, encoder), (_, pixels) in zip(targets, decoded, strict=True):
                 if image_id is not None and image_id in self.store.entry_ids_of(model.id, [image_id]):
                     continue
                 vector = encoder.encode(pixels[None])  # (1, dim)
@@ -79,20 +88,15 @@ class ImagesMixin:
                     model.id, [values] if image_id is None else [], [], [(key, vector[0].tobytes())]
                 )
                 image_id = new.get(meta.sha256, image_id)
-                with self.index_lock:
-                    index = self.vector_index(model.name)
-                    index.remove(np.array([image_id]))
-                    index.add(np.array([image_id]), vector)
-                    self._dirty.add(model.name)
+                self.cache.add(model, np.array([image_id], dtype=np.int64), vector)
         if image_id is None:  # every target model had it already
             raise InvalidArgumentError("nothing was indexed")
         return Added(image_id, existing is None, meta.sha256)
 
-    def image(self: Engine, image_id: int) -> ImageRecord:
+    def image(self, image_id: int) -> ImageRecord:
         row = self.store.images([image_id]).get(image_id)
         if row is None:
             raise NotFoundError(f"no image with id {image_id}")
-        models = self.store.models_of(image_id)
         return ImageRecord(
             row.id,
             row.path,
@@ -105,117 +109,113 @@ class ImagesMixin:
             row.added_at.isoformat(timespec="seconds"),
             row.generated,
             row.provenance,
-            models,
+            self.store.models_of(image_id),
         )
 
-    def image_file(self: Engine, image_id: int) -> tuple[Path, str]:
+    def image_file(self, image_id: int) -> tuple[Path, str]:
         """The stored file of an image and its content type."""
         record = self.image(image_id)
         if record.path is None or not Path(record.path).is_file():
             raise NotFoundError(f"image {image_id}: its file is no longer on disk")
         return Path(record.path), FORMATS.get(record.format, ("", "application/octet-stream"))[1]
 
-    def delete_image(self: Engine, image_id: int) -> None:
-        """Forget an image: metadata, vectors and, for an upload or generated image, the stored file."""
-        record = self.image(image_id)
-        with self.writing():
-            self.store.delete_images([image_id])
-            with self.index_lock:
-                for name in list(self._indexes):
-                    self._indexes[name].remove(np.array([image_id]))
-                    self._dirty.add(name)
-            if self._generated is not None:
-                self._generated.discard(image_id)
-        if record.path and self.owns(Path(record.path)):
-            Path(record.path).unlink(missing_ok=True)
-
-    def owns(self: Engine, path: Path) -> bool:
+    def owns(self, path: Path) -> bool:
         """True for files the library itself wrote (uploads, generated images), never user folders."""
-        resolved = path.resolve()
-        return any(resolved.is_relative_to(self.home / sub) for sub in ("uploads", "generated"))
+        return self.layout.owns(path)
 
-    def search_bytes(
-        self: Engine, data: bytes, model: str, k: int = 10, include_generated: bool = False, name: str = "<upload>"
-    ) -> list[Neighbour]:
-        encoder = self.encoder(model)
-        _, pixels = decode_bytes(data, encoder.spec, name, self.max_pixels)
-        return self.search_vectors(encoder.encode(pixels[None]), model, k, include_generated)[0]
+    def delete_image(self, image_id: int) -> None:
+        """Forget an image: metadata, vectors and, for an upload or generated image, the stored file."""
+        self.image(image_id)  # NotFoundError
+        self._delete([image_id])
 
-    def search_image(
-        self: Engine, image_id: int, model: str, k: int = 10, include_generated: bool = False
-    ) -> list[Neighbour]:
-        """Neighbours of an indexed image, from its stored vector (no decoding)."""
-        row = self.model(model)
-        found = self.store.entry_vectors(row.id, [image_id])
-        if not found:
-            self.image(image_id)  # NotFoundError when the image itself is unknown
-            raise NotFoundError(f"image {image_id} is not in model {model!r}'s index")
-        vector = np.frombuffer(found[0][1], dtype=np.float32)[None]  # (1, dim)
-        return self.search_vectors(vector, model, k, include_generated)[0]
+    def remove(self, paths: list[str]) -> int:
+        """Forget the images at these paths (a folder: everything under it).
 
-    def add_generated(self: Engine, generation: Generation) -> None:
-        """Store candidates as generated images with their provenance, in the generating model's index."""
-        from embedsearch.core.generate import to_png
+        User files stay on disk; files the library stored itself (uploads, generated) are deleted.
+        """
+        with self.cache.writing():
+            ids: list[int] = []
+            for path in paths:
+                matches = self.store.images_under(str(Path(path).resolve()))
+                if not matches:
+                    raise DataError(f"{path}: no indexed image at or under this path")
+                ids.extend(m.id for m in matches)
+            return self._delete(sorted(set(ids)))
 
-        model, encoder = self.model(generation.model), self.encoder(generation.model)
-        pngs = [to_png(c.image) for c in generation.candidates]
-        vectors = encoder.encode(np.stack([c.image for c in generation.candidates]))  # (N, dim)
-        digests = [sha256(p) for p in pngs]
-        with self.writing():
+    def remove_generated(self) -> int:
+        """Delete every generated image: rows, vectors and files."""
+        with self.cache.writing():
+            return self._delete(sorted(self.store.generated_ids()))
+
+    def _delete(self, ids: list[int]) -> int:
+        """Rows, vectors and stored files of ``ids``, all under the writer lock."""
+        with self.cache.writing():
+            records = self.store.images(ids)
+            removed = self.store.delete_images(ids)
+            self.cache.remove_images(ids)
+            for row in records.values():
+                if row.path:
+                    self.layout.delete_stored(row.path)
+        return removed
+
+    def add_generated(self, model_name: str, images: list[NewImage]) -> list[int]:
+        """Store generated images with their provenance, in the generating model's index; their ids."""
+        model, encoder = self.registry.model(model_name), self.registry.encoder(model_name)
+        if not images:
+            return []
+        vectors = encoder.encode(np.stack([im.pixels for im in images]))  # (N, dim)
+        digests = [sha256(im.png) for im in images]
+        with self.cache.writing():
             known = self.store.all_shas_for(digests)
-            first: dict[str, int] = {}  # digest -> index of the first candidate with those bytes
+            first: dict[str, int] = {}  # digest -> index of the first image with those bytes
             rows = []
-            for i, (cand, png, digest) in enumerate(zip(generation.candidates, pngs, digests, strict=False)):
+            for i, (im, digest) in enumerate(zip(images, digests, strict=True)):
                 if digest in known or digest in first:
                     continue
                 first[digest] = i
-                path = self.stored_path(digest, "PNG", "generated")
-                atomic_write(path, png)
+                path = self.layout.stored_path(digest, "PNG", "generated")
+                atomic_write(path, im.png)
                 rows.append(
                     {
                         "path": str(path),
                         "sha256": digest,
-                        "width": cand.image.shape[1],
-                        "height": cand.image.shape[0],
+                        "width": im.pixels.shape[1],
+                        "height": im.pixels.shape[0],
                         "format": "PNG",
-                        "mode": "L" if cand.image.shape[-1] == 1 else "RGB",
+                        "mode": "L" if im.pixels.shape[-1] == 1 else "RGB",
                         "label": None,
-                        "bytes": len(png),
+                        "bytes": len(im.png),
                         "mtime": None,
                         "generated": True,
-                        "provenance": generation.provenance(cand),
+                        "provenance": im.provenance,
                     }
                 )
-            ids = self.store.write_batch(model.id, rows, [], [(d, vectors[i].tobytes()) for d, i in first.items()])
-            with self.index_lock:
-                new = np.array([ids[d] for d in first], dtype=np.int64)
-                self.vector_index(model.name).add(new, vectors[list(first.values())])
-                self._dirty.add(model.name)
-                self.generated_ids().update(new.tolist())
-        for cand, digest in zip(generation.candidates, digests, strict=False):
-            cand.id = ids.get(digest, known.get(digest))
+            entries = [(d, vectors[i].tobytes()) for d, i in first.items()]
+            ids = self.store.write_batch(model.id, rows, [], list(entries))
+            new = np.array([ids[d] for d in first], dtype=np.int64)
+            self.cache.add(model, new, vectors[list(first.values())])
+            self.cache.mark_generated(new.tolist())
+        return [ids.get(d, known.get(d, -1)) for d in digests]
 
-    def remove_generated(self: Engine) -> int:
-        """Delete every generated image: rows, vectors and files."""
-        with self.writing():
-            ids = sorted(self.store.generated_ids())
-            records = self.store.images(ids)
-            removed = self.store.delete_images(ids)
-            with self.index_lock:
-                for name in list(self._indexes):
-                    self._indexes[name].remove(np.array(ids, dtype=np.int64))
-                    self._dirty.add(name)
-            self._generated = set()
-        for row in records.values():
-            if row.path and self.owns(Path(row.path)):
-                Path(row.path).unlink(missing_ok=True)
-        return removed
+    def reconstruct(self, paths: list[str], model: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(N, S, S, C) originals at the model's input and their reconstructions, with the paths used."""
+        encoder = self.registry.encoder(model)
+        if not isinstance(encoder, DecodingEncoder):
+            raise InvalidArgumentError(f"model {model!r} ({encoder.kind}) has no decoder to reconstruct with")
+        arrays, used = [], []
+        for path in paths:
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: no such image file")
+            arrays.append(decode_file(path, encoder.spec, self.max_pixels)[1])
+            used.append(path)
+        originals = np.stack(arrays)
+        return originals, encoder.reconstruct(originals), used
 
-    def stats(self: Engine) -> dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         counts = self.store.counts()
         return {
             "images": counts["images"],
-            "generated": len(self.generated_ids()),
+            "generated": len(self.cache.generated()),
             "models": counts["models"],
-            "vectors": {m.name: m.vectors for m in self.models()},
+            "vectors": {m.name: m.vectors for m in self.registry.models()},
         }

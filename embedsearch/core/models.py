@@ -1,42 +1,59 @@
-"""Making, loading and deleting the named models of a library (a mixin of :class:`Engine`)."""
+"""The model registry: making, loading and deleting the named models of a library.
+
+A model is a row of the ``models`` table (kind, input spec, metric, checkpoint hash), a folder
+``models/<name>/`` (config.json and weights) and an index (owned by the index cache).
+"""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from embedsearch import __version__
-from embedsearch.core.store import Model
-from embedsearch.core.vectors import METRICS
+from embedsearch.core.index_cache import IndexCache
+from embedsearch.core.layout import Layout
+from embedsearch.core.schema import Model
+from embedsearch.core.store import Store
 from embedsearch.data.datasets import data_spec, load_dataset
 from embedsearch.data.images import InputSpec
 from embedsearch.encoders.base import Encoder, encoder_class, write_config
 from embedsearch.errors import DataError, InvalidArgumentError, ModelError, UnknownModelError
-from embedsearch.results import ModelInfo
-
-if TYPE_CHECKING:
-    from embedsearch.engine import Engine
+from embedsearch.files import file_sha256
+from embedsearch.results import METRICS, ModelInfo
+from embedsearch.version import __version__
 
 log = logging.getLogger(__name__)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def model_info(m: Model, vectors: int) -> ModelInfo:
+    return ModelInfo(
+        m.name,
+        m.kind,
+        m.dim,
+        m.metric,
+        m.image_size,
+        m.channels,
+        vectors,
+        m.created_at.isoformat(timespec="seconds"),
+        m.checkpoint_path,
+        m.config,
+    )
 
 
-class ModelsMixin:
-    """Model management. Relies on Engine's store, home, caches and writer lock."""
+class ModelRegistry:
+    """Model rows and loaded encoders by name; made, replaced and deleted under the writer lock."""
 
-    def model(self: Engine, name: str) -> Model:
+    def __init__(self, store: Store, layout: Layout, cache: IndexCache, max_pixels: int) -> None:
+        self.store = store
+        self.layout = layout
+        self.cache = cache
+        self.max_pixels = max_pixels
+        self._models: dict[str, Model] = {}
+        self._encoders: dict[str, Encoder] = {}
+
+    def model(self, name: str) -> Model:
         if name not in self._models:
             model = self.store.model(name)
             if model is None:
@@ -44,28 +61,24 @@ class ModelsMixin:
             self._models[name] = model
         return self._models[name]
 
-    def _forget(self, name: str) -> None:
-        for cache in (self._models, self._encoders, self._indexes):
-            cache.pop(name, None)
-
     def models(self) -> list[ModelInfo]:
         counts = self.store.entry_counts()
-        return [self._model_info(m, counts.get(m.id, 0)) for m in self.store.models()]
+        return [model_info(m, counts.get(m.id, 0)) for m in self.store.models()]
 
-    @staticmethod
-    def _model_info(m: Model, vectors: int) -> ModelInfo:
-        return ModelInfo(
-            m.name,
-            m.kind,
-            m.dim,
-            m.metric,
-            m.image_size,
-            m.channels,
-            vectors,
-            m.created_at.isoformat(timespec="seconds"),
-            m.checkpoint_path,
-            m.config,
-        )
+    def forget(self, name: str) -> None:
+        """Drop the cached row and encoder of a model (it changed, or must be re-verified)."""
+        self._models.pop(name, None)
+        self._encoders.pop(name, None)
+
+    def refresh(self) -> dict[str, Model]:
+        """Re-read the model rows; models made anew or deleted elsewhere are forgotten."""
+        fresh = {m.name: m for m in self.store.models()}
+        for name, old in list(self._models.items()):
+            new = fresh.get(name)
+            if new is None or new.id != old.id:
+                self._encoders.pop(name, None)
+        self._models = fresh
+        return fresh
 
     def encoder(self, name: str) -> Encoder:
         """The model's encoder, its checkpoint checked against the hash recorded when it was made."""
@@ -74,7 +87,7 @@ class ModelsMixin:
         model = self.model(name)
         cls = encoder_class(model.kind)
         if model.checkpoint_path:
-            weights = self.home / model.checkpoint_path
+            weights = self.layout.home / model.checkpoint_path
             if not weights.is_file():
                 raise ModelError(
                     f"model {name!r}: checkpoint {weights} is missing; retrain it with 'embedsearch train'"
@@ -86,7 +99,7 @@ class ModelsMixin:
                 )
         options = cls.Options.from_dict(model.config.get("options", {}))
         spec = InputSpec(model.image_size, model.channels)
-        encoder = cls.load(self.model_dir(name), spec, model.dim, options)
+        encoder = cls.load(self.layout.model_dir(name), spec, model.dim, options)
         self._encoders[name] = encoder
         return encoder
 
@@ -153,7 +166,7 @@ class ModelsMixin:
             raise DataError(f"{source or 'the data'}: no usable images to train on")
         if images.shape[1:] != spec.shape:
             raise InvalidArgumentError(f"images of shape {images.shape[1:]} do not match the input {spec.shape}")
-        workdir = self.model_dir(name)
+        workdir = self.layout.model_dir(name)
         workdir.mkdir(parents=True, exist_ok=True)
         trained_on = f" from {len(images)} images" if cls.needs_training else ""
         log.info("making %s model %r (%dx%dx%d input)%s", kind, name, *spec.shape, trained_on)
@@ -161,7 +174,7 @@ class ModelsMixin:
         return self._register(name, encoder, metric, source, len(images))
 
     def _register(self, name: str, encoder: Encoder, metric: str, data: str | None, n: int) -> ModelInfo:
-        workdir = self.model_dir(name)
+        workdir = self.layout.model_dir(name)
         weights = encoder.save(workdir)
         config = {
             "name": name,
@@ -176,7 +189,7 @@ class ModelsMixin:
             **encoder.summary(),
         }
         write_config(workdir, config)
-        with self.writing():
+        with self.cache.writing():
             model = self.store.replace_model(
                 name,
                 kind=encoder.kind,
@@ -185,20 +198,19 @@ class ModelsMixin:
                 metric=metric,
                 image_size=encoder.spec.image_size,
                 channels=encoder.spec.channels,
-                checkpoint_path=str(weights.relative_to(self.home)) if weights else None,
+                checkpoint_path=str(weights.relative_to(self.layout.home)) if weights else None,
                 checkpoint_sha256=file_sha256(weights) if weights else None,
             )
-            for suffix in ("", ".json"):
-                Path(str(self.index_path(name)) + suffix).unlink(missing_ok=True)
-        self._forget(name)
+            self.cache.drop(name)  # the old entries went with the old row
+        self.forget(name)
+        self._models[name] = model
         self._encoders[name] = encoder
-        return self._model_info(model, 0)
+        return model_info(model, 0)
 
     def delete_model(self, name: str) -> None:
         self.model(name)
-        with self.writing():
+        with self.cache.writing():
             self.store.delete_model(name)
-            for suffix in ("", ".json"):
-                Path(str(self.index_path(name)) + suffix).unlink(missing_ok=True)
-            shutil.rmtree(self.model_dir(name), ignore_errors=True)
-        self._forget(name)
+            self.cache.drop(name)
+            shutil.rmtree(self.layout.model_dir(name), ignore_errors=True)
+        self.forget(name)

@@ -12,104 +12,31 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
-    JSON,
-    Boolean,
-    DateTime,
-    Float,
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    String,
-    UniqueConstraint,
+    Table,
     create_engine,
     delete,
     event,
-    false,
     func,
     insert,
     select,
     text,
     update,
 )
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
+from embedsearch.core.schema import Image, IndexEntry, Model
 from embedsearch.errors import StoreError
 
 log = logging.getLogger(__name__)
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Image(Base):
-    __tablename__ = "images"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str | None] = mapped_column(String, unique=True)
-    sha256: Mapped[str] = mapped_column(String(64), unique=True)
-    width: Mapped[int] = mapped_column(Integer)
-    height: Mapped[int] = mapped_column(Integer)
-    format: Mapped[str] = mapped_column(String(16))
-    mode: Mapped[str] = mapped_column(String(16))
-    label: Mapped[str | None] = mapped_column(String, index=True)
-    bytes: Mapped[int] = mapped_column(Integer)
-    mtime: Mapped[float | None] = mapped_column(Float)
-    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    #: Made by a model's decoder (embedsearch generate --add), not found on disk or uploaded.
-    generated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false(), index=True)
-    #: Where a generated image came from: model, mode, seed, source images.
-    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-
-
-class Model(Base):
-    __tablename__ = "models"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
-    kind: Mapped[str] = mapped_column(String(16))
-    config: Mapped[dict[str, Any]] = mapped_column(JSON)
-    dim: Mapped[int] = mapped_column(Integer)
-    metric: Mapped[str] = mapped_column(String(8))
-    image_size: Mapped[int] = mapped_column(Integer)
-    channels: Mapped[int] = mapped_column(Integer)
-    checkpoint_path: Mapped[str | None] = mapped_column(String)
-    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class IndexEntry(Base):
-    """Image ``image_id`` is in model ``model_id``'s index with this vector.
-
-    Entries are never updated in place: re-encoding deletes and inserts, so a growing ``id`` tells
-    a FAISS file which entries it has not seen yet.
-    """
-
-    __tablename__ = "index_entries"
-    # AUTOINCREMENT: SQLite would otherwise reuse the id of a deleted last row.
-    __table_args__ = (
-        UniqueConstraint("model_id", "image_id", name="uq_entry_model_image"),
-        {"sqlite_autoincrement": True},
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
-    vector: Mapped[bytes] = mapped_column(LargeBinary)
-
-
-#: id, path and label of the images whose ids are in the JSON array ``:ids`` (SQLite's json_each).
 _BY_JSON_IDS = select(Image.id, Image.path, Image.label).where(
     Image.id.in_(select(text("value")).select_from(text("json_each(:ids)")))
 )
@@ -192,7 +119,7 @@ class Store:
             with _migration_lock(url):
                 upgrade(self.engine)
         except SQLAlchemyError as exc:
-            raise StoreError(f"cannot open the metadata database {url}: {exc.orig or exc}") from None
+            raise StoreError(f"cannot open the metadata database {url}: {getattr(exc, 'orig', None) or exc}") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
@@ -206,7 +133,7 @@ class Store:
                 with session.begin():
                     yield session
             except SQLAlchemyError as exc:
-                raise StoreError(f"database error: {exc.orig or exc}") from None
+                raise StoreError(f"database error: {getattr(exc, 'orig', None) or exc}") from None
 
     # -- models -------------------------------------------------------------------------------
     def models(self) -> list[Model]:
@@ -243,7 +170,11 @@ class Store:
         has = select(IndexEntry.image_id).where(IndexEntry.model_id == model_id).scalar_subquery()
         stmt = select(Image.path, Image.id, Image.bytes, Image.mtime, Image.sha256, Image.id.in_(has))
         with self.session() as s:
-            return {row[0]: tuple(row[1:]) for row in s.execute(stmt.where(Image.path.is_not(None)))}
+            known: dict[str, tuple[int, int, float | None, str, bool]] = {}
+            for path, image_id, size, mtime, sha, has_entry in s.execute(stmt.where(Image.path.is_not(None))):
+                if path is not None:  # excluded by the query; narrows the type
+                    known[path] = (image_id, size, mtime, sha, has_entry)
+            return known
 
     def images(self, ids: Sequence[int]) -> dict[int, Image]:
         with self.session() as s:
@@ -285,7 +216,7 @@ class Store:
                 rows = conn.execute(*self._by_ids_statement(ids))
                 return {row[0]: (row[1], row[2]) for row in rows}
         except SQLAlchemyError as exc:
-            raise StoreError(f"database error: {exc.orig or exc}") from None
+            raise StoreError(f"database error: {getattr(exc, 'orig', None) or exc}") from None
 
     def _by_ids_statement(self, ids: Sequence[int]) -> tuple[Any, dict[str, Any]]:
         # On SQLite the ids travel as one JSON parameter: the statement text never changes, so it is
@@ -306,7 +237,8 @@ class Store:
 
     def delete_images(self, ids: Sequence[int]) -> int:
         with self.session() as s:
-            return s.execute(delete(Image).where(Image.id.in_(list(ids)))).rowcount or 0
+            result = cast(CursorResult[Any], s.execute(delete(Image).where(Image.id.in_(list(ids)))))
+            return result.rowcount or 0
 
     # -- entries ------------------------------------------------------------------------------
     def write_batch(
@@ -339,7 +271,7 @@ class Store:
             if new_images:
                 # Core inserts (Table, not the ORM class): the ORM's per-row bookkeeping costs more
                 # than SQLite itself at thousands of rows per batch.
-                rows = s.execute(insert(Image.__table__).returning(Image.sha256, Image.id), new_images)
+                rows = s.execute(insert(cast(Table, Image.__table__)).returning(Image.sha256, Image.id), new_images)
                 ids = dict(rows.all())
             resolved = [(ids[key] if isinstance(key, str) else key, vec) for key, vec in entries]
             s.execute(
@@ -349,7 +281,7 @@ class Store:
             )
             if resolved:
                 s.execute(
-                    insert(IndexEntry.__table__),
+                    insert(cast(Table, IndexEntry.__table__)),
                     [{"model_id": model_id, "image_id": i, "vector": v} for i, v in resolved],
                 )
             return ids
@@ -366,14 +298,14 @@ class Store:
             .order_by(IndexEntry.id)
         )
         with self.session() as s:
-            return [tuple(r) for r in s.execute(stmt)]
+            return [(entry_id, image_id, vector) for entry_id, image_id, vector in s.execute(stmt)]
 
     def entry_vectors(self, model_id: int, image_ids: Sequence[int]) -> list[tuple[int, bytes]]:
         with self.session() as s:
             stmt = select(IndexEntry.image_id, IndexEntry.vector).where(
                 IndexEntry.model_id == model_id, IndexEntry.image_id.in_(list(image_ids))
             )
-            return [tuple(r) for r in s.execute(stmt)]
+            return [(image_id, vector) for image_id, vector in s.execute(stmt)]
 
     def entry_image_ids(self, model_id: int) -> list[int]:
         with self.session() as s:
@@ -399,3 +331,26 @@ class Store:
         with self.session() as s:
             rows = s.execute(select(IndexEntry.model_id, func.count()).group_by(IndexEntry.model_id))
             return dict(rows.all())
+
+    # -- consistency checks ---------------------------------------------------------------------
+    def entry_blobs(self, model_id: int) -> list[tuple[int, bytes]]:
+        """(image id, vector bytes) of every entry of a model, damaged ones included."""
+        stmt = select(IndexEntry.image_id, IndexEntry.vector).where(IndexEntry.model_id == model_id)
+        with self.session() as s:
+            return [(int(i), bytes(v)) for i, v in s.execute(stmt)]
+
+    def delete_entries(self, model_id: int, image_ids: Sequence[int]) -> None:
+        with self.session() as s:
+            s.execute(
+                delete(IndexEntry).where(IndexEntry.model_id == model_id, IndexEntry.image_id.in_(list(image_ids)))
+            )
+
+    def unindexed_image_ids(self) -> list[int]:
+        """Images that are in no model's index."""
+        with self.session() as s:
+            return list(s.scalars(select(Image.id).where(~Image.id.in_(select(IndexEntry.image_id)))))
+
+    def image_paths(self) -> list[tuple[int, str | None, str]]:
+        """(id, path, sha256) of every image."""
+        with self.session() as s:
+            return [(int(i), p, h) for i, p, h in s.execute(select(Image.id, Image.path, Image.sha256))]

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from embedsearch.data.idx import read_idx, read_idx_pair
-from embedsearch.data.images import DEFAULT_MAX_PIXELS, InputSpec, infer_spec, scan, to_array
+from embedsearch.data.images import DEFAULT_MAX_PIXELS, InputSpec, infer_spec, scan, to_array, to_pil
 from embedsearch.data.ingest import load_folder
 from embedsearch.errors import DataError
 
@@ -71,4 +70,4 @@ def idx_to_spec(x: np.ndarray, spec: InputSpec) -> np.ndarray:
     """(N, rows, cols) grey -> (N, S, S, C) with the same resize policy as image files."""
     if x.shape[1:] == (spec.image_size, spec.image_size) and spec.channels == 1:
         return np.ascontiguousarray(x[..., None])  # (N, S, S, 1): nothing to do
-    return np.stack([to_array(Image.fromarray(im, "L"), spec) for im in x])
+    return np.stack([to_array(to_pil(im), spec) for im in x])

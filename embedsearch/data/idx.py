@@ -59,7 +59,7 @@ def export_pngs(
     prefix: str = "",
 ) -> int:
     """Write (N, rows, cols) grey images as OUT/<label>/<prefix><i>.png; returns the number written."""
-    from PIL import Image
+    from embedsearch.data.images import to_pil  # Pillow only when writing
 
     out = Path(out)
     width = len(str(len(images)))
@@ -67,5 +67,5 @@ def export_pngs(
         (out / (names[label] if names else str(label))).mkdir(parents=True, exist_ok=True)
     for i, (image, label) in enumerate(zip(images, labels, strict=False)):
         folder = names[label] if names else str(label)
-        Image.fromarray(image, "L").save(out / folder / f"{prefix}{i:0{width}d}.png", compress_level=1)
+        to_pil(image).save(out / folder / f"{prefix}{i:0{width}d}.png", compress_level=1)
     return len(images)

@@ -159,7 +159,7 @@ def _open(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, str, st
         # Our own limit below is the one that counts; Pillow's warning would only be noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(data))
+            im: Image.Image = Image.open(io.BytesIO(data))  # the transposed copy below is a plain Image
         except UnidentifiedImageError:
             raise ImageError(name, "not an image (or not a supported format)") from None
         except Image.DecompressionBombError:
@@ -215,6 +215,18 @@ def to_array(im: Image.Image, spec: InputSpec) -> np.ndarray:
     """A decoded image as a ``(S, S, C)`` uint8 array following the resize policy."""
     out = np.asarray(_fit_square(_to_mode(im, spec.channels), spec.image_size), dtype=np.uint8)
     return out.reshape(spec.shape)  # (S, S, C)
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    """The way back: an (S, S, 1) or (S, S) uint8 array as an "L" image, an (S, S, 3) one as "RGB"."""
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise InvalidArgumentError(
+            f"an image array must be (S, S), (S, S, 1) or (S, S, 3) uint8, not {arr.dtype} {arr.shape}"
+        )
+    return Image.fromarray(arr)  # the mode follows from the shape: "L" or "RGB"
 
 
 def decode_bytes(

@@ -134,11 +134,14 @@ def load_folder(
 ) -> tuple[np.ndarray, list[str | None], list[tuple[str, str]]]:
     """Every good image under ``root`` as (N, S, S, C) uint8, their labels, and the failures."""
     files = list(scan(root))
-    images, labels, failed = [], [], []
+    images: list[np.ndarray] = []
+    labels: list[str | None] = []
+    failed: list[tuple[str, str]] = []
     for item in decode_all(files, spec, max_pixels):
         if item.error is not None:
             failed.append((item.file.path, item.error))
         else:
+            assert item.pixels is not None  # no error: decoded
             images.append(item.pixels)
             labels.append(item.file.label)
     stacked = np.stack(images) if images else np.zeros((0, *spec.shape), np.uint8)

@@ -1,7 +1,11 @@
 """Encoders: a batch of normalised images in, one float32 vector per image out.
 
-Every kind (pixels, pca, ae, vae) implements :class:`Encoder`. The registry maps a kind to the
-dotted path of its class so that looking a kind up never imports torch unless that kind needs it.
+Every kind (pixels, pca, ae, vae) implements :class:`Encoder`; a kind that can also decode
+(AE) implements :class:`DecodingEncoder`, and one with a Gaussian posterior (VAE)
+:class:`PosteriorEncoder`, so callers ask ``isinstance`` for a capability instead of naming kinds.
+The registry maps a kind to the dotted path of its class so that looking a kind up never imports
+torch unless that kind needs it. The classic kinds live in :mod:`embedsearch.encoders.classic`,
+the neural ones in :mod:`embedsearch.encoders.nn`.
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from embedsearch.data.images import InputSpec
-from embedsearch.errors import InvalidArgumentError, ModelError
+from embedsearch.errors import InvalidArgumentError
 
 #: kind -> "module:Class". Torch-based kinds live in modules that import torch; the others do not.
 REGISTRY: dict[str, str] = {
-    "pixels": "embedsearch.encoders.base:PixelsEncoder",
-    "pca": "embedsearch.encoders.base:PCAEncoder",
+    "pixels": "embedsearch.encoders.classic:PixelsEncoder",
+    "pca": "embedsearch.encoders.classic:PCAEncoder",
     "ae": "embedsearch.encoders.nn.encoder:AEEncoder",
     "vae": "embedsearch.encoders.nn.encoder:VAEEncoder",
 }
@@ -35,12 +39,6 @@ def encoder_class(kind: str) -> type[Encoder]:
     except KeyError:
         raise InvalidArgumentError(f"unknown model kind {kind!r}; choose one of {', '.join(REGISTRY)}") from None
     return getattr(importlib.import_module(module), name)
-
-
-def to_unit_float(images: np.ndarray) -> np.ndarray:
-    """(N, S, S, C) uint8 -> (N, S*S*C) float32 in [0, 1], C-contiguous."""
-    flat = images.reshape(len(images), -1)
-    return np.multiply(flat, np.float32(1.0 / 255.0), dtype=np.float32)
 
 
 @dataclass
@@ -59,6 +57,11 @@ class Options:
         return asdict(self)
 
 
+#: In :class:`Encoder`'s body ``Options`` is the class attribute (the kind's options class), so
+#: signatures name the module-level base class through this alias.
+EncoderOptions = Options
+
+
 class Encoder(ABC):
     """The interface every model kind implements.
 
@@ -67,11 +70,11 @@ class Encoder(ABC):
     """
 
     kind: ClassVar[str]
-    Options: ClassVar[type[Options]] = Options
+    Options: ClassVar[type[EncoderOptions]] = EncoderOptions
     #: False for kinds that need no data to exist (pixels): they are created on first use.
     needs_training: ClassVar[bool] = True
 
-    def __init__(self, spec: InputSpec, dim: int, options: Options) -> None:
+    def __init__(self, spec: InputSpec, dim: int, options: EncoderOptions) -> None:
         self.spec = spec
         self.dim = dim
         self.options = options
@@ -81,7 +84,9 @@ class Encoder(ABC):
 
     @classmethod
     @abstractmethod
-    def fit(cls, images: np.ndarray, spec: InputSpec, options: Options, workdir: Path, resume: bool = False) -> Encoder:
+    def fit(
+        cls, images: np.ndarray, spec: InputSpec, options: EncoderOptions, workdir: Path, resume: bool = False
+    ) -> Encoder:
         """Train on ``(N, S, S, C)`` uint8 images.
 
         ``workdir`` is the model's own folder: a kind that trains for long keeps its checkpoints
@@ -101,7 +106,7 @@ class Encoder(ABC):
         return None
 
     @classmethod
-    def load(cls, directory: Path, spec: InputSpec, dim: int, options: Options) -> Encoder:
+    def load(cls, directory: Path, spec: InputSpec, dim: int, options: EncoderOptions) -> Encoder:
         return cls(spec, dim, options)
 
     def summary(self) -> dict[str, Any]:
@@ -109,112 +114,27 @@ class Encoder(ABC):
         return {}
 
 
-class PixelsEncoder(Encoder):
-    """The resized image itself, flattened: the baseline that needs no training."""
+class DecodingEncoder(Encoder):
+    """An encoder with a decoder back to images: reconstructions and decoded samples (AE, VAE)."""
 
-    kind = "pixels"
-    needs_training = False
+    @abstractmethod
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """(N, dim) float32 latent vectors -> (N, S, S, C) uint8 images."""
 
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        return to_unit_float(images)  # (N, S*S*C)
-
-    @classmethod
-    def fit(
-        cls, images: np.ndarray, spec: InputSpec, options: Options, workdir: Path, resume: bool = False
-    ) -> PixelsEncoder:
-        return cls(spec, spec.image_size**2 * spec.channels, options)
+    @abstractmethod
+    def reconstruct(self, images: np.ndarray) -> np.ndarray:
+        """(N, S, S, C) uint8 images -> their (N, S, S, C) uint8 reconstructions through the code."""
 
 
-@dataclass
-class PCAOptions(Options):
-    dim: int = 32
-    seed: int = 0
+class PosteriorEncoder(DecodingEncoder):
+    """A decoding encoder whose code is a Gaussian posterior q(z|x) = N(mu, exp(logvar)) (VAE).
 
+    Its prior is N(0, I), so decoding standard normal noise samples new images.
+    """
 
-class PCAEncoder(Encoder):
-    """Principal components of the flattened pixels: the linear baseline."""
-
-    kind = "pca"
-    Options = PCAOptions
-
-    def __init__(
-        self,
-        spec: InputSpec,
-        dim: int,
-        options: Options,
-        mean: np.ndarray | None = None,
-        components: np.ndarray | None = None,
-    ) -> None:
-        super().__init__(spec, dim, options)
-        self.mean = mean  # (D,)
-        self.components = components  # (dim, D)
-
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        if self.mean is None or self.components is None:
-            raise ModelError("this PCA model has no weights; train it first")
-        x = to_unit_float(images)  # (N, D)
-        x -= self.mean
-        return np.ascontiguousarray(x @ self.components.T)  # (N, dim)
-
-    @classmethod
-    def fit(
-        cls, images: np.ndarray, spec: InputSpec, options: Options, workdir: Path, resume: bool = False
-    ) -> PCAEncoder:
-        if not isinstance(options, PCAOptions):
-            raise InvalidArgumentError("PCA takes PCAOptions")
-        x = to_unit_float(images)  # (N, D)
-        n, d = x.shape
-        if not 1 <= options.dim <= min(n, d):
-            raise InvalidArgumentError(f"--dim must be between 1 and {min(n, d)} for {n} images of {d} values")
-        mean = x.mean(axis=0)
-        x -= mean
-        components = _top_components(x, options.dim, options.seed)
-        # Contiguous copies: safetensors writes an array's raw buffer, so a strided view would be garbled.
-        return cls(
-            spec,
-            options.dim,
-            options,
-            np.ascontiguousarray(mean, dtype=np.float32),
-            np.ascontiguousarray(components, dtype=np.float32),
-        )
-
-    def save(self, directory: Path) -> Path:
-        from safetensors.numpy import save_file
-
-        path = directory / WEIGHTS_FILE
-        if self.mean is None or self.components is None:
-            raise ModelError("this PCA model has no weights to save")
-        save_file(
-            {"mean": np.ascontiguousarray(self.mean), "components": np.ascontiguousarray(self.components)}, str(path)
-        )
-        return path
-
-    @classmethod
-    def load(cls, directory: Path, spec: InputSpec, dim: int, options: Options) -> PCAEncoder:
-        from safetensors.numpy import load_file
-
-        tensors = load_file(str(directory / WEIGHTS_FILE))
-        return cls(spec, dim, options, tensors["mean"], np.ascontiguousarray(tensors["components"]))
-
-
-def _top_components(x: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """The k leading right singular vectors of centred ``x`` (N, D) -> (k, D), sign-fixed."""
-    n, d = x.shape
-    if d <= 2048:  # many images of few pixels (28x28 grey): eigenvectors of the D x D covariance
-        _, vecs = np.linalg.eigh((x.T @ x).astype(np.float64))  # (D, D), ascending eigenvalues
-        comps = vecs[:, ::-1][:, :k].T  # (k, D)
-    elif n <= 2048:  # few images of many pixels: SVD of the N x D data itself
-        comps = np.linalg.svd(x, full_matrices=False)[2][:k]
-    else:
-        # Randomised SVD (Halko et al. 2011): exact enough for k << D and far cheaper than eigh.
-        rng = np.random.default_rng(seed)
-        q, _ = np.linalg.qr(x @ rng.standard_normal((d, k + 10), dtype=np.float32))  # (N, k+10)
-        for _ in range(4):
-            q, _ = np.linalg.qr(x @ (x.T @ q))
-        comps = np.linalg.svd(q.T @ x, full_matrices=False)[2][:k]  # (k, D)
-    # Make the largest-magnitude loading of each component positive, so results are deterministic.
-    signs = np.sign(comps[np.arange(k), np.abs(comps).argmax(axis=1)])
-    return comps * signs[:, None]
+    @abstractmethod
+    def encode_dist(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, S, S, C) uint8 -> posterior mean mu and log-variance, each (N, dim) float32."""
 
 
 def write_config(directory: Path, config: dict[str, Any]) -> None:

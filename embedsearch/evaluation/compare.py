@@ -19,7 +19,7 @@ import numpy as np
 from embedsearch.data.datasets import Dataset, data_spec, idx_labels_path, idx_to_spec, is_idx, load_dataset
 from embedsearch.data.idx import read_idx_pair
 from embedsearch.data.images import InputSpec
-from embedsearch.encoders.base import REGISTRY, Encoder, encoder_class
+from embedsearch.encoders.base import REGISTRY, DecodingEncoder, Encoder, PosteriorEncoder, encoder_class
 from embedsearch.errors import DataError, InvalidArgumentError, UnknownModelError
 from embedsearch.evaluation import metrics as ev
 
@@ -193,6 +193,7 @@ class Artifacts:
     top: dict[str, np.ndarray] = field(default_factory=dict)  # model -> (len(shown), TOP_SHOWN) rows
     latents: dict[str, np.ndarray] = field(default_factory=dict)  # AE/VAE model -> query vectors
     samples: dict[str, np.ndarray] = field(default_factory=dict)  # AE/VAE model -> generated images
+    prior_samples: set[str] = field(default_factory=set)  # models whose samples are from their prior (VAE)
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -213,6 +214,9 @@ class Data:
     def __init__(self, config: CompareConfig, max_pixels: int) -> None:
         self.config, self.max_pixels = config, max_pixels
         self.spec, main = self._load_main(config.data)
+        # Rows of DATA taken as queries and as database; None: all of it (queries come from elsewhere).
+        self.q_rows: np.ndarray | None
+        self.db_rows: np.ndarray | None
         if config.queries is None:
             n_q = round(len(main) * config.query_fraction)
             if not 1 <= n_q < len(main):
@@ -399,28 +403,29 @@ def evaluate_model(name: str, kind: str, encoder: Encoder, metric: str, data: Da
         precision_curve=ev.precision_curve(hits, config.curve_k),
     )
     art.kinds[name], art.top[name] = kind, ids[art.shown, :TOP_SHOWN]
-    if hasattr(encoder, "reconstruct"):
+    if isinstance(encoder, DecodingEncoder):
         _generative(name, encoder, view.queries, q_vecs, result, art, config)
     return result
 
 
 def _generative(
     name: str,
-    encoder: Any,
+    encoder: DecodingEncoder,
     queries: np.ndarray,
     q_vecs: np.ndarray,
     result: ModelResult,
     art: Artifacts,
     config: CompareConfig,
 ) -> None:
-    """Reconstruction error, for a VAE also KL and active dimensions, and decoded samples."""
+    """Reconstruction error, with a posterior (VAE) also KL and active dimensions, and decoded samples."""
     result.recon_error = ev.mse_per_pixel(queries, encoder.reconstruct(queries))
     rng = np.random.default_rng(config.seed)
     noise = rng.standard_normal((config.samples, encoder.dim)).astype(np.float32)
-    if hasattr(encoder, "encode_dist"):
+    if isinstance(encoder, PosteriorEncoder):
         mu, logvar = encoder.encode_dist(queries)
         result.kl, result.active_dims = ev.gaussian_kl(mu, logvar), ev.active_dims(mu)
         art.samples[name] = encoder.decode(noise)  # the VAE's prior is N(0, I)
+        art.prior_samples.add(name)
     else:
         # An AE has no prior: sample a Gaussian matched per dimension to its query codes.
         art.samples[name] = encoder.decode(q_vecs.mean(axis=0) + noise * q_vecs.std(axis=0))

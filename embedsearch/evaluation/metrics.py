@@ -1,5 +1,8 @@
 """Retrieval metrics over exact (flat) FAISS search: pure numpy and faiss, no torch.
 
+Indexes and search go through :mod:`embedsearch.core.knn`, the same helper the library's indexes
+use, so a metric means the same here as in a query.
+
 Conventions: the database holds ``N`` vectors with integer labels ``db_labels`` (N,); the queries
 have ``query_labels`` (Q,). A neighbour list is a (Q, K) int64 array of database rows, best first,
 padded with -1 when the database holds fewer than K usable items. Self-matches (a database item
@@ -11,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,9 +23,10 @@ import faiss
 import numpy as np
 from PIL import Image
 
-from embedsearch.errors import InvalidArgumentError
+from embedsearch.core import knn
+from embedsearch.data.images import to_pil
+from embedsearch.results import METRICS as METRICS  # re-exported: the metrics an index can use
 
-METRICS = ("l2", "cosine")
 #: Near-duplicate alteration: crop side fraction, brightness factor, noise sigma (of [0, 1]), JPEG quality.
 CROP = (0.85, 0.95)
 BRIGHTNESS = (0.8, 1.2)
@@ -31,50 +34,32 @@ NOISE_SIGMA = 0.03
 JPEG_QUALITY = 60
 
 
-def all_threads() -> int:
-    """Cores this process may use (the affinity mask, not the machine's count, in a container)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 # -- search -------------------------------------------------------------------------------------
 
 
-def _prepared(vectors: np.ndarray, metric: str) -> np.ndarray:
-    if metric not in METRICS:
-        raise InvalidArgumentError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    x = np.array(vectors, dtype=np.float32, order="C", copy=True)  # a copy: normalising is in place
-    if x.ndim != 2:
-        raise InvalidArgumentError(f"vectors must be a 2-D array, not of shape {x.shape}")
-    if metric == "cosine":
-        faiss.normalize_L2(x)
-    return x
-
-
 def build_index(vectors: np.ndarray, metric: str = "l2") -> faiss.Index:
-    """An in-memory exact index: IndexFlatL2, or IndexFlatIP over unit vectors for cosine."""
-    x = _prepared(vectors, metric)
-    index = faiss.IndexFlatIP(x.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(x.shape[1])
+    """An in-memory exact index (:func:`embedsearch.core.knn.flat_index`): L2, or inner product over
+    unit vectors for cosine."""
+    x = knn.prepare(vectors, metric)
+    index = knn.flat_index(x.shape[1], metric)
     index.add(x)
     return index
 
 
 def add_vectors(index: faiss.Index, vectors: np.ndarray, metric: str = "l2") -> None:
     """Append rows to an index made by :func:`build_index` (same metric); they get the next row numbers."""
-    index.add(_prepared(vectors, metric))
+    index.add(knn.prepare(vectors, metric))
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, metric: str = "l2") -> np.ndarray:
     """(Q, k) database rows of the nearest items, best first, -1 where there are fewer than k."""
-    if k < 1:
-        raise InvalidArgumentError("k must be at least 1")
-    faiss.omp_set_num_threads(all_threads())  # one batched search: use every core
-    _, ids = index.search(_prepared(queries, metric), k)
-    return ids.astype(np.int64, copy=False)
+    _, ids = knn.search(index, knn.prepare(queries, metric), k, metric)
+    return ids
 
 
 def identical_pairs(query_images: np.ndarray, db_images: np.ndarray) -> np.ndarray:
     """(M, 2) int64 (query row, database row) of every pair with exactly the same pixels."""
-    digest = {}
+    digest: dict[bytes, list[int]] = {}
     for j, image in enumerate(db_images):
         digest.setdefault(hashlib.blake2b(image.tobytes(), digest_size=16).digest(), []).append(j)
     pairs = [
@@ -182,18 +167,18 @@ def knn_accuracy(ids: np.ndarray, db_labels: np.ndarray, query_labels: np.ndarra
 
 def _alter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One seeded alteration of an (S, S, C) uint8 image: crop+resize, brightness, noise, JPEG."""
-    side, channels = image.shape[0], image.shape[2]
+    side = image.shape[0]
     # Every draw is a fraction of the side, so the same seed alters an image alike at any size.
     frac, ux, uy, gain = rng.uniform(*CROP), rng.uniform(), rng.uniform(), rng.uniform(*BRIGHTNESS)
     crop = max(1, round(frac * side))
     x0, y0 = round(ux * (side - crop)), round(uy * (side - crop))
-    mode = "L" if channels == 1 else "RGB"
-    pic = Image.fromarray(image[..., 0] if channels == 1 else image, mode)
+    pic = to_pil(image)
+    mode = pic.mode  # "L" or "RGB"
     pic = pic.crop((x0, y0, x0 + crop, y0 + crop)).resize((side, side), Image.Resampling.BILINEAR)
     x = np.asarray(pic, dtype=np.float32).reshape(image.shape) * gain
     x += rng.normal(0.0, NOISE_SIGMA * 255.0, size=x.shape).astype(np.float32)
     x = np.clip(np.rint(x), 0, 255).astype(np.uint8)
-    pic = Image.fromarray(x[..., 0] if channels == 1 else x, mode)
+    pic = to_pil(x)
     buf = io.BytesIO()
     pic.save(buf, "JPEG", quality=JPEG_QUALITY)
     buf.seek(0)
@@ -254,7 +239,7 @@ def one_thread() -> Iterator[None]:
     try:
         yield
     finally:
-        faiss.omp_set_num_threads(all_threads())
+        faiss.omp_set_num_threads(knn.all_threads())
         if torch is not None:
             torch.set_num_threads(before)
 
@@ -278,7 +263,7 @@ def time_single_queries(
         samples = []
         for i in range(repeats):
             started = time.perf_counter()
-            vector = _prepared(encode(images[i % len(images)][None]), metric)
-            index.search(vector, k)
+            vector = knn.prepare(encode(images[i % len(images)][None]), metric)
+            knn.search(index, vector, k, metric)
             samples.append(time.perf_counter() - started)
     return float(np.median(samples) * 1000.0)

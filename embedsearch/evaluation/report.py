@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from embedsearch.data.images import to_pil
 from embedsearch.evaluation.compare import NEARDUP_KS, RECALL_KS, Artifacts, CompareResult
 from embedsearch.evaluation.compare import TOP_SHOWN as TOP
 from embedsearch.render.grid import Tile, save_grid
@@ -175,10 +175,6 @@ def plot_latents(art: Artifacts, path: Path, seed: int, max_points: int = 5000) 
     return path
 
 
-def _pil(image: np.ndarray) -> Image.Image:
-    return Image.fromarray(image[..., 0], "L") if image.shape[-1] == 1 else Image.fromarray(image, "RGB")
-
-
 def plot_top_results(art: Artifacts, path: Path) -> Path | None:
     """For each shown query, one row per model: the query, then its top results (label captions)."""
     if not art.top or not len(art.shown):
@@ -187,13 +183,13 @@ def plot_top_results(art: Artifacts, path: Path) -> Path | None:
     for i, q in enumerate(art.shown.tolist()):
         q_label = art.label_names[art.query_labels[q]]
         for name, top in art.top.items():
-            tiles = [Tile(_pil(art.query_images[q]), f"query {q_label}")]
+            tiles = [Tile(to_pil(art.query_images[q]), f"query {q_label}")]
             for j in top[i].tolist():
                 if j < 0:
                     tiles.append(Tile(None, "-"))
                     continue
                 label = art.label_names[art.db_labels[j]]
-                tiles.append(Tile(_pil(art.db_images[j]), label + (" ok" if label == q_label else " x")))
+                tiles.append(Tile(to_pil(art.db_images[j]), label + (" ok" if label == q_label else " x")))
             rows.append(tiles)
             titles.append(f"q{i + 1} {name}")
     return save_grid(rows, path, tile_size=64, row_titles=titles)
@@ -202,8 +198,8 @@ def plot_top_results(art: Artifacts, path: Path) -> Path | None:
 def plot_samples(art: Artifacts, path: Path) -> Path | None:
     if not art.samples:
         return None
-    rows = [[Tile(_pil(im)) for im in images] for images in art.samples.values()]
-    titles = [f"{name} {'prior' if art.kinds.get(name) == 'vae' else 'fitted'}" for name in art.samples]
+    rows = [[Tile(to_pil(im)) for im in images] for images in art.samples.values()]
+    titles = [f"{name} {'prior' if name in art.prior_samples else 'fitted'}" for name in art.samples]
     return save_grid(rows, path, tile_size=56, row_titles=titles)
 
 

@@ -7,9 +7,11 @@ bearer token check, the request-size limit, security headers, and the background
 lets the service see what other processes (a CLI ``index`` run) committed.
 
 Threads: endpoints are plain ``def`` functions, so FastAPI runs them in its thread pool and many
-searches run at once. FAISS is guarded by ``Engine.index_lock``; cross-process writes by
-``Engine.writing()``. :meth:`Engine.refresh` swaps the engine's caches and syncs the indexes, so it
-runs only while no request is inside the engine (:class:`Gate`).
+searches run at once. The engine's index cache guards FAISS within the process and holds the
+writer lock across processes. :meth:`Engine.refresh` swaps the engine's caches and syncs the
+indexes, so it runs only while no request is inside the engine (:class:`Gate`). A service that
+defers index saves while it runs: the refresher writes changed index files every
+``SAVE_SECONDS`` and when the service stops.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,7 +33,6 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embedsearch import __version__
 from embedsearch.errors import (
     DataError,
     EmbedSearchError,
@@ -43,6 +45,7 @@ from embedsearch.errors import (
     UnknownModelError,
 )
 from embedsearch.http.state import DEFAULT_MAX_UPLOAD, Service
+from embedsearch.version import __version__
 
 if TYPE_CHECKING:
     from embedsearch.engine import Engine
@@ -51,6 +54,8 @@ log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).with_name("web")
 REFRESH_SECONDS = 1.0
+#: How often a service that defers index saves writes the changed index files.
+SAVE_SECONDS = 5.0
 #: How long the refresher may hold new requests back while waiting for running ones to finish.
 REFRESH_WAIT = 0.05
 _CSP = (
@@ -202,6 +207,7 @@ class Refresher(threading.Thread):
         self.service = service
         self.interval = interval
         self.stopped = threading.Event()
+        self.next_save = time.monotonic() + SAVE_SECONDS
 
     def run(self) -> None:
         self._warm_up()
@@ -213,9 +219,11 @@ class Refresher(threading.Thread):
         try:
             with self.service.gate.try_exclusive(REFRESH_WAIT) as got:
                 if got:
-                    with engine.index_lock:
-                        engine.refresh()
-                return got
+                    engine.refresh()
+            if time.monotonic() >= self.next_save:
+                self.next_save = time.monotonic() + SAVE_SECONDS
+                engine.flush(wait=False)
+            return got
         except Exception:  # keep serving; the next round tries again
             log.warning("refreshing the library failed", exc_info=True)
             return False
@@ -233,8 +241,7 @@ class Refresher(threading.Thread):
             try:
                 with self.service.gate.shared():
                     engine.encoder(name)
-                    with engine.index_lock:
-                        engine.vector_index(name)
+                    engine.vector_index(name)
             except EmbedSearchError as exc:
                 log.warning("model %r could not be loaded: %s", name, exc)
 
@@ -267,6 +274,9 @@ def create_app(
     if max_upload_bytes < 1:
         raise InvalidArgumentError("max_upload_bytes must be at least 1")
     engine, owned = _open_engine(engine_or_home)
+    # The refresher saves changed index files every SAVE_SECONDS and when the app stops: not one
+    # write of a whole index per upload (measured: 43 ms per upload into a 70k index, against 12).
+    deferred = engine.defer_index_saves(True)
     service = Service(engine, token or None, token_for_reads, max_upload_bytes, owned)
 
     @asynccontextmanager
@@ -278,8 +288,11 @@ def create_app(
         finally:
             refresher.stopped.set()
             refresher.join(timeout=10)
+            engine.defer_index_saves(deferred)
             if owned:
                 engine.close()
+            else:
+                engine.flush()
 
     # The docs pages with Swagger UI and ReDoc served from the package, not from a CDN: they work offline.
     app = FastAPIOffline(

@@ -11,6 +11,7 @@ import base64
 import logging
 import re
 from collections.abc import AsyncIterator
+from dataclasses import fields
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -19,7 +20,6 @@ from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool as in_thread
 
-from embedsearch import __version__
 from embedsearch.engine import Engine
 from embedsearch.errors import ImageError
 from embedsearch.http.schemas import (
@@ -30,15 +30,17 @@ from embedsearch.http.schemas import (
     GenerateOut,
     HealthOut,
     ImageOut,
+    ModelOut,
     ModelsOut,
     SearchOut,
     StatsOut,
     UploadOut,
 )
 from embedsearch.http.state import Service
+from embedsearch.version import __version__
 
 if TYPE_CHECKING:
-    from embedsearch.results import Neighbour
+    from embedsearch.results import ImageRecord, Neighbour
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ ImageId = Annotated[int, Path(ge=0, le=MAX_ID, description="image id")]
 
 
 def _service(request: Request) -> Service:
-    return request.app.state.service  # type: ignore[no-any-return]
+    return request.app.state.service
 
 
 def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
@@ -92,6 +94,18 @@ def hits(neighbours: list[Neighbour]) -> list[dict[str, Any]]:
         {"rank": n.rank, "id": n.id, "label": n.label, "distance": n.distance, "url": file_url(n.id)}
         for n in neighbours
     ]
+
+
+def image_out(record: ImageRecord) -> dict[str, Any]:
+    """An ImageRecord as ``ImageOut``: its fields, with ``path`` replaced by the file's name and URL."""
+    out: dict[str, Any] = {}
+    for f in fields(record):
+        if f.name == "path":
+            out["name"] = PurePosixPath(record.path).name if record.path else None
+            out["url"] = file_url(record.id)
+        else:
+            out[f.name] = getattr(record, f.name)
+    return out
 
 
 def client_name(filename: str | None) -> str:
@@ -144,22 +158,7 @@ def _add_all(
 @router.get("/images/{image_id}", response_model=ImageOut, tags=["images"])
 async def get_image(image_id: ImageId, engine: ReadEngine) -> dict[str, Any]:
     """An image's metadata (its server-side folder is not shown)."""
-    record = await in_thread(engine.image, image_id)
-    return {
-        "id": record.id,
-        "name": PurePosixPath(record.path).name if record.path else None,
-        "url": file_url(record.id),
-        "sha256": record.sha256,
-        "width": record.width,
-        "height": record.height,
-        "format": record.format,
-        "label": record.label,
-        "bytes": record.bytes,
-        "added_at": record.added_at,
-        "generated": record.generated,
-        "provenance": record.provenance,
-        "models": record.models,
-    }
+    return image_out(await in_thread(engine.image, image_id))
 
 
 @router.get(
@@ -250,14 +249,14 @@ def _generate(engine: Engine, body: GenerateIn) -> dict[str, Any]:
 @router.get("/models", response_model=ModelsOut, tags=["library"])
 async def list_models(engine: ReadEngine) -> dict[str, Any]:
     """The library's models (name, kind ae/vae/pixels/pca, input, dimension, vectors)."""
-    fields = ("name", "kind", "dim", "metric", "image_size", "channels", "vectors", "created_at")
-    return {"models": [{f: getattr(m, f) for f in fields} for m in await in_thread(engine.models)]}
+    shown = [f.name for f in fields(ModelOut)]  # the ModelSummary part of each ModelInfo
+    return {"models": [{f: getattr(m, f) for f in shown} for m in await in_thread(engine.models)]}
 
 
 @router.get("/stats", response_model=StatsOut, tags=["library"])
 async def stats(engine: ReadEngine) -> dict[str, Any]:
     """Counts: images, generated images, models, vectors per model."""
-    return await in_thread(engine.stats)  # type: ignore[no-any-return]
+    return await in_thread(engine.stats)
 
 
 @router.get("/health", response_model=HealthOut, tags=["library"])

@@ -1,10 +1,18 @@
-"""The JSON shapes of the HTTP API (pydantic models): what /docs shows and what the routes return."""
+"""The JSON shapes of the HTTP API (pydantic models): what /docs shows and what the routes return.
+
+An image's and a model's record are defined once, in :mod:`embedsearch.results`; ``ImageOut`` and
+``ModelOut`` are made from those dataclasses, so the API cannot drift from what the Engine returns.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import fields
+from typing import Any, get_type_hints
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from embedsearch.results import ImageRecord, ModelSummary
 
 MAX_K = 1000
 MAX_ID = 2**63 - 1  # SQLite integers; a larger id is refused (422) rather than overflowing
@@ -42,20 +50,21 @@ class UploadOut(BaseModel):
     )
 
 
-class ImageOut(BaseModel):
-    id: int
-    name: str | None = Field(description="file name only; the server's folders are not shown")
-    url: str
-    sha256: str
-    width: int
-    height: int
-    format: str
-    label: str | None
-    bytes: int
-    added_at: str
-    generated: bool
-    provenance: dict[str, Any] | None
-    models: list[str]
+def _image_fields() -> dict[str, Any]:
+    """ImageRecord's fields in order, each required; ``path`` becomes ``name`` and ``url``."""
+    hints = get_type_hints(ImageRecord)
+    out: dict[str, Any] = {}
+    for f in fields(ImageRecord):
+        if f.name == "path":  # the server's folders are not shown
+            out["name"] = (str | None, Field(description="file name only; the server's folders are not shown"))
+            out["url"] = (str, ...)
+        else:
+            out[f.name] = (hints[f.name], ...)
+    return out
+
+
+#: :class:`embedsearch.results.ImageRecord` as the API shows it (``image_out`` in routes fills it).
+ImageOut: type[BaseModel] = create_model("ImageOut", **_image_fields())
 
 
 class Deleted(BaseModel):
@@ -63,15 +72,10 @@ class Deleted(BaseModel):
     deleted: bool = True
 
 
-class ModelOut(BaseModel):
-    name: str
-    kind: str
-    dim: int
-    metric: str
-    image_size: int
-    channels: int
-    vectors: int
-    created_at: str
+# :class:`embedsearch.results.ModelSummary`, validated by pydantic. No docstring: it would become
+# a description in the OpenAPI schema.
+@pydantic_dataclass
+class ModelOut(ModelSummary): ...
 
 
 class ModelsOut(BaseModel):

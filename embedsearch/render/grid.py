@@ -9,8 +9,6 @@ differ in length; the grid is as wide as the longest row.
 from __future__ import annotations
 
 import functools
-import os
-import secrets
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from embedsearch.errors import InvalidArgumentError
+from embedsearch.files import atomic_path
 
 #: White space around a picture inside its cell, and the width of the separator lines.
 PAD = 4
@@ -205,20 +204,8 @@ def save_grid(
     """Render the grid and write it as PNG to ``path`` atomically; returns ``path``.
 
     A reader (e.g. the web page showing it) never sees a half-written file: the PNG goes to a
-    temporary file in the same folder and is then renamed over ``path``.
+    temporary file in the same folder and is then renamed over ``path`` (:func:`embedsearch.files.atomic_path`).
     """
     image = render_grid(rows, tile_size, row_titles)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        # os.open with 0o666 (not mkstemp's 0o600) so the file gets the usual umask permissions.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, "PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    # PIL creates the temporary file itself, with the usual umask permissions.
+    return atomic_path(path, lambda tmp: image.save(tmp, "PNG"))

@@ -1,4 +1,5 @@
-"""Pictures of results: query grids (a query, then its neighbours, captioned)."""
+"""Pictures of results: query grids (a query, then its neighbours, captioned), reconstructions and
+generated candidates."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 
-from embedsearch.data.images import load_image
+from embedsearch.data.images import load_image, to_pil
 from embedsearch.errors import ImageError
 from embedsearch.render.grid import Tile, save_grid
 
 if TYPE_CHECKING:
+    from embedsearch.core.generate import Generation
     from embedsearch.results import QueryResult
 
 
@@ -35,14 +36,30 @@ def query_grid(results: list[QueryResult], out: Path, tile_size: int = 96) -> Pa
     return save_grid(rows, out, tile_size=tile_size, row_titles=[Path(r.query).name for r in results])
 
 
-def _pil(image: np.ndarray) -> Image.Image:
-    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-
-
 def reconstruction_grid(originals: np.ndarray, recons: np.ndarray, names: list[str], out: Path) -> Path:
     """Originals (top row) above their reconstructions (bottom row)."""
     rows = [
-        [Tile(_pil(im), Path(n).name) for im, n in zip(originals, names, strict=False)],
-        [Tile(_pil(im), "reconstruction") for im in recons],
+        [Tile(to_pil(im), Path(n).name) for im, n in zip(originals, names, strict=False)],
+        [Tile(to_pil(im), "reconstruction") for im in recons],
     ]
     return save_grid(rows, out, row_titles=["original", "decoded"])
+
+
+def candidates_grid(generation: Generation, path: Path, columns: int = 8) -> Path:
+    """Generated candidates in rows of ``columns``, each captioned, its nearest real images under it."""
+    rows: list[list[Tile]] = []
+    cands = generation.candidates
+    for start in range(0, len(cands), columns):
+        block = cands[start : start + columns]
+        rows.append([Tile(to_pil(c.image), c.caption) for c in block])
+        depth = max((len(c.neighbours) for c in block), default=0)
+        for r in range(depth):
+            rows.append(
+                [
+                    image_tile(c.neighbours[r].path, f"{c.neighbours[r].label or ''} {c.neighbours[r].distance:.2f}")
+                    if r < len(c.neighbours)
+                    else Tile(None, "")
+                    for c in block
+                ]
+            )
+    return save_grid(rows, path)

@@ -1,7 +1,8 @@
 """Checkpoint files: safetensors for tensors, JSON for the rest; never pickle.
 
-Every file is written atomically (temporary file in the same folder, fsync, ``os.replace``, fsync of
-the folder), so a crash or SIGKILL at any moment leaves either the previous file or the new one.
+Every file is written atomically with :mod:`embedsearch.files` (temporary file in the same folder,
+fsync, ``os.replace``, fsync of the folder), so a crash or SIGKILL at any moment leaves either the
+previous file or the new one.
 The resume state is a pair: ``resume-EEEEE.safetensors`` (model, optimizer and RNG tensors after
 epoch E) and ``resume.json`` naming it. The tensors are written first and the JSON last, so the
 JSON only ever points at a complete tensor file.
@@ -11,9 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from embedsearch.errors import ModelError
+from embedsearch.files import atomic_path, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -31,37 +31,11 @@ RESUME_JSON = "resume.json"
 RESUME_FORMAT = 1
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms (Windows) cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` and move the result over ``path`` only once it is complete and durable."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)  # only still there if something failed
-
-
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     # safetensors wants dense, contiguous CPU tensors; conv weights are channels_last in memory.
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     text = json.dumps(meta, sort_keys=True)
-    atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata={META_KEY: text}))
+    atomic_path(path, lambda tmp: save_file(plain, str(tmp), metadata={META_KEY: text}))
 
 
 def read_tensors(path: Path, what: str = "weights file") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -126,7 +100,7 @@ def write_resume(workdir: Path, epoch: int, tensors: dict[str, torch.Tensor], st
     write_tensors(workdir / name, tensors, {"epoch": epoch})
     doc = {"format": RESUME_FORMAT, "epoch": epoch, "tensors": name, **state}
     text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
-    atomic_write(workdir / RESUME_JSON, lambda tmp: tmp.write_text(text))
+    atomic_write(workdir / RESUME_JSON, text.encode())
     for old in workdir.glob("resume-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)

@@ -1,4 +1,7 @@
-"""The AE and VAE as :class:`embedsearch.encoders.base.Encoder` kinds "ae" and "vae".
+"""The AE and VAE as encoder kinds "ae" and "vae".
+
+The AE is a :class:`embedsearch.encoders.base.DecodingEncoder`, the VAE a
+:class:`embedsearch.encoders.base.PosteriorEncoder`.
 
 Encoding runs in batches under ``model.eval()`` and ``torch.inference_mode()`` on the best
 device, and always returns float32 numpy arrays on the CPU. The VAE's embedding is its mean mu:
@@ -7,7 +10,6 @@ sampling would make the same image land somewhere else on every query.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +19,8 @@ import numpy as np
 import torch
 
 from embedsearch.data.images import InputSpec
-from embedsearch.encoders.base import WEIGHTS_FILE, Encoder, Options
+from embedsearch.encoders.base import WEIGHTS_FILE, DecodingEncoder, PosteriorEncoder
+from embedsearch.encoders.base import Options as EncoderOptions
 from embedsearch.encoders.nn.models import (
     Autoencoder,
     ModelConfig,
@@ -39,25 +42,23 @@ from embedsearch.encoders.nn.train import (
     train,
 )
 from embedsearch.errors import InvalidArgumentError, ModelError
+from embedsearch.version import __version__
 
 ENCODE_BATCH = 256
 
 
-def _version() -> str:
-    return str(getattr(importlib.import_module("embedsearch"), "__version__", "0.1.0"))
-
-
-class NeuralEncoder(Encoder):
-    """What the AE and VAE share; subclasses only name their kind, options and network."""
+class NeuralEncoder(DecodingEncoder):
+    """What the AE and VAE share (encoder and decoder); subclasses name their kind, options and network."""
 
     variational: ClassVar[bool] = False
-    Options: ClassVar[type[Options]] = AEOptions
+    # Imported as EncoderOptions: in the class body, ``Options`` is this attribute (the kind's options class).
+    Options: ClassVar[type[EncoderOptions]] = AEOptions
 
     def __init__(
         self,
         spec: InputSpec,
         dim: int,
-        options: Options,
+        options: EncoderOptions,
         model: Autoencoder | None = None,
         report: TrainReport | None = None,
     ) -> None:
@@ -78,16 +79,16 @@ class NeuralEncoder(Encoder):
     # -- training and files -------------------------------------------------------------------
 
     @classmethod
-    def _options(cls, options: Options) -> AEOptions:
-        if type(options) is not cls.Options:
+    def _options(cls, options: EncoderOptions) -> AEOptions:
+        if type(options) is not cls.Options or not isinstance(options, AEOptions):
             raise InvalidArgumentError(
                 f"model kind {cls.kind!r} takes {cls.Options.__name__}, not {type(options).__name__}"
             )
-        return options  # type: ignore[return-value]
+        return options
 
     @classmethod
     def fit(
-        cls, images: np.ndarray, spec: InputSpec, options: Options, workdir: Path, resume: bool = False
+        cls, images: np.ndarray, spec: InputSpec, options: EncoderOptions, workdir: Path, resume: bool = False
     ) -> NeuralEncoder:
         opts = cls._options(options)
         model, report = train(images, spec, opts, Path(workdir), resume=resume)
@@ -100,7 +101,7 @@ class NeuralEncoder(Encoder):
         return path
 
     @classmethod
-    def load(cls, directory: Path, spec: InputSpec, dim: int, options: Options) -> NeuralEncoder:
+    def load(cls, directory: Path, spec: InputSpec, dim: int, options: EncoderOptions) -> NeuralEncoder:
         opts = cls._options(options)
         if dim != opts.latent_dim:
             raise ModelError(f"the model's dimension {dim} disagrees with its latent_dim {opts.latent_dim}")
@@ -172,7 +173,7 @@ class NeuralEncoder(Encoder):
             "latent_dim": opts.latent_dim,
             "likelihood": opts.likelihood,
             "parameters": count_parameters(self.model),
-            "version": _version(),
+            "version": __version__,
         }
         if isinstance(opts, VAEOptions):
             facts.update(beta=opts.beta, kl_warmup=opts.kl_warmup)
@@ -216,7 +217,7 @@ class AEEncoder(NeuralEncoder):
     variational = False
 
 
-class VAEEncoder(NeuralEncoder):
+class VAEEncoder(NeuralEncoder, PosteriorEncoder):
     """Variational autoencoder: the embedding is the posterior mean mu."""
 
     kind = "vae"

@@ -289,7 +289,8 @@ def build_model(config: ModelConfig, seed: int) -> Autoencoder:
         model = cls(config)
     if config.arch == "conv":
         # NHWC is both how images arrive and what oneDNN convolutions run fastest on (measured).
-        model = model.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format at run time; torch's overloads for it leave the keyword out.
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
 
 

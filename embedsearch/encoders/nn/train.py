@@ -275,7 +275,7 @@ class Trainer:
         started = time.perf_counter()
         loss, recon, kl = self._train_pass(epoch)
         full_beta = self.options.kl_weight(math.inf)
-        val: tuple[float | None, ...] = (None, None, None)
+        val: tuple[float | None, float | None, float | None] = (None, None, None)  # loss, recon, kl
         if len(self.val_idx):
             val = self._val_pass(full_beta)
         # Select at the final beta: during KL warm-up the running loss falls just because beta is small.
@@ -286,7 +286,7 @@ class Trainer:
             loss,
             recon,
             kl,
-            *val,  # type: ignore[arg-type]
+            *val,
             score=score,
             seconds=time.perf_counter() - started,
         )

@@ -1,0 +1,130 @@
+"""Where a library keeps things, and the one lock its writers take.
+
+A library home holds ``library.db`` (metadata, unless ``--db`` names another database),
+``indexes/<model>.faiss`` (+ ``.faiss.json``, a cache of the model's vectors), ``models/<name>/``
+(config.json and weights), ``uploads/`` and ``generated/`` (files the library itself stored, named
+by content hash) and ``library.lock``. Writers hold that lock; readers never wait for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from embedsearch.errors import LockedError
+
+log = logging.getLogger(__name__)
+
+LOCK_TIMEOUT = 600.0
+#: Folders of files the library wrote itself; everything else belongs to the user.
+OWNED = ("uploads", "generated")
+FORMATS = {  # Pillow format -> (file ending, content type)
+    "PNG": (".png", "image/png"),
+    "JPEG": (".jpg", "image/jpeg"),
+    "MPO": (".jpg", "image/jpeg"),
+    "WEBP": (".webp", "image/webp"),
+    "GIF": (".gif", "image/gif"),
+    "BMP": (".bmp", "image/bmp"),
+    "TIFF": (".tif", "image/tiff"),
+}
+
+
+class Layout:
+    """Paths inside a library home."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+
+    @property
+    def database(self) -> Path:
+        return self.home / "library.db"
+
+    def model_dir(self, name: str) -> Path:
+        return self.home / "models" / name
+
+    def index_path(self, name: str) -> Path:
+        return self.home / "indexes" / f"{name}.faiss"
+
+    def index_files(self, name: str) -> tuple[Path, Path]:
+        path = self.index_path(name)
+        return path, path.with_suffix(".faiss.json")
+
+    def stored_path(self, sha256: str, fmt: str, folder: str = "uploads") -> Path:
+        return self.home / folder / sha256[:2] / f"{sha256}{FORMATS.get(fmt, ('.img', ''))[0]}"
+
+    def owns(self, path: str | Path) -> bool:
+        """True for files the library itself wrote (uploads, generated images), never user folders."""
+        resolved = Path(path).resolve()
+        return any(resolved.is_relative_to(self.home / sub) for sub in OWNED)
+
+    def delete_stored(self, path: str | Path) -> None:
+        """Delete a file the library stored, and the content-hash folder it leaves empty."""
+        file = Path(path)
+        if not self.owns(file):
+            return
+        file.unlink(missing_ok=True)
+        folder = file.parent
+        if folder.parent.name in OWNED and folder.parent.parent == self.home:
+            with contextlib.suppress(OSError):  # only if empty: other images may share the folder
+                folder.rmdir()
+
+
+class WriterLock:
+    """The library's writer lock: one process writes at a time; re-entrant within a thread.
+
+    One FileLock object per opened library counts its holds, so an operation that must decide and
+    write atomically can call others that lock too.
+    """
+
+    def __init__(self, path: Path, timeout: float = LOCK_TIMEOUT) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._lock = FileLock(str(path))
+        self._local = threading.local()
+
+    @property
+    def held(self) -> bool:
+        """True while this thread holds the lock."""
+        return getattr(self._local, "depth", 0) > 0
+
+    @property
+    def depth(self) -> int:
+        return int(getattr(self._local, "depth", 0))
+
+    def try_acquire(self) -> bool:
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        self._local.depth = self.depth + 1
+        return True
+
+    def acquire(self) -> None:
+        if self.try_acquire():
+            return
+        log.warning("another process is writing to %s; waiting up to %.0f s", self.path.parent, self.timeout)
+        try:
+            self._lock.acquire(timeout=self.timeout)
+        except Timeout:
+            raise LockedError(
+                f"{self.path.parent} is still being written by another process; try again later"
+            ) from None
+        self._local.depth = self.depth + 1
+
+    def release(self) -> None:
+        self._local.depth = self.depth - 1
+        self._lock.release()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()

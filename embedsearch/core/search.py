@@ -1,0 +1,98 @@
+"""Search by example: image files and folders, uploaded bytes, indexed images, plain vectors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from embedsearch.core.index_cache import IndexCache
+from embedsearch.core.models import ModelRegistry
+from embedsearch.core.store import Store
+from embedsearch.data.images import decode_bytes, decode_file, scan
+from embedsearch.errors import DataError, ImageError, InvalidArgumentError, NotFoundError
+from embedsearch.results import Neighbour, QueryResult
+
+
+class Search:
+    """Encodes examples the way their model was made and returns neighbours with their metadata."""
+
+    def __init__(self, store: Store, cache: IndexCache, registry: ModelRegistry, max_pixels: int) -> None:
+        self.store = store
+        self.cache = cache
+        self.registry = registry
+        self.max_pixels = max_pixels
+
+    def encode_files(self, paths: list[str], model: str) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+        """Vectors (N, dim) of image files, with the paths used and the failures."""
+        encoder = self.registry.encoder(model)
+        arrays, used, failed = [], [], []
+        for path in paths:
+            try:
+                arrays.append(decode_file(path, encoder.spec, self.max_pixels)[1])
+                used.append(path)
+            except ImageError as exc:
+                failed.append((path, exc.reason))
+        if not arrays:
+            return np.zeros((0, encoder.dim), np.float32), used, failed
+        return encoder.encode(np.stack(arrays)), used, failed
+
+    def vectors(
+        self, vectors: np.ndarray, model: str, k: int = 10, include_generated: bool = False
+    ) -> list[list[Neighbour]]:
+        """Nearest indexed images of each vector (N, dim), with their metadata.
+
+        Generated images (``generate --add``) are left out unless ``include_generated``.
+        """
+        if k < 1:
+            raise InvalidArgumentError("k must be at least 1")
+        row = self.registry.model(model)
+        exclude = set() if include_generated else self.cache.generated()
+        dist, ids = self.cache.search(row, vectors, k, exclude)
+        found = self.store.labels_paths(sorted({int(i) for i in ids.ravel() if i >= 0}))
+        out = []
+        for drow, irow in zip(dist, ids, strict=True):
+            hits = [(float(d), int(i)) for d, i in zip(drow, irow, strict=True) if i >= 0 and int(i) in found]
+            out.append([Neighbour(r, i, *found[i], d) for r, (d, i) in enumerate(hits, 1)])
+        return out
+
+    def query(
+        self, images: list[str], model: str, k: int = 10, batch_size: int = 256, include_generated: bool = False
+    ) -> Iterator[QueryResult | tuple[str, str]]:
+        """Neighbours of each image (folders expand to their images), in batches.
+
+        Yields a QueryResult per good image and a (path, reason) tuple per file that failed.
+        """
+        files: list[str] = []
+        for item in images:
+            if not os.path.exists(item):
+                raise DataError(f"{item}: no such file or folder")
+            found = [f.path for f in scan(item)] if os.path.isdir(item) else [item]
+            if os.path.isdir(item) and not found:
+                raise DataError(f"{item}: the folder holds no images")
+            files.extend(found)
+        self.registry.model(model)
+        for start in range(0, len(files), batch_size):
+            vectors, used, failed = self.encode_files(files[start : start + batch_size], model)
+            yield from failed
+            for path, hits in zip(used, self.vectors(vectors, model, k, include_generated), strict=True):
+                yield QueryResult(path, model, hits)
+
+    def by_bytes(
+        self, data: bytes, model: str, k: int = 10, include_generated: bool = False, name: str = "<upload>"
+    ) -> list[Neighbour]:
+        encoder = self.registry.encoder(model)
+        _, pixels = decode_bytes(data, encoder.spec, name, self.max_pixels)
+        return self.vectors(encoder.encode(pixels[None]), model, k, include_generated)[0]
+
+    def by_id(self, image_id: int, model: str, k: int = 10, include_generated: bool = False) -> list[Neighbour]:
+        """Neighbours of an indexed image, from its stored vector (no decoding)."""
+        row = self.registry.model(model)
+        found = self.store.entry_vectors(row.id, [image_id])
+        if not found:
+            if not self.store.images([image_id]):
+                raise NotFoundError(f"no image with id {image_id}")
+            raise NotFoundError(f"image {image_id} is not in model {model!r}'s index")
+        vector = np.frombuffer(found[0][1], dtype=np.float32)[None]  # (1, dim)
+        return self.vectors(vector, model, k, include_generated)[0]

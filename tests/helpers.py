@@ -1,0 +1,58 @@
+"""What tests call: tiny images made in code, and a live server. Tests import this module;
+``conftest.py`` only holds fixtures (and uses these helpers too)."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    """``image`` encoded as ``fmt`` (PNG unless told), in memory."""
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def noise_image(seed: int, size: int = 16, mode: str = "RGB") -> Image.Image:
+    """A ``size`` x ``size`` picture of uniform noise, a pure function of ``seed``."""
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    arr = rng.integers(0, 256, (size, size, channels), dtype=np.uint8)
+    return Image.fromarray(arr.squeeze(-1) if channels == 1 else arr, mode)
+
+
+def shape_file(data: Path, shape: str = "circle", i: int = 0) -> bytes:
+    """The bytes of the ``i``-th picture of ``shape`` in a folder written by ``make_shapes``."""
+    return (data / shape / f"{shape}-{i:04d}.png").read_bytes()
+
+
+@contextmanager
+def live_server(app: Any) -> Iterator[str]:
+    """uvicorn on a free loopback port in a thread (service and browser tests); yields its URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
