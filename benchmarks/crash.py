@@ -69,7 +69,7 @@ import contextlib
 from embedsearch.core.vectors import VectorIndex
 from embedsearch.data.images import InputSpec, decode_file
 from embedsearch.data.synth import SHAPES, make_image_array
-from embedsearch.encoders.base import to_unit_float
+from embedsearch.encoders.classic import to_unit_float
 from embedsearch.engine import Engine
 
 SPEC = InputSpec(16, 1)
