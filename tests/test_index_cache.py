@@ -101,8 +101,10 @@ def test_every_write_command_leaves_the_index_files_in_step(tmp_path: Path, capl
     run(home, "generate", "--model", "vae", "-n", "4", "--add")
     assert_files_in_step(home, caplog)
 
+    assert any((home / "generated").rglob("*.png"))
     run(home, "remove", "--generated")
     assert_files_in_step(home, caplog)
+    assert not any((home / "generated").iterdir()), "empty folders left under generated/"
 
     (home / "indexes" / "vae.faiss").unlink()  # a lost cache file: check --repair rebuilds it
     run(home, "check", "--repair")
