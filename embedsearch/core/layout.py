@@ -85,7 +85,9 @@ class WriterLock:
     def __init__(self, path: Path, timeout: float = LOCK_TIMEOUT) -> None:
         self.path = path
         self.timeout = timeout
-        self._lock = FileLock(str(path))
+        # thread_local: each thread holds the lock through its own file descriptor, so threads of one
+        # process exclude each other too (a request thread and the service's refresher, say).
+        self._lock = FileLock(str(path), thread_local=True)
         self._local = threading.local()
 
     @property
