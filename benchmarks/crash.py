@@ -507,7 +507,7 @@ def train_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> 
     full = time.monotonic() - t0
     epoch_s = (epoch_at[2] - epoch_at[0]) / 2
     startup_s = max(epoch_at[0] - epoch_s, 0.5)
-    reference = weights_of(home / "models" / "reference" / "weights.safetensors")
+    reference = weights_of(next((home / "models" / "reference").glob("v-*/weights.safetensors")))
     print(
         f"reference training run (uninterrupted): {full:.1f} s ({startup_s:.1f} s start-up and data, "
         f"then {epoch_s:.1f} s per epoch)"
@@ -579,13 +579,14 @@ def train_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> 
         leftovers = [p.name for p in folder.glob(".*.tmp")]
         if leftovers:
             problems.append(f"{name}: temporary files left: {leftovers}")
-        report = weights_report(folder / "weights.safetensors")
+        weights = next(folder.glob("v-*/weights.safetensors"))
+        report = weights_report(weights)
         epochs = [h["epoch"] for h in report["history"]]
         if epochs != [1, 2, 3]:
             problems.append(f"{name}: the final report has epochs {epochs}, expected [1, 2, 3]")
         if report.get("resumed_from") != (last_resume or None):
             problems.append(f"{name}: report says resumed_from {report.get('resumed_from')}, expected {last_resume}")
-        final = weights_of(folder / "weights.safetensors")
+        final = weights_of(weights)
         diff = max(float(np.abs(final[k] - reference[k]).max()) for k in reference)
         if set(final) != set(reference) or diff > 1e-6:
             problems.append(f"{name}: final weights differ from the uninterrupted run's (max |diff| {diff:.3g})")

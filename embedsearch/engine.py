@@ -204,9 +204,9 @@ class Engine:
         """Candidates from a model's decoder; the options are :class:`GenerateRequest`'s fields."""
         return self.generator.generate(model, GenerateRequest(**kwargs))
 
-    def check(self, repair: bool = False) -> CheckReport:
-        """Verify (and with ``repair``, mend) index, metadata, checkpoints and stored files."""
-        return self.checker.check(repair)
+    def check(self, repair: bool = False, dry_run: bool = False) -> CheckReport:
+        """Verify (and with ``repair``, mend; with ``dry_run``, plan) index, metadata, checkpoints, stored files."""
+        return self.checker.check(repair, dry_run)
 
     def info(self) -> LibraryInfo:
         db = self.layout.database

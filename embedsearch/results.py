@@ -134,6 +134,7 @@ class CheckReport:
     models: dict[str, ModelCheck] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    planned: list[str] = field(default_factory=list)  # check --repair --dry-run: what repair would do
     notes: list[str] = field(default_factory=list)  # not inconsistencies: e.g. user files moved away
 
     def problem(self, text: str) -> None:

@@ -56,3 +56,9 @@ def live_server(app: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def weights_file(home: Path, model: str) -> Path:
+    """The weights file of a library's model (in its versioned folder ``models/<name>/v-<time>/``)."""
+    [weights] = (home / "models" / model).glob("v-*/weights.safetensors")
+    return weights

@@ -10,7 +10,7 @@ import pytest
 from embedsearch.engine import Engine
 from embedsearch.errors import DataError, InvalidArgumentError, ModelError, UnknownModelError
 from embedsearch.results import QueryResult
-from helpers import noise_image, png_bytes
+from helpers import noise_image, png_bytes, weights_file
 
 
 def results(engine: Engine, paths: list[str], model: str, k: int = 5) -> list[QueryResult]:
@@ -97,7 +97,7 @@ def test_pca_train_index_query_and_round_trip(home: Path, shapes: Path) -> None:
 def test_tampered_checkpoint_is_refused(home: Path, shapes: Path) -> None:
     with Engine(home) as engine:
         engine.create_model("pca", "pca", str(shapes), options={"dim": 4})
-        weights = home / "models" / "pca" / "weights.safetensors"
+        weights = weights_file(home, "pca")
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))

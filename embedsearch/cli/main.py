@@ -405,18 +405,25 @@ def generate(
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--repair", is_flag=True, help="Rebuild index files, re-encode damaged vectors, drop orphans.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Rebuild index files, re-encode missing or damaged vectors, move stray stored files to lost+found/. "
+    "Deletes no image row and no file.",
+)
+@click.option("--dry-run", is_flag=True, help="With --repair: print what it would do, and do nothing.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def check(ctx: click.Context, repair: bool, as_json: bool) -> None:
+def check(ctx: click.Context, repair: bool, dry_run: bool, as_json: bool) -> None:
     """Verify that index, metadata, checkpoints and stored files agree. Exit 0 only when they do.
 
     \b
     Example:
       embedsearch check
+      embedsearch check --repair --dry-run
       embedsearch check --repair --json
     """
-    report = _engine(ctx).check(repair)
+    report = _engine(ctx).check(repair, dry_run)
     if as_json:
         _emit(report.to_dict())
     else:
@@ -426,6 +433,8 @@ def check(ctx: click.Context, repair: bool, as_json: bool) -> None:
             )
         for line in report.repaired:
             click.echo(f"repaired: {line}")
+        for line in report.planned:
+            click.echo(f"would repair: {line}")
         for line in report.notes:
             click.echo(f"note: {line}")
         for line in report.problems:

@@ -7,13 +7,17 @@
 - every stored upload or generated image matches its sha256, and no stored file lacks its row.
 
 ``repair`` mends what can be mended from what is stored: it rebuilds index files from the database,
-re-encodes vectors that are damaged, drops orphans, and says what it did. A checkpoint that does
-not match cannot be mended here: the model must be retrained.
+re-encodes vectors that are damaged or missing, moves stored files no row names to ``lost+found/``,
+and says what it did (``dry_run``: what it would do). It deletes no image row and no file. A
+checkpoint that does not match cannot be mended here: the model must be retrained.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +25,29 @@ import numpy as np
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.layout import OWNED, Layout
 from embedsearch.core.models import ModelRegistry
+from embedsearch.core.reencode import encode_batches
 from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
-from embedsearch.core.vectors import VectorIndex
-from embedsearch.data.images import decode_file
-from embedsearch.errors import EmbedSearchError, ImageError
+from embedsearch.core.vectors import Owner, VectorIndex
+from embedsearch.errors import EmbedSearchError
 from embedsearch.files import file_sha256
 from embedsearch.results import CheckReport, ModelCheck
 
 log = logging.getLogger(__name__)
+#: Where repair puts files it will not delete (stored files no row names, folders in an index's place).
+LOST = "lost+found"
+
+
+class RepairRefusedError(EmbedSearchError):
+    """Repair would act on a database that does not seem to be this library's."""
 
 
 class Checker:
-    """Checks (and repairs) a library under the writer lock, so no writer changes it half-way."""
+    """Checks (and repairs) a library under the writer lock, so no writer changes it half-way.
+
+    Repair never deletes what the user keeps: image rows stay (re-encoded where their vectors are
+    missing), and stored files no row names are moved to ``lost+found/``, not unlinked.
+    """
 
     def __init__(
         self, store: Store, layout: Layout, cache: IndexCache, registry: ModelRegistry, max_pixels: int
@@ -44,16 +58,41 @@ class Checker:
         self.registry = registry
         self.max_pixels = max_pixels
 
-    def check(self, repair: bool = False) -> CheckReport:
+    def check(self, repair: bool = False, dry_run: bool = False) -> CheckReport:
+        """``repair``: mend what can be mended; with ``dry_run``, only list what repair would do."""
         report = CheckReport()
+        plan = _Plan(report, dry_run) if repair or dry_run else None
         with self.cache.writing():  # a consistent snapshot
+            if plan is not None:
+                self._refuse_foreign_database()
             for model in self.store.models():
-                self._check_model(model, report, repair)
-            self._check_images(report, repair)
-        if repair and report.repaired:  # verify the repair: ok only if a fresh check finds nothing left
-            again = self.check(repair=False)
+                self._check_model(model, report, plan)
+            self._check_images(report, plan)
+        if plan is not None and not dry_run and report.repaired:  # ok only if a fresh check finds nothing left
+            again = self.check()
             report.ok, report.problems, report.notes = again.ok, again.problems, again.notes
+        if plan is not None:
+            report.notes += plan.notes
         return report
+
+    def _refuse_foreign_database(self) -> None:
+        """A mistyped --db must not make every stored file look like a stray."""
+        stored = self._stored_files()
+        named = {Path(p).resolve() for _, p, _ in self.store.image_paths() if p and self.layout.owns(p)}
+        if len(stored) >= 2 and len(named & stored) < len(stored) / 2:
+            raise RepairRefusedError(
+                f"the database {self.store.url} names only {len(named & stored)} of the {len(stored)} files "
+                f"stored in {self.layout.home}: wrong --db? (repair refused; nothing was changed)"
+            )
+
+    def _stored_files(self) -> set[Path]:
+        files = set()
+        for sub in OWNED:
+            folder = self.layout.home / sub
+            for file in folder.rglob("*") if folder.is_dir() else []:
+                if file.is_file() and not file.name.startswith("."):
+                    files.add(file.resolve())
+        return files
 
     def _entries(self, model: Model) -> tuple[dict[int, np.ndarray], list[int]]:
         """image id -> vector of a model's entries, and the image ids whose stored vector is damaged."""
@@ -66,7 +105,7 @@ class Checker:
                 good[image_id] = vec
         return good, bad
 
-    def _check_model(self, model: Model, report: CheckReport, repair: bool) -> None:
+    def _check_model(self, model: Model, report: CheckReport, plan: _Plan | None) -> None:
         name = model.name
         result = report.models.setdefault(name, ModelCheck())
         try:
@@ -76,8 +115,15 @@ class Checker:
             result.checkpoint = str(exc)
             report.problem(f"model {name!r}: {exc}")
         stored, bad = self._entries(model)
+        result.entries, result.bad_vectors = len(stored) + len(bad), len(bad)
         # The file on disk, not the cache's copy: the file is what the next process will load.
-        on_disk = VectorIndex.load(self.layout.index_path(name), model.dim, model.metric)
+        path = self.layout.index_path(name)
+        on_disk = VectorIndex.load(path, model.dim, model.metric, Owner.of(model))
+        if on_disk.problem:
+            report.problem(f"model {name!r}: index file {path.name} is corrupt ({on_disk.problem})")
+            if plan is not None:
+                self._repair_model(model, bad, plan, path if path.is_dir() else None)
+            return
         behind = not on_disk.in_step(self.store, model.id)
         if behind:
             report.notes.append(
@@ -86,7 +132,7 @@ class Checker:
             )
         on_disk.sync(self.store, model.id)  # what an open catches up on is fine; what remains is not
         in_file = on_disk.vectors()
-        result.entries, result.vectors_in_file, result.bad_vectors = len(stored) + len(bad), len(in_file), len(bad)
+        result.vectors_in_file = len(in_file)
         missing = [i for i in stored if i not in in_file]
         orphans = [i for i in in_file if i not in stored and i not in bad]
         stale = [
@@ -103,44 +149,47 @@ class Checker:
         ):
             if items:
                 report.problem(f"model {name!r}: {len(items)} {what} the index (e.g. image {items[0]})")
-        if repair and (missing or orphans or stale or bad or behind):
-            self._repair_model(model, bad, report)
+        if plan is not None and (missing or orphans or stale or bad or behind):
+            self._repair_model(model, bad, plan)
 
-    def _repair_model(self, model: Model, bad: list[int], report: CheckReport) -> None:
+    def _repair_model(self, model: Model, bad: list[int], plan: _Plan, folder: Path | None = None) -> None:
         name = model.name
+        if folder is not None:
+            plan.do(f"moved the folder {folder.name} in the index's place to {LOST}/", lambda: self._keep(folder))
         if bad:
-            encoder = self.registry.encoder(name)
-            rows = self.store.images(bad)
-            fixed: list[tuple[int | str, bytes]] = []
-            dropped = []
-            for image_id in bad:
-                row = rows.get(image_id)
-                try:
-                    pixels = decode_file(row.path, encoder.spec, self.max_pixels)[1] if row and row.path else None
-                except ImageError:
-                    pixels = None
-                if pixels is None:
-                    dropped.append(image_id)
-                else:
-                    fixed.append((image_id, encoder.encode(pixels[None])[0].tobytes()))
-            self.store.write_batch(model.id, [], [], fixed)
-            if dropped:
-                self.store.delete_entries(model.id, dropped)
-            report.repaired.append(
-                f"model {name!r}: re-encoded {len(fixed)} damaged vectors, dropped {len(dropped)} "
-                "whose image could not be read"
+            plan.do(
+                f"model {name!r}: re-encoded {len(bad)} damaged vectors (a damaged vector whose image "
+                "cannot be read is dropped; its image row stays)",
+                lambda: self.store.delete_entries(model.id, self._reencode(model, bad)),
             )
-        size = self.cache.rebuild(model)  # saved when the check's writing block ends
-        report.repaired.append(f"model {name!r}: rebuilt its index file from the database ({size} vectors)")
+        plan.do(f"model {name!r}: rebuilt its index file from the database", lambda: self.cache.rebuild(model))
 
-    def _check_images(self, report: CheckReport, repair: bool) -> None:
+    def _reencode(self, model: Model, ids: list[int]) -> list[int]:
+        """Encode ``ids`` into ``model`` again from their files; the ids whose file cannot be read."""
+        encoder = self.registry.encoder(model.name)
+        unreadable: list[int] = []
+        for part in encode_batches(self.store, encoder, ids, self.max_pixels):
+            self.store.write_batch(model.id, [], [], part.entries)
+            unreadable += part.unreadable
+        self.cache.rebuild(model)  # saved when the check's writing block ends
+        return unreadable
+
+    def _keep(self, path: Path) -> Path:
+        """Move ``path`` (under the home) to lost+found/, keeping its place in the home's tree."""
+        target = self.layout.home / LOST / path.resolve().relative_to(self.layout.home)
+        while target.exists():
+            target = target.with_name(f"{target.name}.{time.time_ns():x}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(target)
+        log.info("kept %s as %s", path, target)
+        return target
+
+    def _check_images(self, report: CheckReport, plan: _Plan | None) -> None:
         unindexed = self.store.unindexed_image_ids()
         if unindexed:
             report.problem(f"{len(unindexed)} images are in no model's index (e.g. image {unindexed[0]})")
-            if repair:
-                self.store.delete_images(unindexed)
-                self.cache.remove_images(unindexed)
-                report.repaired.append(f"dropped {len(unindexed)} image rows that no index used")
+            if plan is not None:
+                self._plan_reindex(unindexed, plan)
         owned: set[Path] = set()
         for image_id, path, digest in self.store.image_paths():
             if not path:
@@ -154,11 +203,42 @@ class Checker:
                 report.notes.append(
                     f"image {image_id}: {file} is no longer on disk (remove it with 'embedsearch remove')"
                 )
-        for sub in OWNED:
-            folder = self.layout.home / sub
-            for file in folder.rglob("*") if folder.is_dir() else []:
-                if file.is_file() and file.resolve() not in owned and not file.name.startswith("."):
-                    report.problem(f"{file}: stored file without an image row")
-                    if repair:
-                        file.unlink()
-                        report.repaired.append(f"deleted {file}, which no image row named")
+        for file in sorted(self._stored_files() - owned):
+            report.problem(f"{file}: stored file without an image row")
+            if plan is not None:
+                plan.do(f"moved {file} (no image row names it) to {LOST}/", partial(self._keep, file))
+
+    def _plan_reindex(self, ids: list[int], plan: _Plan) -> None:
+        models = self.store.models()
+        if not models:
+            plan.notes.append("no model to index them into: make one with 'embedsearch index' or 'train'")
+            return
+        for model in models:
+            plan.do(
+                f"model {model.name!r}: encoded {len(ids)} images that were in no index",
+                partial(self._reencode_into, model, ids, plan.notes),
+            )
+
+    def _reencode_into(self, model: Model, ids: list[int], notes: list[str]) -> None:
+        unreadable = self._reencode(model, ids)
+        if unreadable:
+            notes.append(
+                f"model {model.name!r}: {len(unreadable)} images could not be read to encode them "
+                f"(e.g. image {unreadable[0]}); they are kept: remove them with 'embedsearch remove'"
+            )
+
+
+class _Plan:
+    """What repair does, or with ``dry_run`` only says it would do."""
+
+    def __init__(self, report: CheckReport, dry_run: bool) -> None:
+        self.report = report
+        self.dry_run = dry_run
+        self.notes: list[str] = []  # what repair found out, kept beside the fresh check's notes
+
+    def do(self, what: str, action: Callable[[], object]) -> None:
+        if self.dry_run:
+            self.report.planned.append(what)
+        else:
+            action()
+            self.report.repaired.append(what)

@@ -27,7 +27,7 @@ import numpy as np
 from embedsearch.core.layout import Layout, WriterLock
 from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
-from embedsearch.core.vectors import VectorIndex
+from embedsearch.core.vectors import Owner, VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class IndexCache:
             cached = self._loaded.get(model.name)
             if cached is not None and cached[0] == model.id:
                 return cached[1]
-            index = VectorIndex.load(self.layout.index_path(model.name), model.dim, model.metric)
+            index = VectorIndex.load(self.layout.index_path(model.name), model.dim, model.metric, Owner.of(model))
             caught_up = index.sync(self.store, model.id)
             self._loaded[model.name] = (model.id, index)
             if caught_up and not self.writer.held:
@@ -137,7 +137,7 @@ class IndexCache:
     def rebuild(self, model: Model) -> int:
         """Replace the model's index by one built from the database alone; its size."""
         self._require_writer()
-        fresh = VectorIndex(model.dim, model.metric)
+        fresh = VectorIndex.for_model(model)
         fresh.sync(self.store, model.id)
         with self.lock:
             self._loaded[model.name] = (model.id, fresh)

@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.layout import Layout
+from embedsearch.core.reencode import Encoded, encode_all
 from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
 from embedsearch.data.datasets import data_spec, load_dataset
 from embedsearch.data.images import InputSpec
-from embedsearch.encoders.base import Encoder, encoder_class, write_config
-from embedsearch.errors import DataError, InvalidArgumentError, ModelError, UnknownModelError
+from embedsearch.encoders.base import WEIGHTS_FILE, Encoder, encoder_class, write_config
+from embedsearch.errors import DataError, InvalidArgumentError, LockedError, ModelError, UnknownModelError
 from embedsearch.files import file_sha256
 from embedsearch.results import METRICS, ModelInfo
 from embedsearch.version import __version__
@@ -99,7 +105,11 @@ class ModelRegistry:
                 )
         options = cls.Options.from_dict(model.config.get("options", {}))
         spec = InputSpec(model.image_size, model.channels)
-        encoder = cls.load(self.layout.model_dir(name), spec, model.dim, options)
+        # The weights' own folder: models/<name>/v-<time>/ (older libraries: models/<name>/ itself).
+        folder = self.layout.model_dir(name)
+        if model.checkpoint_path:
+            folder = (self.layout.home / model.checkpoint_path).parent
+        encoder = cls.load(folder, spec, model.dim, options)
         self._encoders[name] = encoder
         return encoder
 
@@ -168,15 +178,96 @@ class ModelRegistry:
             raise InvalidArgumentError(f"images of shape {images.shape[1:]} do not match the input {spec.shape}")
         workdir = self.layout.model_dir(name)
         workdir.mkdir(parents=True, exist_ok=True)
-        trained_on = f" from {len(images)} images" if cls.needs_training else ""
-        log.info("making %s model %r (%dx%dx%d input)%s", kind, name, *spec.shape, trained_on)
-        encoder = cls.fit(images, spec, opts, workdir, resume=resume)
-        return self._register(name, encoder, metric, source, len(images))
+        with self._training(name, workdir):
+            trained_on = f" from {len(images)} images" if cls.needs_training else ""
+            log.info("making %s model %r (%dx%dx%d input)%s", kind, name, *spec.shape, trained_on)
+            encoder = cls.fit(images, spec, opts, workdir, resume=resume)
+            return self._register(name, encoder, metric, source, len(images), replace or resume)
 
-    def _register(self, name: str, encoder: Encoder, metric: str, data: str | None, n: int) -> ModelInfo:
+    @contextmanager
+    def _training(self, name: str, workdir: Path) -> Iterator[None]:
+        """One training run per model name at a time: two would share (and spoil) its working folder."""
+        lock = FileLock(str(workdir / ".train.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise LockedError(
+                f"model {name!r} is being trained by another process; wait for it to finish or choose another --name"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _register(self, name: str, encoder: Encoder, metric: str, data: str | None, n: int, replace: bool) -> ModelInfo:
+        """Swap the new model in, in one transaction, once its weights and its vectors are complete.
+
+        The weights go to a folder of their own (``models/<name>/v-<time>/``), so until the commit the old
+        model keeps working, and a kill at any moment leaves one whole model or the other. The new model
+        indexes every image the old one held.
+        """
         workdir = self.layout.model_dir(name)
-        weights = encoder.save(workdir)
-        config = {
+        version = workdir / f"v-{time.time_ns():x}"
+        version.mkdir()
+        weights = encoder.save(version)
+        config = self._config(name, encoder, metric, data, n)
+        write_config(version, config)
+        old = self.store.model(name)
+        held = self.store.entry_image_ids(old.id) if old is not None else []
+        encoded = encode_all(self.store, encoder, held, self.max_pixels)  # outside the lock: may take long
+        with self.cache.writing():
+            current = self.store.model(name)
+            if current is not None and not replace:
+                shutil.rmtree(version, ignore_errors=True)
+                raise InvalidArgumentError(
+                    f"model {name!r} was made by another process meanwhile; pass --replace to retrain it "
+                    "or choose another --name"
+                )
+            entries, unreadable = self._held_now(current, encoder, encoded)
+            model = self.store.replace_model(
+                name,
+                entries,
+                kind=encoder.kind,
+                config=config,
+                dim=encoder.dim,
+                metric=metric,
+                image_size=encoder.spec.image_size,
+                channels=encoder.spec.channels,
+                checkpoint_path=str(weights.relative_to(self.layout.home)) if weights else None,
+                checkpoint_sha256=file_sha256(weights) if weights else None,
+            )
+            self.cache.drop(name)  # the old entries went with the old row
+            self.cache.rebuild(model)
+            self._clear_old_versions(workdir, version)
+        write_config(workdir, config)  # for people: the current model's config, beside its versions
+        if unreadable:
+            log.warning(
+                "%d images the old %r held could not be read again and are in no index now "
+                "(e.g. image %d); 'embedsearch check' lists them",
+                len(unreadable),
+                name,
+                unreadable[0],
+            )
+        elif entries:
+            log.info("model %r now indexes the %d images its predecessor held", name, len(entries))
+        self.forget(name)
+        self._models[name] = model
+        self._encoders[name] = encoder
+        return model_info(model, len(entries))
+
+    def _held_now(
+        self, current: Model | None, encoder: Encoder, encoded: Encoded
+    ) -> tuple[list[tuple[int, bytes]], list[int]]:
+        """The entries of what the old model holds now: others may have added or removed images meanwhile."""
+        now = set(self.store.entry_image_ids(current.id)) if current is not None else set()
+        done = {int(i) for i, _ in encoded.entries} | set(encoded.unreadable)
+        late = encode_all(self.store, encoder, sorted(now - done), self.max_pixels)
+        entries = [(int(i), v) for i, v in encoded.entries + late.entries if int(i) in now]
+        unreadable = [i for i in encoded.unreadable + late.unreadable if i in now]
+        return entries, unreadable
+
+    def _config(self, name: str, encoder: Encoder, metric: str, data: str | None, n: int) -> dict[str, Any]:
+        return {
             "name": name,
             "kind": encoder.kind,
             "image_size": encoder.spec.image_size,
@@ -188,24 +279,14 @@ class ModelRegistry:
             "data": {"source": str(data) if data else None, "images": n},
             **encoder.summary(),
         }
-        write_config(workdir, config)
-        with self.cache.writing():
-            model = self.store.replace_model(
-                name,
-                kind=encoder.kind,
-                config=config,
-                dim=encoder.dim,
-                metric=metric,
-                image_size=encoder.spec.image_size,
-                channels=encoder.spec.channels,
-                checkpoint_path=str(weights.relative_to(self.layout.home)) if weights else None,
-                checkpoint_sha256=file_sha256(weights) if weights else None,
-            )
-            self.cache.drop(name)  # the old entries went with the old row
-        self.forget(name)
-        self._models[name] = model
-        self._encoders[name] = encoder
-        return model_info(model, 0)
+
+    @staticmethod
+    def _clear_old_versions(workdir: Path, keep: Path) -> None:
+        """Weights of earlier models of this name (and of runs killed before their swap)."""
+        for old in workdir.glob("v-*"):
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+        (workdir / WEIGHTS_FILE).unlink(missing_ok=True)  # the layout before versioned folders
 
     def delete_model(self, name: str) -> None:
         self.model(name)

@@ -151,13 +151,21 @@ class Store:
             s.flush()
             return model
 
-    def replace_model(self, name: str, **values: Any) -> Model:
-        """Create or overwrite (dropping the old index entries) a model called ``name``."""
+    def replace_model(self, name: str, entries: Sequence[tuple[int, bytes]] = (), **values: Any) -> Model:
+        """Create or overwrite a model called ``name``, with its first index ``entries``, in one transaction.
+
+        The old model's entries go with its row, so a kill leaves either the old model whole or the new one.
+        """
         with self.session() as s:
             s.execute(delete(Model).where(Model.name == name))
             model = Model(name=name, **values)
             s.add(model)
             s.flush()
+            if entries:
+                s.execute(
+                    insert(cast(Table, IndexEntry.__table__)),
+                    [{"model_id": model.id, "image_id": i, "vector": v} for i, v in entries],
+                )
             return model
 
     def delete_model(self, name: str) -> None:

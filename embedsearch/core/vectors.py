@@ -13,11 +13,13 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import faiss
 import numpy as np
 
 from embedsearch.core import knn
+from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
 from embedsearch.errors import VectorIndexError
 from embedsearch.files import atomic_write
@@ -26,24 +28,49 @@ log = logging.getLogger(__name__)
 _FILL_BATCH = 5000
 
 
+@dataclass(frozen=True)
+class Owner:
+    """The model an index file belongs to: a file of another model (or of an earlier model of the same
+    name) must never be searched as this one's, even when its dimension fits."""
+
+    model_id: int
+    name: str
+    dim: int
+    metric: str
+    checkpoint_sha256: str | None
+
+    @classmethod
+    def of(cls, model: Model) -> Owner:
+        return cls(model.id, model.name, model.dim, model.metric, model.checkpoint_sha256)
+
+
 @dataclass
 class Stamp:
-    """What an index contains, in terms of the database: (count, highest entry id) of its entries."""
+    """What an index contains, in terms of the database: (count, highest entry id) of its entries,
+    and whose entries they are."""
 
     last_entry_id: int = 0
     count: int = 0
+    owner: dict[str, Any] | None = None
 
 
 class VectorIndex:
     """An exact (flat) index whose ids are image ids. Cosine = normalised vectors + inner product."""
 
-    def __init__(self, dim: int, metric: str = "l2") -> None:
+    def __init__(self, dim: int, metric: str = "l2", owner: Owner | None = None) -> None:
         if metric not in knn.METRICS:
             raise VectorIndexError(f"unknown metric {metric!r}; choose one of {', '.join(knn.METRICS)}")
         self.dim = dim
         self.metric = metric
+        self.owner = owner
         self.index = faiss.IndexIDMap2(knn.flat_index(dim, metric))
-        self.stamp = Stamp()
+        self.stamp = Stamp(owner=asdict(owner) if owner else None)
+        #: Why the file this was loaded from could not be used (it is then rebuilt from the database).
+        self.problem: str | None = None
+
+    @classmethod
+    def for_model(cls, model: Model) -> VectorIndex:
+        return cls(model.dim, model.metric, Owner.of(model))
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -100,21 +127,26 @@ class VectorIndex:
         atomic_write(path.with_suffix(".faiss.json"), json.dumps(asdict(self.stamp)).encode())
 
     @classmethod
-    def load(cls, path: Path, dim: int, metric: str) -> VectorIndex:
-        """The index saved at ``path``; an empty one (to be filled by sync) if it is missing or bad."""
-        out = cls(dim, metric)
+    def load(cls, path: Path, dim: int, metric: str, owner: Owner | None = None) -> VectorIndex:
+        """The index saved at ``path``; an empty one (to be filled by sync) if it is missing or unusable.
+
+        With ``owner``, a file stamped for another model (or for none) is unusable too: its
+        :attr:`problem` says why, and the caller rebuilds it from the database.
+        """
+        out = cls(dim, metric, owner)
         if not path.exists():
             return out
         try:
             index = faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
             stamp = Stamp(**json.loads(path.with_suffix(".faiss.json").read_text()))
         except (RuntimeError, OSError, ValueError, TypeError) as exc:
-            log.warning("%s: unreadable (%s); rebuilding it from the database", path, exc)
-            return out
-        if index.d != dim or not isinstance(index, faiss.IndexIDMap2):
-            log.warning("%s: does not match its model; rebuilding it from the database", path)
-            return out
-        out.index, out.stamp = index, stamp
+            out.problem = "a folder, not an index file" if path.is_dir() else f"unreadable: {exc}"
+        else:
+            out.problem = _mismatch(index, stamp, dim, owner)
+            if out.problem is None:
+                out.index, out.stamp = cast(faiss.IndexIDMap2, index), stamp
+        if out.problem:
+            log.warning("%s: %s; rebuilding it from the database", path.name, out.problem)
         return out
 
     # -- keeping step with the database ------------------------------------------------------------
@@ -134,7 +166,7 @@ class VectorIndex:
             self.add(ids, np.frombuffer(b"".join(v for _, _, v in fresh), dtype=np.float32))
         if len(self) != count:
             self._drop_and_fill(store, model_id)
-        self.stamp = Stamp(last_entry_id=last, count=count)
+        self.stamp = Stamp(last_entry_id=last, count=count, owner=self.stamp.owner)
         return True
 
     def restamp(self, store: Store, model_id: int) -> None:
@@ -147,7 +179,7 @@ class VectorIndex:
         if count != len(self):
             self.sync(store, model_id)
             return
-        self.stamp = Stamp(last_entry_id=last, count=count)
+        self.stamp = Stamp(last_entry_id=last, count=count, owner=self.stamp.owner)
 
     def _drop_and_fill(self, store: Store, model_id: int) -> None:
         have = set(self.ids().tolist())
@@ -159,3 +191,18 @@ class VectorIndex:
             ids = np.array([r[0] for r in rows], dtype=np.int64)
             self.add(ids, np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32))
         log.info("index brought in step with the database: %d removed, %d added", len(have - want), len(missing))
+
+
+def _mismatch(index: faiss.Index, stamp: Stamp, dim: int, owner: Owner | None) -> str | None:
+    """Why a loaded file cannot serve as the index of ``owner``, or None."""
+    if index.d != dim or not isinstance(index, faiss.IndexIDMap2):
+        return "does not match its model's dimension or kind"
+    if owner is None or stamp.owner == asdict(owner):
+        return None
+    if not stamp.owner:
+        return "has no owner stamp (saved by an older version)"
+    theirs = stamp.owner
+    return (
+        f"belongs to model {theirs.get('name')!r} (id {theirs.get('model_id')}), "
+        f"not to {owner.name!r} (id {owner.model_id})"
+    )
