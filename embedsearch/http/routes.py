@@ -124,6 +124,7 @@ def model_list(models: str | None) -> list[str] | None:
 
 @router.post("/images", response_model=UploadOut, tags=["images"])
 async def upload_images(
+    request: Request,
     engine: WriteEngine,
     files: Annotated[list[UploadFile], File(description="one or more image files")],
     label: Annotated[str | None, Form(max_length=200)] = None,
@@ -136,7 +137,8 @@ async def upload_images(
     a single bad file (or a request where every file is bad) is answered with 415 or 422.
     """
     contents = [(client_name(f.filename), await f.read()) for f in files]
-    return await in_thread(_add_all, engine, contents, label or None, model_list(models))
+    async with _service(request).decodes.held([data for _, data in contents], engine.max_pixels):
+        return await in_thread(_add_all, engine, contents, label or None, model_list(models))
 
 
 def _add_all(
@@ -185,14 +187,17 @@ async def delete_image(image_id: ImageId, engine: WriteEngine) -> dict[str, Any]
 
 @router.post("/search", response_model=SearchOut, tags=["search"])
 async def search_upload(
+    request: Request,
     engine: ReadEngine,
     file: Annotated[UploadFile, File(description="the query image (not stored)")],
     model: Annotated[str, Form()],
     k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
 ) -> dict[str, Any]:
     """The indexed images nearest to an uploaded image, nearest first."""
-    data = await file.read()
-    found = await in_thread(engine.search_bytes, data, model, k, name=client_name(file.filename))
+    data, service = await file.read(), _service(request)
+    name, limit = client_name(file.filename), service.max_query_pixels
+    async with service.decodes.held([data], limit):
+        found = await in_thread(engine.search_bytes, data, model, k, name=name, max_pixels=limit)
     return {"model": model, "results": hits(found)}
 
 
