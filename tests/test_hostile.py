@@ -533,14 +533,17 @@ def test_serve_takes_the_query_cap_and_the_number_of_decodes(
     import uvicorn
     from click.testing import CliRunner
 
+    import embedsearch.http.memory as memory
     from embedsearch.cli.serve import serve
     from embedsearch.http.state import DEFAULT_MAX_QUERY_PIXELS, default_decodes
 
     calls: list[object] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(app))
+    monkeypatch.setattr(memory, "return_large_buffers", lambda: calls.append("large buffers returned"))
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # serve sets it
     obj = {"home": str(pixels_engine.home), "db": None, "quiet": True}
     assert CliRunner().invoke(serve, [], obj=obj).exit_code == 0
+    assert calls[0] == "large buffers returned"
     service = calls[-1].state.service  # type: ignore[attr-defined]
     assert (service.max_query_pixels, service.decodes.slots) == (DEFAULT_MAX_QUERY_PIXELS, default_decodes())
     result = CliRunner().invoke(serve, ["--max-query-pixels", "4000000", "--max-decodes", "3"], obj=obj)
@@ -548,3 +551,14 @@ def test_serve_takes_the_query_cap_and_the_number_of_decodes(
     service = calls[-1].state.service  # type: ignore[attr-defined]
     assert (service.max_query_pixels, service.decodes.slots) == (4_000_000, 3)
     assert CliRunner().invoke(serve, ["--max-decodes", "0"], obj=obj).exit_code == 2
+
+
+def test_the_service_process_returns_large_freed_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc would keep freed decodes in per-thread arenas (benchmarks/hostile.py: 1.18 GB against 520 MB)."""
+    from embedsearch.http.memory import return_large_buffers
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("mallopt is glibc's")
+    assert return_large_buffers() is True
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # the user's own setting wins
+    assert return_large_buffers() is False

@@ -78,10 +78,12 @@ def serve(
     import uvicorn
 
     from embedsearch.http.app import create_app
+    from embedsearch.http.memory import return_large_buffers
 
     # Requests are small and many run at once: one torch thread each beats two threads fighting
     # over two cores for every single image (an explicit OMP_NUM_THREADS still wins).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return_large_buffers()  # freed decodes go back to the system, not to 40 threads' malloc arenas
     token = token or None
     if token_for_reads and token is None:
         raise click.UsageError("--token-for-reads needs --token (or EMBEDSEARCH_TOKEN)")
