@@ -474,43 +474,101 @@ def test_the_query_cap_is_configurable_and_stored_uploads_keep_the_library_limit
         assert pillow_decodes == [("PNG", (1500, 1000))]
 
 
-def test_saturated_decode_slots_answer_503_with_retry_after_and_small_queries_pass(
-    pixels_engine: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One slot, held by a large decode that is made to wait: the next large image gets 503 after the
-    short wait; a small one (an ordinary query) needs no slot and is answered."""
+@contextlib.contextmanager
+def slot_held(client: TestClient, model: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A large search held inside its decode, so that it keeps the service's one decode slot, while
+    the block runs; afterwards it completes (200)."""
     import embedsearch.core.search as search_module
 
     inside, release = threading.Event(), threading.Event()
     real = search_module.decode_bytes
 
     def held_decode(data: bytes, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if len(data) > 1000:  # the large images (their PNG is bigger than the small query's)
+        if data == LARGE_QUERY:
             inside.set()
             release.wait(20)
         return real(data, *args, **kwargs)
 
     monkeypatch.setattr(search_module, "decode_bytes", held_decode)
-    large, small = sixteen_bit_png(1200, 1000), png_bytes(noise_image(2, 16, "L"))
-    assert len(small) < 1000 < len(large)
+    answer: dict[str, httpx.Response] = {}
+    form = {"model": model, "k": "1"}
+    post = lambda: answer.setdefault("r", client.post("/api/search", files={"file": ("q", LARGE_QUERY)}, data=form))  # noqa: E731
+    holder = threading.Thread(target=post)
+    holder.start()
+    try:
+        assert inside.wait(20), "the large search never reached its decode"
+        yield
+    finally:
+        release.set()
+        holder.join(30)
+    assert answer["r"].status_code == 200
+
+
+#: Over the small-image lane (1 MP), under the query cap; the held search is the one with these bytes.
+LARGE_QUERY = sixteen_bit_png(1200, 1000)
+
+
+def assert_busy(answer: httpx.Response) -> None:
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "2"
+    assert list(answer.json()) == ["error"] and "busy decoding" in answer.json()["error"]
+    assert "\n" not in answer.text
+
+
+def test_saturated_decode_slots_answer_503_with_retry_after_and_small_queries_pass(
+    pixels_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One slot, held by a large decode: the next large image gets 503 after the short wait; a small
+    one (an ordinary query) needs no slot and is answered; once free, large ones are answered again."""
     app = create_app(pixels_engine, max_decodes=1)
     app.state.service.decodes.wait = 0.2
     with TestClient(app) as client:
-        first: dict[str, httpx.Response] = {}
-        holder = threading.Thread(target=lambda: first.setdefault("r", search(client, large)))
-        holder.start()
-        try:
-            assert inside.wait(20)
-            busy = search(client, large)
-            assert busy.status_code == 503 and busy.headers["retry-after"] == "2"
-            assert list(busy.json()) == ["error"] and "busy decoding" in busy.json()["error"]
-            assert "\n" not in busy.text
-            assert search(client, small).status_code == 200  # the small lane does not wait
-        finally:
-            release.set()
-            holder.join(30)
-        assert first["r"].status_code == 200
-        assert search(client, large).status_code == 200  # the slot is free again
+        with slot_held(client, "pixels", monkeypatch):
+            assert_busy(search(client, sixteen_bit_png(1200, 1000, value=7)))
+            assert_busy(client.post("/api/images", files={"files": ("big.png", sixteen_bit_png(1100, 1000))}))
+            assert search(client, png_bytes(noise_image(2, 16, "L"))).status_code == 200  # no slot needed
+        assert search(client, sixteen_bit_png(1200, 1000, value=7)).status_code == 200
+
+
+def test_a_large_file_waits_for_a_slot_unread(pixels_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over 1 MB, a body waits in its spooled temporary file: waiting requests hold no bodies in memory.
+    Whatever its header says (a 16x16 image with 1.2 MB of padding in an ancillary chunk)."""
+    from starlette.datastructures import UploadFile
+
+    small = png_bytes(noise_image(3, 16, "L"))
+    padded = small[:33] + _chunk(b"juNk", bytes(1_200_000)) + small[33:]  # after the IHDR chunk
+    reads: list[str | None] = []
+    real = UploadFile.read
+
+    async def spy(self: UploadFile, size: int = -1) -> bytes:
+        reads.append(self.filename)
+        return await real(self, size)
+
+    monkeypatch.setattr(UploadFile, "read", spy)
+    app = create_app(pixels_engine, max_decodes=1)
+    app.state.service.decodes.wait = 0.2
+    form = {"model": "pixels", "k": "1"}
+    with TestClient(app) as client:
+        with slot_held(client, "pixels", monkeypatch):
+            assert_busy(client.post("/api/search", files={"file": ("padded.png", padded)}, data=form))
+            assert "padded.png" not in reads
+        answer = client.post("/api/search", files={"file": ("padded.png", padded)}, data=form)
+        assert answer.status_code == 200 and answer.json()["results"][0]["distance"] > 0
+
+
+def test_generate_near_a_large_stored_image_takes_a_decode_slot(
+    trained: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``near`` decodes the stored file (up to the library's 50 MP): not outside the bound."""
+    app = create_app(trained, max_decodes=1)
+    app.state.service.decodes.wait = 0.2
+    with TestClient(app) as client:
+        big = client.post("/api/images", files={"files": ("big.png", sixteen_bit_png(1500, 1000, value=9))})
+        small = client.post("/api/images", files={"files": ("small.png", png_bytes(noise_image(5, 28, "L")))})
+        near_big, near_small = ({"model": "vae", "n": 1, "near": r.json()["images"][0]["id"]} for r in (big, small))
+        with slot_held(client, "vae", monkeypatch):
+            assert_busy(client.post("/api/generate", json=near_big))
+            assert client.post("/api/generate", json=near_small).status_code == 200
+        assert client.post("/api/generate", json=near_big).status_code == 200
 
 
 def test_an_upload_decodes_once_for_all_its_models(pixels_engine: Engine, pillow_decodes) -> None:

@@ -12,11 +12,12 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from embedsearch.data.images import header_pixels
@@ -34,6 +35,8 @@ DEFAULT_MAX_QUERY_PIXELS = 16_000_000
 #: Images up to this many pixels (from the header) decode at once, without a slot: at most 4 MB
 #: each, so even the thread pool full of them stays small, and ordinary queries never queue.
 SMALL_PIXELS = 1 << 20
+#: ... and uploads of at most this many bytes: only they are read before a slot is held.
+SMALL_BYTES = 1 << 20
 #: How long a larger image waits for a decode slot before the answer is 503 with Retry-After.
 DECODE_WAIT = 1.0
 RETRY_AFTER_SECONDS = 2
@@ -58,10 +61,25 @@ class DecodeSlots:
         self._free = threading.Semaphore(slots)
 
     @asynccontextmanager
-    async def held(self, images: list[bytes], limit: int) -> AsyncIterator[None]:
-        """Hold a slot while ``images`` decode, if one of them is large (one over ``limit`` needs none:
-        decoding refuses it from its header)."""
-        pixels = max((n for n in map(header_pixels, images) if n <= limit), default=0)
+    async def reading(self, files: Sequence[UploadFile], limit: int) -> AsyncIterator[list[bytes]]:
+        """The uploaded files' bytes, for as long as they decode, holding a slot if they are large.
+
+        Small uploads (together at most SMALL_BYTES, and no image over SMALL_PIXELS by its header) are
+        read and go ahead. Larger ones wait for a slot in their spooled temporary files and are only
+        read once it is held, so that waiting requests keep no bodies in memory. An image over
+        ``limit`` needs no slot: decoding refuses it from its header.
+        """
+        if sum(f.size or 0 for f in files) > SMALL_BYTES or any(f.size is None for f in files):
+            async with self.held_pixels(self.small_pixels + 1):
+                yield [await f.read() for f in files]
+            return
+        images = [await f.read() for f in files]
+        async with self.held_pixels(max((n for n in map(header_pixels, images) if n <= limit), default=0)):
+            yield images
+
+    @asynccontextmanager
+    async def held_pixels(self, pixels: int) -> AsyncIterator[None]:
+        """Hold a slot while an image of ``pixels`` decodes, if it is large."""
         if pixels <= self.small_pixels:
             yield
             return
