@@ -153,9 +153,15 @@ class Engine:
         return self.search.vectors(vectors, model, k, include_generated)
 
     def search_bytes(
-        self, data: bytes, model: str, k: int = 10, include_generated: bool = False, name: str = "<upload>"
+        self,
+        data: bytes,
+        model: str,
+        k: int = 10,
+        include_generated: bool = False,
+        name: str = "<upload>",
+        max_pixels: int | None = None,
     ) -> list[Neighbour]:
-        return self.search.by_bytes(data, model, k, include_generated, name)
+        return self.search.by_bytes(data, model, k, include_generated, name, max_pixels)
 
     def search_image(self, image_id: int, model: str, k: int = 10, include_generated: bool = False) -> list[Neighbour]:
         return self.search.by_id(image_id, model, k, include_generated)

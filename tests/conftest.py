@@ -103,3 +103,20 @@ def trained(tmp_path_factory: pytest.TempPathFactory, trained_data: Path) -> Ite
             eng.create_model(kind, kind, str(trained_data), options=TRAINED_OPTIONS)
             eng.index(str(trained_data), kind, workers=0)
         yield eng
+
+
+@pytest.fixture
+def pillow_decodes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[int, int]]]:
+    """(format, size) of every image Pillow actually decodes (in any thread), at the size it decodes it."""
+    from PIL import ImageFile
+
+    seen: list[tuple[str, tuple[int, int]]] = []
+    real = ImageFile.ImageFile.load
+
+    def spy(self: ImageFile.ImageFile):  # type: ignore[no-untyped-def]
+        if self.tile:  # not decoded yet
+            seen.append((str(self.format), self.size))
+        return real(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    return seen

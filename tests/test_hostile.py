@@ -17,16 +17,20 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from embedsearch.data.images import InputSpec, decode_bytes
 from embedsearch.engine import Engine
 from embedsearch.errors import DataError, ImageError
+from embedsearch.http.app import create_app
 from embedsearch.results import QueryResult
 from helpers import noise_image, png_bytes
 
@@ -422,3 +426,197 @@ def test_files_pillow_fails_on_oddly_are_image_errors_and_the_run_continues(tmp_
         assert report.added == 1 and [p for p, _ in report.failed] == [str(folder / name)]
         with pytest.raises(ImageError):
             engine.add_image(data, name=name)
+
+
+# -- hostile requests to the service: bounded decoding ---------------------------------------------
+
+
+def sixteen_bit_png(width: int, height: int, value: int = 0) -> bytes:
+    """A real, fully decodable 16-bit grey PNG of one value: about 100 KB for 7000x7000 (98 MB decoded)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    packer, row = zlib.compressobj(9), b"\0" + value.to_bytes(2, "big") * width
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", body) + _chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def pixels_engine(tmp_path: Path) -> Iterator[Engine]:
+    with Engine(tmp_path / "home") as engine:
+        engine.create_model("pixels", "pixels", image_size=16, channels=1)
+        engine.add_image(png_bytes(noise_image(1, 16, "L")))
+        yield engine
+
+
+def search(client: TestClient, data: bytes) -> httpx.Response:
+    return client.post("/api/search", files={"file": ("q.png", data)}, data={"model": "pixels", "k": "1"})
+
+
+def test_a_query_image_over_the_query_cap_is_refused_from_its_header(pixels_engine: Engine, pillow_decodes) -> None:
+    """The repro: 95 KB on the wire, 7000x7000 16-bit, took 9.3 s and +1.7 GB to answer."""
+    data = sixteen_bit_png(7000, 7000)
+    assert len(data) < 150_000
+    with TestClient(create_app(pixels_engine)) as client:
+        answer = search(client, data)
+    assert answer.status_code == 422 and pillow_decodes == []  # not decoded at all
+    assert answer.json() == {"error": "q.png: 7000x7000 is more than 16000000 pixels (decompression bomb?)"}
+
+
+def test_the_query_cap_is_configurable_and_stored_uploads_keep_the_library_limit(
+    pixels_engine: Engine, pillow_decodes
+) -> None:
+    data = sixteen_bit_png(1500, 1000, value=40_000)
+    with TestClient(create_app(pixels_engine, max_query_pixels=1_000_000)) as client:
+        refused = search(client, data)
+        assert refused.status_code == 422 and "1500x1000 is more than 1000000 pixels" in refused.json()["error"]
+        assert pillow_decodes == []
+        stored = client.post("/api/images", files={"files": ("big.png", data)})
+        assert stored.status_code == 200 and stored.json()["images"][0]["created"]
+        assert pillow_decodes == [("PNG", (1500, 1000))]
+
+
+@contextlib.contextmanager
+def slot_held(client: TestClient, model: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A large search held inside its decode, so that it keeps the service's one decode slot, while
+    the block runs; afterwards it completes (200)."""
+    import embedsearch.core.search as search_module
+
+    inside, release = threading.Event(), threading.Event()
+    real = search_module.decode_bytes
+
+    def held_decode(data: bytes, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if data == LARGE_QUERY:
+            inside.set()
+            release.wait(20)
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(search_module, "decode_bytes", held_decode)
+    answer: dict[str, httpx.Response] = {}
+    form = {"model": model, "k": "1"}
+    post = lambda: answer.setdefault("r", client.post("/api/search", files={"file": ("q", LARGE_QUERY)}, data=form))  # noqa: E731
+    holder = threading.Thread(target=post)
+    holder.start()
+    try:
+        assert inside.wait(20), "the large search never reached its decode"
+        yield
+    finally:
+        release.set()
+        holder.join(30)
+    assert answer["r"].status_code == 200
+
+
+#: Over the small-image lane (1 MP), under the query cap; the held search is the one with these bytes.
+LARGE_QUERY = sixteen_bit_png(1200, 1000)
+
+
+def assert_busy(answer: httpx.Response) -> None:
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "2"
+    assert list(answer.json()) == ["error"] and "busy decoding" in answer.json()["error"]
+    assert "\n" not in answer.text
+
+
+def test_saturated_decode_slots_answer_503_with_retry_after_and_small_queries_pass(
+    pixels_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One slot, held by a large decode: the next large image gets 503 after the short wait; a small
+    one (an ordinary query) needs no slot and is answered; once free, large ones are answered again."""
+    app = create_app(pixels_engine, max_decodes=1)
+    app.state.service.decodes.wait = 0.2
+    with TestClient(app) as client:
+        with slot_held(client, "pixels", monkeypatch):
+            assert_busy(search(client, sixteen_bit_png(1200, 1000, value=7)))
+            assert_busy(client.post("/api/images", files={"files": ("big.png", sixteen_bit_png(1100, 1000))}))
+            assert search(client, png_bytes(noise_image(2, 16, "L"))).status_code == 200  # no slot needed
+        assert search(client, sixteen_bit_png(1200, 1000, value=7)).status_code == 200
+
+
+def test_a_large_file_waits_for_a_slot_unread(pixels_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over 1 MB, a body waits in its spooled temporary file: waiting requests hold no bodies in memory.
+    Whatever its header says (a 16x16 image with 1.2 MB of padding in an ancillary chunk)."""
+    from starlette.datastructures import UploadFile
+
+    small = png_bytes(noise_image(3, 16, "L"))
+    padded = small[:33] + _chunk(b"juNk", bytes(1_200_000)) + small[33:]  # after the IHDR chunk
+    reads: list[str | None] = []
+    real = UploadFile.read
+
+    async def spy(self: UploadFile, size: int = -1) -> bytes:
+        reads.append(self.filename)
+        return await real(self, size)
+
+    monkeypatch.setattr(UploadFile, "read", spy)
+    app = create_app(pixels_engine, max_decodes=1)
+    app.state.service.decodes.wait = 0.2
+    form = {"model": "pixels", "k": "1"}
+    with TestClient(app) as client:
+        with slot_held(client, "pixels", monkeypatch):
+            assert_busy(client.post("/api/search", files={"file": ("padded.png", padded)}, data=form))
+            assert "padded.png" not in reads
+        answer = client.post("/api/search", files={"file": ("padded.png", padded)}, data=form)
+        assert answer.status_code == 200 and answer.json()["results"][0]["distance"] > 0
+
+
+def test_generate_near_a_large_stored_image_takes_a_decode_slot(
+    trained: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``near`` decodes the stored file (up to the library's 50 MP): not outside the bound."""
+    app = create_app(trained, max_decodes=1)
+    app.state.service.decodes.wait = 0.2
+    with TestClient(app) as client:
+        big = client.post("/api/images", files={"files": ("big.png", sixteen_bit_png(1500, 1000, value=9))})
+        small = client.post("/api/images", files={"files": ("small.png", png_bytes(noise_image(5, 28, "L")))})
+        near_big, near_small = ({"model": "vae", "n": 1, "near": r.json()["images"][0]["id"]} for r in (big, small))
+        with slot_held(client, "vae", monkeypatch):
+            assert_busy(client.post("/api/generate", json=near_big))
+            assert client.post("/api/generate", json=near_small).status_code == 200
+        assert client.post("/api/generate", json=near_big).status_code == 200
+
+
+def test_an_upload_decodes_once_for_all_its_models(pixels_engine: Engine, pillow_decodes) -> None:
+    for name in ("twin-a", "twin-b"):  # three models of one input spec, and one of another
+        pixels_engine.create_model(name, "pixels", image_size=16, channels=1)
+    pixels_engine.create_model("colour", "pixels", image_size=24, channels=3)
+    data = png_bytes(noise_image(3, 200))
+    pillow_decodes.clear()
+    added = pixels_engine.add_image(data, name="photo.png")
+    assert pillow_decodes == [("PNG", (200, 200))]
+    assert sorted(pixels_engine.image(added.id).models) == ["colour", "pixels", "twin-a", "twin-b"]
+    for model in ("pixels", "twin-a", "twin-b", "colour"):
+        top = pixels_engine.search_bytes(data, model, k=1)[0]
+        assert top.id == added.id and top.distance == pytest.approx(0.0, abs=1e-4)
+
+
+def test_serve_takes_the_query_cap_and_the_number_of_decodes(
+    pixels_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+    from click.testing import CliRunner
+
+    import embedsearch.http.memory as memory
+    from embedsearch.cli.serve import serve
+    from embedsearch.http.state import DEFAULT_MAX_QUERY_PIXELS, default_decodes
+
+    calls: list[object] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(app))
+    monkeypatch.setattr(memory, "return_large_buffers", lambda: calls.append("large buffers returned"))
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # serve sets it
+    obj = {"home": str(pixels_engine.home), "db": None, "quiet": True}
+    assert CliRunner().invoke(serve, [], obj=obj).exit_code == 0
+    assert calls[0] == "large buffers returned"
+    service = calls[-1].state.service  # type: ignore[attr-defined]
+    assert (service.max_query_pixels, service.decodes.slots) == (DEFAULT_MAX_QUERY_PIXELS, default_decodes())
+    result = CliRunner().invoke(serve, ["--max-query-pixels", "4000000", "--max-decodes", "3"], obj=obj)
+    assert result.exit_code == 0, result.output
+    service = calls[-1].state.service  # type: ignore[attr-defined]
+    assert (service.max_query_pixels, service.decodes.slots) == (4_000_000, 3)
+    assert CliRunner().invoke(serve, ["--max-decodes", "0"], obj=obj).exit_code == 2
+
+
+def test_the_service_process_returns_large_freed_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc would keep freed decodes in per-thread arenas (benchmarks/hostile.py: 1.18 GB against 520 MB)."""
+    from embedsearch.http.memory import return_large_buffers
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("mallopt is glibc's")
+    assert return_large_buffers() is True
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # the user's own setting wins
+    assert return_large_buffers() is False

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+import io
 import os
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
-from embedsearch.data.images import InputSpec, decode_bytes, infer_spec, scan
+from embedsearch.data.images import InputSpec, decode_bytes, decode_bytes_for, header_pixels, infer_spec, scan, to_array
+from embedsearch.encoders.classic import to_unit_float
 from embedsearch.errors import DataError, ImageError
 from helpers import noise_image, png_bytes
 
@@ -164,3 +167,98 @@ def test_infer_spec_takes_most_common_size_capped_and_grey_only_if_all_grey(tmp_
     big = tmp_path / "big.png"
     big.write_bytes(png_bytes(noise_image(9, 100, "RGB")))
     assert infer_spec([str(big)]) == InputSpec(64, 3)
+
+
+# -- bounded memory: what a decode materialises --------------------------------------------------
+
+
+def photo(width: int, height: int, fmt: str = "JPEG", **save) -> bytes:
+    """A smooth colour picture (a photo's worth of detail at a model's input size)."""
+    return png_bytes(noise_image(7, 24).resize((width, height), Image.Resampling.BICUBIC), fmt, **save)
+
+
+@pytest.mark.parametrize("orientation", [1, 6, 8])
+def test_a_large_jpeg_is_decoded_at_a_reduced_dct_scale_with_nearly_the_same_vector(
+    pillow_decodes, orientation: int
+) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # 6 and 8: a quarter turn, displayed 3000 wide and 4000 tall
+    data = photo(4000, 3000, progressive=True, quality=90, exif=exif)
+    meta, arr = decode_bytes(data, InputSpec(28, 3))
+    assert pillow_decodes == [("JPEG", (500, 375))]  # 1/8 scale: the longer side stays >= 3 x 28
+    assert (meta.width, meta.height) == ((4000, 3000) if orientation == 1 else (3000, 4000))
+    full = Image.open(io.BytesIO(data))
+    full.load()  # every pixel, as before
+    reference = to_array(ImageOps.exif_transpose(full), InputSpec(28, 3))
+    assert (arr[14, 2] == 255).all() == (orientation != 1)  # turned upright: padded left and right
+    diff = np.abs(arr.astype(int) - reference.astype(int))
+    assert diff.mean() < 1.5 and diff.max() <= 20, (diff.mean(), diff.max())
+    v, ref = to_unit_float(arr[None])[0], to_unit_float(reference[None])[0]
+    assert np.linalg.norm(v - ref) / np.linalg.norm(ref) < 0.02
+
+
+def test_a_jpeg_for_a_grey_model_is_decoded_as_luma_and_small(pillow_decodes) -> None:
+    data = photo(3000, 3000, quality=90)
+    _, arr = decode_bytes(data, InputSpec(32, 1))
+    full = Image.open(io.BytesIO(data))
+    full.load()
+    assert pillow_decodes[0] == ("JPEG", (375, 375))
+    assert np.abs(arr.astype(int) - to_array(full, InputSpec(32, 1)).astype(int)).mean() < 1.5
+
+
+def test_a_small_jpeg_is_decoded_exactly_as_before(pillow_decodes) -> None:
+    data = photo(120, 90, quality=90)
+    _, arr = decode_bytes(data, InputSpec(28, 1))
+    assert pillow_decodes == [("JPEG", (120, 90))]  # too small to scale: not drafted, not turned to luma early
+    full = Image.open(io.BytesIO(data))
+    full.load()
+    assert (arr == to_array(full, InputSpec(28, 1))).all()
+
+
+def test_a_sixteen_bit_png_is_shrunk_before_it_is_converted() -> None:
+    """The 16-bit -> 8-bit scaling ran on a float64 array of the whole image (8 bytes a pixel)."""
+    ramp = np.tile(np.linspace(0, 65535, 2000).astype(np.uint16), (2000, 1))  # 2000x2000, 8 MB as uint16
+    data = png_bytes(Image.fromarray(ramp))
+    tracemalloc.start()
+    try:
+        meta, arr = decode_bytes(data, InputSpec(28, 1))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert meta.mode == "I;16" and peak < 2_000_000, peak  # the old conversion: 32 MB and more
+    expected = (np.arange(28) + 0.5) / 28 * 255  # the ramp at the pixel centres
+    assert np.abs(arr[14, :, 0] - expected).max() <= 3
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "1", "RGBA", "LA", "I;16", "F"])
+def test_shrinking_first_gives_the_pixels_of_a_full_size_resize(mode: str) -> None:
+    """The shrink (reduce in bands, then Lanczos) equals Pillow's resize of the whole converted image."""
+    base = noise_image(8, 30).resize((900, 600), Image.Resampling.BICUBIC)
+    if mode == "I;16":
+        im, grey = Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257), base.convert("L")
+    elif mode in ("RGBA", "LA"):
+        im = base.copy()
+        im.putalpha(255)
+        im, grey = im.convert(mode), base.convert("L")
+    else:
+        im = base.convert(mode)
+        grey = im.convert("L")
+    fmt = "TIFF" if mode == "F" else "PNG"
+    _, arr = decode_bytes(png_bytes(im, fmt), InputSpec(64, 1))
+    reference = np.asarray(grey.resize((64, 43), Image.Resampling.LANCZOS, reducing_gap=3.0))
+    assert np.abs(arr[10:53, :, 0].astype(int) - reference.astype(int)).max() <= 2
+
+
+def test_one_decode_serves_every_input_spec(pillow_decodes) -> None:
+    data = photo(1200, 600, "PNG")
+    specs = [InputSpec(28, 1), InputSpec(64, 3), InputSpec(16, 3)]
+    meta, arrays = decode_bytes_for(data, specs, "x.png")
+    assert len(pillow_decodes) == 1 and [a.shape for a in arrays] == [s.shape for s in specs]
+    for spec, arr in zip(specs, arrays, strict=True):
+        assert (arr == decode_bytes(data, spec)[1]).all()
+
+
+def test_header_pixels_reads_the_header_only(pillow_decodes) -> None:
+    assert header_pixels(bomb_png(100_000, 100_000)) == 10**10
+    assert header_pixels(photo(300, 200)) == 60_000
+    assert header_pixels(b"not an image") == 0 and pillow_decodes == []

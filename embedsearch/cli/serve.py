@@ -45,9 +45,28 @@ def is_loopback(host: str) -> bool:
     type=click.FloatRange(0.001, 10_000),
     help="Largest request body (an upload of one or more images), in MB.",
 )
+@click.option(
+    "--max-query-pixels",
+    default=16_000_000,  # http.state.DEFAULT_MAX_QUERY_PIXELS (importing it would load starlette for every command)
+    show_default=True,
+    type=click.IntRange(1),
+    help="Largest search image (width x height), refused from its header; stored uploads keep the library's limit.",
+)
+@click.option(
+    "--max-decodes",
+    type=click.IntRange(1),
+    help="Large images (over 1 MP) decoded at once; more wait 1 s, then get 503 (default: cores - 1, at least 1).",
+)
 @click.pass_context
 def serve(
-    ctx: click.Context, host: str, port: int, token: str | None, token_for_reads: bool, max_upload_mb: float
+    ctx: click.Context,
+    host: str,
+    port: int,
+    token: str | None,
+    token_for_reads: bool,
+    max_upload_mb: float,
+    max_query_pixels: int,
+    max_decodes: int | None,
 ) -> None:
     """Serve the library over HTTP: a JSON API (docs at /docs) and a search page at /.
 
@@ -59,10 +78,12 @@ def serve(
     import uvicorn
 
     from embedsearch.http.app import create_app
+    from embedsearch.http.memory import return_large_buffers
 
     # Requests are small and many run at once: one torch thread each beats two threads fighting
     # over two cores for every single image (an explicit OMP_NUM_THREADS still wins).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return_large_buffers()  # freed decodes go back to the system, not to 40 threads' malloc arenas
     token = token or None
     if token_for_reads and token is None:
         raise click.UsageError("--token-for-reads needs --token (or EMBEDSEARCH_TOKEN)")
@@ -70,7 +91,12 @@ def serve(
         log.warning("serving on %s without a token: anyone who can reach it can add and delete images", host)
     engine = _engine(ctx)
     app = create_app(
-        engine, token=token, token_for_reads=token_for_reads, max_upload_bytes=int(max_upload_mb * 1024 * 1024)
+        engine,
+        token=token,
+        token_for_reads=token_for_reads,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        max_query_pixels=max_query_pixels,
+        max_decodes=max_decodes,
     )
     shown = f"[{host}]" if ":" in host else host
     if not ctx.obj.get("quiet"):

@@ -20,7 +20,7 @@ from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.layout import FORMATS, Layout
 from embedsearch.core.models import ModelRegistry
 from embedsearch.core.store import Store
-from embedsearch.data.images import decode_bytes, decode_file, sha256
+from embedsearch.data.images import decode_bytes_for, decode_file, sha256
 from embedsearch.encoders.base import DecodingEncoder
 from embedsearch.errors import DataError, ImageError, InvalidArgumentError, NotFoundError
 from embedsearch.files import atomic_write
@@ -58,8 +58,10 @@ class ImageLibrary:
         targets = [(self.registry.model(n), self.registry.encoder(n)) for n in names]  # unknown: fail first
         if not targets:
             raise InvalidArgumentError("the library has no models to index into; make one first")
-        decoded = [decode_bytes(data, enc.spec, name, self.max_pixels) for _, enc in targets]  # ImageError
-        meta = decoded[0][0]
+        # One decode for every model: a hostile upload costs its decode once, not once per model.
+        specs = list(dict.fromkeys(enc.spec for _, enc in targets))
+        meta, arrays = decode_bytes_for(data, specs, name, self.max_pixels)  # ImageError
+        pixels_of = dict(zip(specs, arrays, strict=True))
         if meta.format not in FORMATS:
             raise ImageError(name, f"{meta.format} is not an accepted upload format")
         with self.cache.writing():
@@ -79,10 +81,10 @@ class ImageLibrary:
                 "mtime": None,
             }
             image_id = existing
-            for (model, encoder), (_, pixels) in zip(targets, decoded, strict=True):
+            for model, encoder in targets:
                 if image_id is not None and image_id in self.store.entry_ids_of(model.id, [image_id]):
                     continue
-                vector = encoder.encode(pixels[None])  # (1, dim)
+                vector = encoder.encode(pixels_of[encoder.spec][None])  # (1, dim)
                 key: int | str = image_id if image_id is not None else meta.sha256
                 new = self.store.write_batch(
                     model.id, [values] if image_id is None else [], [], [(key, vector[0].tobytes())]

@@ -80,10 +80,19 @@ class Search:
                 yield QueryResult(path, model, hits)
 
     def by_bytes(
-        self, data: bytes, model: str, k: int = 10, include_generated: bool = False, name: str = "<upload>"
+        self,
+        data: bytes,
+        model: str,
+        k: int = 10,
+        include_generated: bool = False,
+        name: str = "<upload>",
+        max_pixels: int | None = None,
     ) -> list[Neighbour]:
+        """Neighbours of an image given as bytes; ``max_pixels`` lowers the library's pixel limit for it
+        (the service's limit for query images), checked from the header before anything is decoded."""
         encoder = self.registry.encoder(model)
-        _, pixels = decode_bytes(data, encoder.spec, name, self.max_pixels)
+        limit = self.max_pixels if max_pixels is None else min(max_pixels, self.max_pixels)
+        _, pixels = decode_bytes(data, encoder.spec, name, limit)
         return self.vectors(encoder.encode(pixels[None]), model, k, include_generated)[0]
 
     def by_id(self, image_id: int, model: str, k: int = 10, include_generated: bool = False) -> list[Neighbour]:

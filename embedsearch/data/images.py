@@ -1,10 +1,4 @@
-"""Finding, reading and normalising image files: file -> bytes -> (metadata, uint8 pixel array).
-
-Resize policy (the one used everywhere: index, query, train): the image is scaled so that its longer
-side equals the model's ``image_size`` (Lanczos, aspect ratio kept), then centred on a white square
-canvas. Nothing is cropped, so a wide panorama stays a panorama. Transparency is composited on white
-first; grey models get Pillow's ITU-R 601-2 luma, colour models RGB.
-"""
+"""Finding, reading and normalising image files: file -> bytes -> (metadata, uint8 pixel array)."""
 
 from __future__ import annotations
 
@@ -21,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
+from embedsearch.data.resize import QUARTER_TURNS, TRANSPOSE, draft, prepared, white_point
 from embedsearch.errors import DataError, ImageError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
@@ -148,18 +143,15 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _open(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, str, str]:
-    """Open, check the pixel limit, take the first frame, apply EXIF orientation and decode.
-
-    Returns the image with the file's format and mode (a transposed copy no longer knows them).
-    """
+def _header(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Open lazily (the header only) and refuse images over the pixel limit before anything is decoded."""
     if not data:
         raise ImageError(name, "empty file")
     with warnings.catch_warnings():
         # Our own limit below is the one that counts; Pillow's warning would only be noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            im: Image.Image = Image.open(io.BytesIO(data))  # the transposed copy below is a plain Image
+            im = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise ImageError(name, "not an image (or not a supported format)") from None
         except Image.DecompressionBombError:
@@ -171,50 +163,24 @@ def _open(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, str, st
         raise ImageError(name, f"{width}x{height} is more than {max_pixels} pixels (decompression bomb?)")
     if width < 1 or height < 1:
         raise ImageError(name, f"image has no pixels ({width}x{height})")
-    fmt, mode = (im.format or "unknown").upper(), im.mode
+    return im
+
+
+def _load(im: Image.Image, name: str, max_pixels: int) -> Image.Transpose | None:
+    """Decode the first frame of an animation; return the transposition its EXIF orientation asks for."""
     try:
-        im.seek(0)  # first frame of an animation
+        im.seek(0)
         im.load()
-        im = ImageOps.exif_transpose(im) or im
+        return TRANSPOSE.get(im.getexif().get(ExifTags.Base.Orientation, 1))
     except _DECODE_ERRORS as exc:
         raise ImageError(name, f"cannot decode ({exc})") from None
     except Image.DecompressionBombError:
         raise ImageError(name, f"more than {max_pixels} pixels (decompression bomb?)") from None
-    return im, fmt, mode
-
-
-def _to_mode(im: Image.Image, channels: int) -> Image.Image:
-    """Composite any transparency on white and convert to L (1 channel) or RGB (3 channels)."""
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = 1.0 if im.mode == "F" and arr.max(initial=0) <= 1.0 else 65535.0 if arr.max(initial=0) > 255 else 255.0
-        im = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, rgba)
-    target = "L" if channels == 1 else "RGB"
-    return im if im.mode == target else im.convert(target)
-
-
-def _fit_square(im: Image.Image, size: int) -> Image.Image:
-    width, height = im.size
-    if width == height == size:
-        return im
-    scale = size / max(width, height)
-    new = (max(1, round(width * scale)), max(1, round(height * scale)))
-    im = im.resize(new, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    if new == (size, size):
-        return im
-    canvas = Image.new(im.mode, (size, size), 255 if im.mode == "L" else (255, 255, 255))
-    canvas.paste(im, ((size - new[0]) // 2, (size - new[1]) // 2))
-    return canvas
 
 
 def to_array(im: Image.Image, spec: InputSpec) -> np.ndarray:
-    """A decoded image as a ``(S, S, C)`` uint8 array following the resize policy."""
-    out = np.asarray(_fit_square(_to_mode(im, spec.channels), spec.image_size), dtype=np.uint8)
-    return out.reshape(spec.shape)  # (S, S, C)
+    """A decoded (upright) image as a ``(S, S, C)`` uint8 array following the resize policy."""
+    return prepared(im, spec.image_size, spec.channels, None, white_point(im)).reshape(spec.shape)
 
 
 def to_pil(image: np.ndarray) -> Image.Image:
@@ -229,16 +195,39 @@ def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(arr)  # the mode follows from the shape: "L" or "RGB"
 
 
+def decode_bytes_for(
+    data: bytes, specs: list[InputSpec], name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[ImageMeta, list[np.ndarray]]:
+    """Bytes of an image file decoded once -> its metadata and one ``(S, S, C)`` array per spec.
+
+    Memory: the pixel limit is checked from the header before decoding; a JPEG is decoded at a
+    reduced DCT scale, other formats at full size (Pillow cannot do less), and every conversion
+    after that runs on the shrunk image (:mod:`embedsearch.data.resize`). Raises ImageError.
+    """
+    if not specs:
+        raise InvalidArgumentError("decoding needs at least one input spec")
+    im = _header(data, name, max_pixels)
+    fmt, mode, (width, height) = (im.format or "unknown").upper(), im.mode, im.size
+    drafted = draft(im, max(s.image_size for s in specs), all(s.channels == 1 for s in specs))
+    turn = _load(im, name, max_pixels)
+    if not drafted:
+        width, height = im.size
+    if turn in QUARTER_TURNS:
+        width, height = height, width
+    meta = ImageMeta(sha256(data), width, height, fmt, mode, len(data))
+    try:
+        white = white_point(im)
+        return meta, [prepared(im, spec.image_size, spec.channels, turn, white).reshape(spec.shape) for spec in specs]
+    except _DECODE_ERRORS as exc:
+        raise ImageError(name, f"cannot convert ({exc})") from None
+
+
 def decode_bytes(
     data: bytes, spec: InputSpec, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[ImageMeta, np.ndarray]:
     """Bytes of an image file -> its metadata and a ``(S, S, C)`` uint8 array. Raises ImageError."""
-    im, fmt, mode = _open(data, name, max_pixels)
-    meta = ImageMeta(sha256(data), im.width, im.height, fmt, mode, len(data))
-    try:
-        return meta, to_array(im, spec)
-    except _DECODE_ERRORS as exc:
-        raise ImageError(name, f"cannot convert ({exc})") from None
+    meta, (pixels,) = decode_bytes_for(data, [spec], name, max_pixels)
+    return meta, pixels
 
 
 def decode_file(path: str, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[ImageMeta, np.ndarray]:
@@ -247,7 +236,23 @@ def decode_file(path: str, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS
 
 def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """An image file decoded and oriented, in its own mode (used for grids and thumbnails)."""
-    return _open(read_bytes(str(path)), str(path), max_pixels)[0]
+    im = _header(read_bytes(str(path)), str(path), max_pixels)
+    turn = _load(im, str(path), max_pixels)
+    return im if turn is None else im.transpose(turn)
+
+
+def header_pixels(data: bytes) -> int:
+    """Width x height from the header alone (0 if unreadable: decoding refuses such bytes at once)."""
+    quick = _probe_png(data[:32])
+    if quick is not None:
+        return quick[0] * quick[1]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return int(im.width * im.height)
+    except (UnidentifiedImageError, Image.DecompressionBombError, *_DECODE_ERRORS):
+        return 0
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

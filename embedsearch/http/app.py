@@ -44,7 +44,7 @@ from embedsearch.errors import (
     StoreError,
     UnknownModelError,
 )
-from embedsearch.http.state import DEFAULT_MAX_UPLOAD, Service
+from embedsearch.http.state import DEFAULT_MAX_QUERY_PIXELS, DEFAULT_MAX_UPLOAD, DecodeSlots, Service, default_decodes
 from embedsearch.version import __version__
 
 if TYPE_CHECKING:
@@ -262,12 +262,16 @@ def create_app(
     token: str | None = None,
     token_for_reads: bool = False,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    max_query_pixels: int = DEFAULT_MAX_QUERY_PIXELS,
+    max_decodes: int | None = None,
 ) -> FastAPI:
     """The service over an open Engine (shared, not closed here) or a library home (opened and closed here).
 
     ``token``: every write (upload, delete, generate with add) needs ``Authorization: Bearer TOKEN``;
     with ``token_for_reads`` every API call but ``/api/health`` does. ``max_upload_bytes`` caps a
-    request body (all files and fields of one upload together).
+    request body (all files and fields of one upload together). ``max_query_pixels`` caps a search
+    image (stored uploads keep the library's limit); at most ``max_decodes`` large images (default:
+    one per core but one) decode at once, others wait briefly and then get 503 with Retry-After.
     """
     from embedsearch.http.routes import router
 
@@ -277,7 +281,10 @@ def create_app(
     # The refresher saves changed index files every SAVE_SECONDS and when the app stops: not one
     # write of a whole index per upload (measured: 43 ms per upload into a 70k index, against 12).
     deferred = engine.defer_index_saves(True)
-    service = Service(engine, token or None, token_for_reads, max_upload_bytes, owned)
+    if max_query_pixels < 1:
+        raise InvalidArgumentError("max_query_pixels must be at least 1")
+    decodes = DecodeSlots(max_decodes if max_decodes is not None else default_decodes())
+    service = Service(engine, token or None, token_for_reads, max_upload_bytes, owned, max_query_pixels, decodes)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

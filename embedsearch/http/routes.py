@@ -21,7 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool as in_thread
 
 from embedsearch.engine import Engine
-from embedsearch.errors import ImageError
+from embedsearch.errors import ImageError, NotFoundError
 from embedsearch.http.schemas import (
     MAX_ID,
     MAX_K,
@@ -124,6 +124,7 @@ def model_list(models: str | None) -> list[str] | None:
 
 @router.post("/images", response_model=UploadOut, tags=["images"])
 async def upload_images(
+    request: Request,
     engine: WriteEngine,
     files: Annotated[list[UploadFile], File(description="one or more image files")],
     label: Annotated[str | None, Form(max_length=200)] = None,
@@ -135,8 +136,9 @@ async def upload_images(
     ones that are not usable images are listed under ``errors`` and the others are still stored;
     a single bad file (or a request where every file is bad) is answered with 415 or 422.
     """
-    contents = [(client_name(f.filename), await f.read()) for f in files]
-    return await in_thread(_add_all, engine, contents, label or None, model_list(models))
+    async with _service(request).decodes.reading(files, engine.max_pixels) as images:
+        contents = [(client_name(f.filename), data) for f, data in zip(files, images, strict=True)]
+        return await in_thread(_add_all, engine, contents, label or None, model_list(models))
 
 
 def _add_all(
@@ -185,14 +187,17 @@ async def delete_image(image_id: ImageId, engine: WriteEngine) -> dict[str, Any]
 
 @router.post("/search", response_model=SearchOut, tags=["search"])
 async def search_upload(
+    request: Request,
     engine: ReadEngine,
     file: Annotated[UploadFile, File(description="the query image (not stored)")],
     model: Annotated[str, Form()],
     k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
 ) -> dict[str, Any]:
     """The indexed images nearest to an uploaded image, nearest first."""
-    data = await file.read()
-    found = await in_thread(engine.search_bytes, data, model, k, name=client_name(file.filename))
+    service = _service(request)
+    name, limit = client_name(file.filename), service.max_query_pixels
+    async with service.decodes.reading([file], limit) as (data,):
+        found = await in_thread(engine.search_bytes, data, model, k, name=name, max_pixels=limit)
     return {"model": model, "results": hits(found)}
 
 
@@ -214,7 +219,18 @@ async def generate(body: GenerateIn, request: Request, credentials: Credentials,
     """
     if body.add:
         _service(request).authorize(_token(credentials), write=True)
-    return await in_thread(_generate, engine, body)
+    pixels = 0 if body.near is None else await in_thread(_stored_pixels, engine, body.near)
+    async with _service(request).decodes.held_pixels(pixels):  # "near" decodes the stored image
+        return await in_thread(_generate, engine, body)
+
+
+def _stored_pixels(engine: Engine, image_id: int) -> int:
+    """Width x height of a stored image (0 if there is none: the engine reports that in its own order)."""
+    try:
+        record = engine.image(image_id)
+    except NotFoundError:
+        return 0
+    return record.width * record.height
 
 
 def _generate(engine: Engine, body: GenerateIn) -> dict[str, Any]:

@@ -8,19 +8,94 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 import threading
+import time
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+
+from embedsearch.data.images import header_pixels
+from embedsearch.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from embedsearch.engine import Engine
 
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
+#: Query images (``POST /api/search``, not stored) with more pixels than this are refused from their
+#: header, before decoding. 16 MP holds a 4618x3464 (4:3) photo, more than phones save by default
+#: (12 MP), while a model looks at 28-1024 pixels a side: a larger query only costs memory. A PNG
+#: cannot be decoded partially, so this is its memory bound: at most 64 MB (RGBA) per decode.
+DEFAULT_MAX_QUERY_PIXELS = 16_000_000
+#: Images up to this many pixels (from the header) decode at once, without a slot: at most 4 MB
+#: each, so even the thread pool full of them stays small, and ordinary queries never queue.
+SMALL_PIXELS = 1 << 20
+#: ... and uploads of at most this many bytes: only they are read before a slot is held.
+SMALL_BYTES = 1 << 20
+#: How long a larger image waits for a decode slot before the answer is 503 with Retry-After.
+DECODE_WAIT = 1.0
+RETRY_AFTER_SECONDS = 2
+
+
+def default_decodes() -> int:
+    """One core fewer than the machine has (at least 1): large decodes never take every core."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+class DecodeSlots:
+    """At most ``slots`` large images decode at once; small ones (ordinary queries) never wait.
+
+    A request for a large image waits up to ``wait`` seconds for a slot, polling on the event loop
+    (no thread is held while it waits), then is answered 503 with ``Retry-After``.
+    """
+
+    def __init__(self, slots: int, wait: float = DECODE_WAIT, small_pixels: int = SMALL_PIXELS) -> None:
+        if slots < 1:
+            raise InvalidArgumentError(f"the number of concurrent decodes must be at least 1, not {slots}")
+        self.slots, self.wait, self.small_pixels = slots, wait, small_pixels
+        self._free = threading.Semaphore(slots)
+
+    @asynccontextmanager
+    async def reading(self, files: Sequence[UploadFile], limit: int) -> AsyncIterator[list[bytes]]:
+        """The uploaded files' bytes, for as long as they decode, holding a slot if they are large.
+
+        Small uploads (together at most SMALL_BYTES, and no image over SMALL_PIXELS by its header) are
+        read and go ahead. Larger ones wait for a slot in their spooled temporary files and are only
+        read once it is held, so that waiting requests keep no bodies in memory. An image over
+        ``limit`` needs no slot: decoding refuses it from its header.
+        """
+        if sum(f.size or 0 for f in files) > SMALL_BYTES or any(f.size is None for f in files):
+            async with self.held_pixels(self.small_pixels + 1):
+                yield [await f.read() for f in files]
+            return
+        images = [await f.read() for f in files]
+        async with self.held_pixels(max((n for n in map(header_pixels, images) if n <= limit), default=0)):
+            yield images
+
+    @asynccontextmanager
+    async def held_pixels(self, pixels: int) -> AsyncIterator[None]:
+        """Hold a slot while an image of ``pixels`` decodes, if it is large."""
+        if pixels <= self.small_pixels:
+            yield
+            return
+        deadline = time.monotonic() + self.wait
+        while not self._free.acquire(blocking=False):
+            if time.monotonic() >= deadline:
+                raise HTTPException(
+                    503,
+                    "the service is busy decoding other large images; try again shortly or send a smaller image",
+                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+                )
+            await asyncio.sleep(0.01)
+        try:
+            yield
+        finally:
+            self._free.release()
 
 
 class Gate:
@@ -110,6 +185,8 @@ class Service:
     token_for_reads: bool = False
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD
     owns_engine: bool = False
+    max_query_pixels: int = DEFAULT_MAX_QUERY_PIXELS
+    decodes: DecodeSlots = field(default_factory=lambda: DecodeSlots(default_decodes()))
     gate: Gate = field(init=False)
 
     def __post_init__(self) -> None:
