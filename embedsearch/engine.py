@@ -184,6 +184,10 @@ class Engine:
     def image_file(self, image_id: int) -> tuple[Path, str]:
         return self.library.image_file(image_id)
 
+    def image_bytes(self, image_id: int) -> tuple[bytes, str]:
+        """An image's bytes, verified against its recorded size and sha256; see ImageLibrary.image_bytes."""
+        return self.library.image_bytes(image_id)
+
     def delete_image(self, image_id: int) -> None:
         self.library.delete_image(image_id)
 

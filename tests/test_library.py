@@ -51,6 +51,28 @@ def test_file_and_content_type(library: Engine) -> None:
     assert content_type == "image/jpeg" and path.read_bytes() == data
 
 
+def test_served_bytes_are_exactly_the_indexed_bytes(indexed: Engine, shapes: Path, tmp_path: Path) -> None:
+    # The repro: index b.png, then replace it by a symlink to a secret; it must never be served.
+    target = sorted(shapes.rglob("*.png"))[0]
+    row = indexed.store.image_by_path(str(target))
+    assert row is not None
+    original = target.read_bytes()
+    assert indexed.image_bytes(row.id) == (original, "image/png")
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n" * 8)
+    target.unlink()
+    target.symlink_to(secret)
+    with pytest.raises(NotFoundError, match="changed on disk"):
+        indexed.image_bytes(row.id)
+    target.unlink()
+    target.write_bytes(bytes(len(original)))  # same size, other content
+    with pytest.raises(NotFoundError, match="changed on disk"):
+        indexed.image_bytes(row.id)
+    target.unlink()
+    with pytest.raises(NotFoundError, match="no longer on disk"):
+        indexed.image_bytes(row.id)
+
+
 def test_delete_removes_metadata_vectors_and_stored_upload(library: Engine) -> None:
     data = png_bytes(noise_image(15, 24))
     added = library.add_image(data)

@@ -543,3 +543,23 @@ def test_random_bytes_never_give_a_500(client: TestClient) -> None:
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
         assert search_bytes(client, data, "vae").status_code in (415, 422)
         assert upload(client, ("r.bin", data)).status_code in (415, 422)
+
+
+def test_a_file_replaced_by_a_symlink_or_deleted_is_never_served(home: Path, shapes: Path, tmp_path: Path) -> None:
+    target = sorted(shapes.rglob("*.png"))[0]
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with Engine(home) as engine:
+        engine.index(str(shapes), "pixels", workers=0)
+        row = engine.store.image_by_path(str(target))
+        assert row is not None
+        with TestClient(create_app(engine)) as client:
+            assert client.get(f"/api/images/{row.id}/file").content == target.read_bytes()
+            target.unlink()
+            target.symlink_to(secret)
+            answer = client.get(f"/api/images/{row.id}/file")
+            assert answer.status_code == 404 and "changed on disk" in answer.json()["error"]
+            assert b"root:" not in answer.content and str(tmp_path) not in answer.text
+            target.unlink()  # deleted between the lookup and the read: still one JSON line, no 500
+            answer = client.get(f"/api/images/{row.id}/file")
+            assert answer.status_code == 404 and "no longer on disk" in answer.json()["error"]

@@ -19,7 +19,7 @@ import numpy as np
 from embedsearch.core.library import ImageLibrary, NewImage
 from embedsearch.core.models import ModelRegistry
 from embedsearch.core.search import Search
-from embedsearch.data.images import InputSpec, decode_file, to_pil
+from embedsearch.data.images import InputSpec, decode_bytes, decode_file, to_pil
 from embedsearch.encoders.base import DecodingEncoder, PosteriorEncoder
 from embedsearch.errors import DataError, InvalidArgumentError, ModelError
 from embedsearch.files import atomic_write
@@ -124,12 +124,11 @@ class Generator:
     def _source_pixels(self, source: str | int, spec: InputSpec) -> tuple[np.ndarray, str]:
         """(1, S, S, C) uint8 of an image given as a file path or an indexed image id."""
         if isinstance(source, int) or (source.isdigit() and not Path(source).exists()):
-            path, _ = self.library.image_file(int(source))
-            name = f"id:{int(source)}"
-        else:
-            path, name = Path(source), str(source)
-            if not path.is_file():
-                raise DataError(f"{source}: no such image file")
+            name = f"id:{int(source)}"  # the indexed bytes only: never what a path points to now
+            return decode_bytes(self.library.image_bytes(int(source))[0], spec, name, self.max_pixels)[1][None], name
+        path, name = Path(source), str(source)
+        if not path.is_file():
+            raise DataError(f"{source}: no such image file")
         return decode_file(str(path), spec, self.max_pixels)[1][None], name
 
     def sample_latents(self, model: str, request: GenerateRequest) -> tuple[str, np.ndarray, list[str]]:

@@ -8,8 +8,10 @@ lock, so a deletion racing an upload of the same content can never remove an ack
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +122,35 @@ class ImageLibrary:
         if record.path is None or not Path(record.path).is_file():
             raise NotFoundError(f"image {image_id}: its file is no longer on disk")
         return Path(record.path), FORMATS.get(record.format, ("", "application/octet-stream"))[1]
+
+    def image_bytes(self, image_id: int) -> tuple[bytes, str]:
+        """The bytes of an image exactly as recorded, and their content type.
+
+        Read from one descriptor opened without following a symlink, and checked against the recorded
+        size and sha256 before anything is returned: a file replaced (by a symlink to a secret, or by
+        other content) or deleted since it was indexed is refused, never served.
+        """
+        record = self.image(image_id)
+        content_type = FORMATS.get(record.format, ("", "application/octet-stream"))[1]
+        changed = NotFoundError(
+            f"image {image_id}: its file changed on disk since it was indexed; run 'embedsearch index' again"
+        )
+        if record.path is None:
+            raise NotFoundError(f"image {image_id}: its file is no longer on disk")
+        try:
+            fd = os.open(record.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
+            raise NotFoundError(f"image {image_id}: its file is no longer on disk") from None
+        except OSError:
+            raise changed from None  # a symlink (ELOOP), a folder, no permission ...
+        with os.fdopen(fd, "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_size != record.bytes:
+                raise changed
+            data = file.read(record.bytes + 1)
+        if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
+            raise changed
+        return data, content_type
 
     def owns(self, path: Path) -> bool:
         """True for files the library itself wrote (uploads, generated images), never user folders."""

@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool as in_thread
 
@@ -165,14 +165,14 @@ async def get_image(image_id: ImageId, engine: ReadEngine) -> dict[str, Any]:
 
 @router.get(
     "/images/{image_id}/file",
-    response_class=FileResponse,
+    response_class=Response,
     tags=["images"],
     responses={200: {"content": {"image/*": {}}, "description": "the image's bytes"}},
 )
-async def get_image_file(image_id: ImageId, engine: ReadEngine) -> FileResponse:
-    """The image's stored bytes, with the content type of their format."""
-    path, content_type = await in_thread(engine.image_file, image_id)
-    return FileResponse(path, media_type=content_type)
+async def get_image_file(image_id: ImageId, engine: ReadEngine) -> Response:
+    """The image's bytes as they were indexed (404 if the file changed since), with their content type."""
+    data, content_type = await in_thread(engine.image_bytes, image_id)
+    return Response(data, media_type=content_type)
 
 
 @router.delete("/images/{image_id}", response_model=Deleted, tags=["images"])
