@@ -106,6 +106,14 @@ class Engine:
         """Pick up what other processes committed: new models, new or removed vectors."""
         self.cache.refresh(self.registry.refresh())
 
+    def refresh_vectors(self) -> None:
+        """Pick up other processes' new or removed vectors; safe while other threads search."""
+        self.cache.refresh({m.name: m for m in self.store.models()})
+
+    def models_changed(self) -> bool:
+        """True if another process made, replaced or deleted a model since the last :meth:`refresh`."""
+        return self.registry.changed()
+
     # -- paths --------------------------------------------------------------------------------
     def model_dir(self, name: str) -> Path:
         return self.layout.model_dir(name)

@@ -264,3 +264,24 @@ def test_searches_during_an_index_run_are_well_formed(tmp_path: Path) -> None:
         for data in queries:
             assert engine.search_bytes(data, "pixels", k=1)[0].distance == pytest.approx(0.0, abs=1e-5)
     assert_consistent(tmp_path / "home", {p.read_bytes() for p in first + later})
+
+
+def test_threads_of_one_process_wait_for_each_other_without_blaming_another_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from embedsearch.core.layout import WriterLock
+
+    lock = WriterLock(tmp_path / "library.lock")
+    order: list[str] = []
+    with lock.hold():
+        waiter = threading.Thread(target=lambda: (lock.acquire(), order.append("second"), lock.release()))
+        waiter.start()
+        time.sleep(0.2)
+        order.append("first")
+        with lock.hold():  # re-entrant in the holding thread
+            assert lock.depth == 2
+    waiter.join(timeout=10)
+    assert order == ["first", "second"]
+    assert "another process" not in caplog.text
+    with FileLock(str(tmp_path / "library.lock")):  # another process, in effect: this one is told so
+        assert not lock.try_acquire()

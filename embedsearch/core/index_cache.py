@@ -43,7 +43,7 @@ class IndexCache:
         # change and search of an index holds this lock (each search takes about a millisecond).
         self.lock = threading.RLock()
         self.defer_saves = False
-        self._loaded: dict[str, tuple[int, VectorIndex]] = {}  # name -> (model id, index)
+        self._loaded: dict[str, tuple[Owner, VectorIndex]] = {}  # name -> (whose, index)
         self._changed: set[str] = set()  # changed in this writing block, not yet stamped
         self._unsaved: set[str] = set()  # stamped, file not yet written (deferred saves)
         self._generated: set[int] | None = None
@@ -53,11 +53,11 @@ class IndexCache:
         """The model's index: loaded from its file and brought in step with the database once."""
         with self.lock:
             cached = self._loaded.get(model.name)
-            if cached is not None and cached[0] == model.id:
+            if cached is not None and cached[0] == Owner.of(model):  # a model made anew may reuse an id
                 return cached[1]
             index = VectorIndex.load(self.layout.index_path(model.name), model.dim, model.metric, Owner.of(model))
             caught_up = index.sync(self.store, model.id)
-            self._loaded[model.name] = (model.id, index)
+            self._loaded[model.name] = (Owner.of(model), index)
             if caught_up and not self.writer.held:
                 self._save_if_free(model.name)
             elif caught_up:
@@ -140,7 +140,7 @@ class IndexCache:
         fresh = VectorIndex.for_model(model)
         fresh.sync(self.store, model.id)
         with self.lock:
-            self._loaded[model.name] = (model.id, fresh)
+            self._loaded[model.name] = (Owner.of(model), fresh)
             self._changed.add(model.name)
         return len(fresh)
 
@@ -177,13 +177,13 @@ class IndexCache:
         """
         generated = self.store.generated_ids()
         with self.lock:
-            for name, (model_id, index) in list(self._loaded.items()):
+            for name, (owner, index) in list(self._loaded.items()):
                 row = models.get(name)
-                if row is None or row.id != model_id:
+                if row is None or Owner.of(row) != owner:
                     self._loaded.pop(name)  # deleted or made anew elsewhere: load afresh when next used
                     self._unsaved.discard(name)
                     continue
-                index.sync(self.store, model_id)  # the writer that made these changes saved its file
+                index.sync(self.store, owner.model_id)  # the writer that made these changes saved its file
             self._generated = generated
 
     def pending(self) -> bool:
@@ -197,8 +197,8 @@ class IndexCache:
 
     def _sync_loaded(self) -> None:
         with self.lock:
-            for name, (model_id, index) in self._loaded.items():
-                if index.sync(self.store, model_id):
+            for name, (owner, index) in self._loaded.items():
+                if index.sync(self.store, owner.model_id):
                     self._unsaved.add(name)  # other writers' changes; our file may predate them
 
     def _settle(self, save: bool = False) -> None:
@@ -210,8 +210,8 @@ class IndexCache:
                 self._changed.clear()
                 return
             for name in self._changed:
-                model_id, index = self._loaded[name]
-                index.restamp(self.store, model_id)
+                owner, index = self._loaded[name]
+                index.restamp(self.store, owner.model_id)
             self._unsaved |= self._changed
             self._changed.clear()
             self._save_unsaved()
@@ -228,8 +228,8 @@ class IndexCache:
             return
         try:
             with self.lock:
-                model_id, index = self._loaded[name]
-                index.sync(self.store, model_id)  # under the lock: exactly the database now
+                owner, index = self._loaded[name]
+                index.sync(self.store, owner.model_id)  # under the lock: exactly the database now
                 index.save(self.layout.index_path(name))
         finally:
             self.writer.release()

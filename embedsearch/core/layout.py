@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,8 +86,10 @@ class WriterLock:
     def __init__(self, path: Path, timeout: float = LOCK_TIMEOUT) -> None:
         self.path = path
         self.timeout = timeout
-        # thread_local: each thread holds the lock through its own file descriptor, so threads of one
-        # process exclude each other too (a request thread and the service's refresher, say).
+        # Threads of this process queue on _threads first, so the file lock is only ever contended by
+        # another process (and only then is "another process is writing" true). thread_local: the
+        # thread that holds _threads holds the file through its own descriptor.
+        self._threads = threading.Lock()
         self._lock = FileLock(str(path), thread_local=True)
         self._local = threading.local()
 
@@ -100,28 +103,43 @@ class WriterLock:
         return int(getattr(self._local, "depth", 0))
 
     def try_acquire(self) -> bool:
+        if self.depth == 0 and not self._threads.acquire(blocking=False):
+            return False
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
+            if self.depth == 0:
+                self._threads.release()
             return False
         self._local.depth = self.depth + 1
         return True
 
     def acquire(self) -> None:
-        if self.try_acquire():
+        if self.depth > 0:
+            self._lock.acquire()  # re-entrant: this thread holds it already
+            self._local.depth = self.depth + 1
             return
-        log.warning("another process is writing to %s; waiting up to %.0f s", self.path.parent, self.timeout)
+        deadline = time.monotonic() + self.timeout
+        if not self._threads.acquire(timeout=self.timeout):
+            raise LockedError(f"{self.path.parent} is busy with another write of this process; try again later")
         try:
-            self._lock.acquire(timeout=self.timeout)
+            self._lock.acquire(timeout=0)
         except Timeout:
-            raise LockedError(
-                f"{self.path.parent} is still being written by another process; try again later"
-            ) from None
-        self._local.depth = self.depth + 1
+            log.warning("another process is writing to %s; waiting up to %.0f s", self.path.parent, self.timeout)
+            try:
+                self._lock.acquire(timeout=max(deadline - time.monotonic(), 0))
+            except Timeout:
+                self._threads.release()
+                raise LockedError(
+                    f"{self.path.parent} is still being written by another process; try again later"
+                ) from None
+        self._local.depth = 1
 
     def release(self) -> None:
         self._local.depth = self.depth - 1
         self._lock.release()
+        if self.depth == 0:
+            self._threads.release()
 
     @contextmanager
     def hold(self) -> Iterator[None]:

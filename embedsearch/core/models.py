@@ -48,6 +48,11 @@ def model_info(m: Model, vectors: int) -> ModelInfo:
     )
 
 
+def _same(a: Model, b: Model) -> bool:
+    """The same model, not one made anew under its name (SQLite may give the new row the old id)."""
+    return (a.id, a.checkpoint_sha256, a.created_at) == (b.id, b.checkpoint_sha256, b.created_at)
+
+
 class ModelRegistry:
     """Model rows and loaded encoders by name; made, replaced and deleted under the writer lock."""
 
@@ -81,10 +86,15 @@ class ModelRegistry:
         fresh = {m.name: m for m in self.store.models()}
         for name, old in list(self._models.items()):
             new = fresh.get(name)
-            if new is None or new.id != old.id:
+            if new is None or not _same(new, old):
                 self._encoders.pop(name, None)
         self._models = fresh
         return fresh
+
+    def changed(self) -> bool:
+        """True if a model was made, replaced or deleted since the rows were last read."""
+        fresh = {m.name: m for m in self.store.models()}
+        return fresh.keys() != self._models.keys() or any(not _same(fresh[n], m) for n, m in self._models.items())
 
     def encoder(self, name: str) -> Encoder:
         """The model's encoder, its checkpoint checked against the hash recorded when it was made."""

@@ -8,8 +8,10 @@ lets the service see what other processes (a CLI ``index`` run) committed.
 
 Threads: endpoints are plain ``def`` functions, so FastAPI runs them in its thread pool and many
 searches run at once. The engine's index cache guards FAISS within the process and holds the
-writer lock across processes. :meth:`Engine.refresh` swaps the engine's caches and syncs the
-indexes, so it runs only while no request is inside the engine (:class:`Gate`). A service that
+writer lock across processes. New or removed vectors from other processes are synced beside
+running searches (each index under its lock), so they show within about a second under any load;
+only a model made, replaced or deleted elsewhere needs :meth:`Engine.refresh`, which swaps the
+engine's caches while no request is inside the engine (:class:`Gate`). A service that
 defers index saves while it runs: the refresher writes changed index files every
 ``SAVE_SECONDS`` and when the service stops.
 """
@@ -58,6 +60,8 @@ REFRESH_SECONDS = 1.0
 SAVE_SECONDS = 5.0
 #: How long the refresher may hold new requests back while waiting for running ones to finish.
 REFRESH_WAIT = 0.05
+#: The longest it holds them back, after rounds that found the service too busy.
+MAX_REFRESH_WAIT = 1.0
 _CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
@@ -208,6 +212,7 @@ class Refresher(threading.Thread):
         self.interval = interval
         self.stopped = threading.Event()
         self.next_save = time.monotonic() + SAVE_SECONDS
+        self.wait = REFRESH_WAIT
 
     def run(self) -> None:
         self._warm_up()
@@ -217,9 +222,16 @@ class Refresher(threading.Thread):
     def refresh_once(self) -> bool:
         engine = self.service.engine
         try:
-            with self.service.gate.try_exclusive(REFRESH_WAIT) as got:
-                if got:
-                    engine.refresh()
+            got = True
+            if engine.models_changed():
+                # Swapping models needs no request inside; under load, wait a little longer each round.
+                with self.service.gate.try_exclusive(self.wait) as got:
+                    if got:
+                        engine.refresh()
+                self.wait = REFRESH_WAIT if got else min(self.wait * 2, MAX_REFRESH_WAIT)
+            else:  # new or removed vectors only: synced under the index lock, beside running searches
+                with self.service.gate.shared():
+                    engine.refresh_vectors()
             if time.monotonic() >= self.next_save:
                 self.next_save = time.monotonic() + SAVE_SECONDS
                 engine.flush(wait=False)
