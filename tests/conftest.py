@@ -28,7 +28,34 @@ import pytest
 
 from embedsearch.data.synth import make_shapes
 from embedsearch.engine import Engine
+from embedsearch.results import CheckReport
 from helpers import noise_image, png_bytes
+
+
+@pytest.fixture(autouse=True)
+def repair_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ``check --repair`` any test runs (API or CLI, in this process) keeps every image row and file."""
+    from embedsearch.core.check import Checker
+
+    original = Checker.check
+
+    def stored(checker: Checker) -> dict[str, bytes]:
+        home = checker.layout.home
+        folders = [home / sub for sub in ("uploads", "generated", "lost+found")]
+        return {f.name: f.read_bytes() for d in folders if d.is_dir() for f in d.rglob("*") if f.is_file()}
+
+    def checked(checker: Checker, repair: bool = False, dry_run: bool = False) -> CheckReport:
+        if not repair or dry_run:
+            return original(checker, repair, dry_run)
+        rows, files = {i for i, _, _ in checker.store.image_paths()}, stored(checker)
+        report = original(checker, repair, dry_run)
+        assert {i for i, _, _ in checker.store.image_paths()} == rows, "check --repair lost image rows"
+        after = stored(checker)
+        assert all(after.get(name) == data for name, data in files.items()), "check --repair lost a stored file"
+        return report
+
+    monkeypatch.setattr(Checker, "check", checked)
+
 
 #: Options of the AE and VAE of ``trained``: tiny and quick, latent 8.
 TRAINED_OPTIONS = {"epochs": 2, "latent_dim": 8, "batch_size": 16}
