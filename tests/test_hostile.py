@@ -455,7 +455,7 @@ def test_a_query_image_over_the_query_cap_is_refused_from_its_header(pixels_engi
     """The repro: 95 KB on the wire, 7000x7000 16-bit, took 9.3 s and +1.7 GB to answer."""
     data = sixteen_bit_png(7000, 7000)
     assert len(data) < 150_000
-    with TestClient(create_app(pixels_engine)) as client:
+    with TestClient(create_app(pixels_engine), base_url="http://localhost") as client:
         answer = search(client, data)
     assert answer.status_code == 422 and pillow_decodes == []  # not decoded at all
     assert answer.json() == {"error": "q.png: 7000x7000 is more than 16000000 pixels (decompression bomb?)"}
@@ -465,7 +465,7 @@ def test_the_query_cap_is_configurable_and_stored_uploads_keep_the_library_limit
     pixels_engine: Engine, pillow_decodes
 ) -> None:
     data = sixteen_bit_png(1500, 1000, value=40_000)
-    with TestClient(create_app(pixels_engine, max_query_pixels=1_000_000)) as client:
+    with TestClient(create_app(pixels_engine, max_query_pixels=1_000_000), base_url="http://localhost") as client:
         refused = search(client, data)
         assert refused.status_code == 422 and "1500x1000 is more than 1000000 pixels" in refused.json()["error"]
         assert pillow_decodes == []
@@ -521,7 +521,7 @@ def test_saturated_decode_slots_answer_503_with_retry_after_and_small_queries_pa
     one (an ordinary query) needs no slot and is answered; once free, large ones are answered again."""
     app = create_app(pixels_engine, max_decodes=1)
     app.state.service.decodes.wait = 0.2
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         with slot_held(client, "pixels", monkeypatch):
             assert_busy(search(client, sixteen_bit_png(1200, 1000, value=7)))
             assert_busy(client.post("/api/images", files={"files": ("big.png", sixteen_bit_png(1100, 1000))}))
@@ -547,7 +547,7 @@ def test_a_large_file_waits_for_a_slot_unread(pixels_engine: Engine, monkeypatch
     app = create_app(pixels_engine, max_decodes=1)
     app.state.service.decodes.wait = 0.2
     form = {"model": "pixels", "k": "1"}
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         with slot_held(client, "pixels", monkeypatch):
             assert_busy(client.post("/api/search", files={"file": ("padded.png", padded)}, data=form))
             assert "padded.png" not in reads
@@ -561,7 +561,7 @@ def test_generate_near_a_large_stored_image_takes_a_decode_slot(
     """``near`` decodes the stored file (up to the library's 50 MP): not outside the bound."""
     app = create_app(trained, max_decodes=1)
     app.state.service.decodes.wait = 0.2
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         big = client.post("/api/images", files={"files": ("big.png", sixteen_bit_png(1500, 1000, value=9))})
         small = client.post("/api/images", files={"files": ("small.png", png_bytes(noise_image(5, 28, "L")))})
         near_big, near_small = ({"model": "vae", "n": 1, "near": r.json()["images"][0]["id"]} for r in (big, small))

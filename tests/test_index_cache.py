@@ -85,7 +85,8 @@ def test_every_write_command_leaves_the_index_files_in_step(tmp_path: Path, capl
         engine.delete_image(added.id)
     assert_files_in_step(home, caplog)
 
-    with TestClient(create_app(home)) as client:  # the service defers saves; it writes them when it stops
+    # the service defers saves; it writes them when it stops
+    with TestClient(create_app(home), base_url="http://localhost") as client:
         response = client.post("/api/images", files=[("files", ("a.png", png(2), "image/png"))])
         assert response.status_code == 200, response.text
     assert_files_in_step(home, caplog)

@@ -45,7 +45,7 @@ TOKEN = "s3cret-token"
 
 @pytest.fixture(scope="module")
 def client(trained: Engine) -> Iterator[TestClient]:
-    with TestClient(create_app(trained)) as test_client:
+    with TestClient(create_app(trained), base_url="http://localhost") as test_client:
         yield test_client
 
 
@@ -159,7 +159,7 @@ def test_too_many_pixels_is_refused(trained: Engine) -> None:
     big = png_bytes(Image.new("L", (400, 300)))  # 120,000 pixels, a few hundred bytes
     engine = Engine(trained.home, max_pixels=100_000)
     try:
-        with TestClient(create_app(engine)) as client:
+        with TestClient(create_app(engine), base_url="http://localhost") as client:
             assert "pixels" in error_of(upload(client, ("big.png", big)), 422)
             assert "pixels" in error_of(search_bytes(client, big, "pixels"), 422)
     finally:
@@ -167,7 +167,7 @@ def test_too_many_pixels_is_refused(trained: Engine) -> None:
 
 
 def test_request_size_limit_by_header_and_while_streaming(trained: Engine) -> None:
-    with TestClient(create_app(trained, max_upload_bytes=4096)) as client:
+    with TestClient(create_app(trained, max_upload_bytes=4096), base_url="http://localhost") as client:
         big = noise_png(8, size=64)  # about 12 KB of incompressible noise
         assert "4,096 bytes" in error_of(upload(client, ("big.png", big)), 413)
         assert error_of(search_bytes(client, big, "pixels"), 413)
@@ -291,7 +291,7 @@ def test_generate_errors(client: TestClient) -> None:
 
 def test_token_guards_every_write_and_leaves_reads_open(trained: Engine) -> None:
     good, wrong = {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": "Bearer nope"}
-    with TestClient(create_app(trained, token=TOKEN)) as client:
+    with TestClient(create_app(trained, token=TOKEN), base_url="http://localhost") as client:
         for headers in (None, wrong, {"Authorization": f"Basic {TOKEN}"}):
             response = upload(client, ("t.png", noise_png(12)), headers=headers)
             assert "Bearer" in error_of(response, 401) and response.headers["www-authenticate"] == "Bearer"
@@ -311,7 +311,7 @@ def test_token_guards_every_write_and_leaves_reads_open(trained: Engine) -> None
 
 
 def test_token_for_reads(trained: Engine, trained_data: Path) -> None:
-    with TestClient(create_app(trained, token=TOKEN, token_for_reads=True)) as client:
+    with TestClient(create_app(trained, token=TOKEN, token_for_reads=True), base_url="http://localhost") as client:
         for path in ("/api/models", "/api/stats", "/api/images/1", "/api/images/1/file"):
             error_of(client.get(path), 401)
         error_of(search_bytes(client, shape_file(trained_data), "vae"), 401)

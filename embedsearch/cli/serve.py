@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
 
 import click
 
@@ -21,6 +22,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def served_names(host: str, allowed: tuple[str, ...]) -> list[str]:
+    """The Host names to answer besides the loopback ones: ``--host`` and ``--allow-host``.
+
+    ``0.0.0.0`` and ``::`` name no host, so the machine's own name stands for them; an address or
+    other name clients use must be given with ``--allow-host`` (nothing else can tell a name
+    pointed here on purpose from one an attacker's DNS points here).
+    """
+    any_interface = host in ("0.0.0.0", "::", "")
+    return [socket.gethostname() if any_interface else host, *allowed]
 
 
 @click.command(context_settings=CONTEXT)
@@ -57,6 +69,13 @@ def is_loopback(host: str) -> bool:
     type=click.IntRange(1),
     help="Large images (over 1 MP) decoded at once; more wait 1 s, then get 503 (default: cores - 1, at least 1).",
 )
+@click.option(
+    "--allow-host",
+    multiple=True,
+    metavar="NAME",
+    help="Also answer requests for this host name (repeatable); besides localhost, 127.0.0.1, ::1, --host "
+    "and, with --host 0.0.0.0 or ::, this machine's name. Others get 421 (DNS rebinding).",
+)
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -67,6 +86,7 @@ def serve(
     max_upload_mb: float,
     max_query_pixels: int,
     max_decodes: int | None,
+    allow_host: tuple[str, ...],
 ) -> None:
     """Serve the library over HTTP: a JSON API (docs at /docs) and a search page at /.
 
@@ -97,6 +117,7 @@ def serve(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         max_query_pixels=max_query_pixels,
         max_decodes=max_decodes,
+        allowed_hosts=served_names(host, allow_host),
     )
     shown = f"[{host}]" if ":" in host else host
     if not ctx.obj.get("quiet"):

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +46,7 @@ from embedsearch.errors import (
     StoreError,
     UnknownModelError,
 )
+from embedsearch.http.security import SiteGuard, allowed_names, public_text
 from embedsearch.http.state import DEFAULT_MAX_QUERY_PIXELS, DEFAULT_MAX_UPLOAD, DecodeSlots, Service, default_decodes
 from embedsearch.version import __version__
 
@@ -102,17 +103,22 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def _package_error(_: Request, exc: Exception) -> JSONResponse:
+def _public(request: Request, message: str) -> str:
+    """The message without the server's absolute paths (the log keeps them)."""
+    return public_text(message, request.app.state.service.engine.home)
+
+
+async def _package_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, EmbedSearchError)
     status = status_of(exc)
     if status >= 500:
         log.error("%s: %s", type(exc).__name__, exc)
-    return _error(status, str(exc), {"Retry-After": "5"} if status == 503 else None)
+    return _error(status, _public(request, str(exc)), {"Retry-After": "5"} if status == 503 else None)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+    return _error(exc.status_code, _public(request, str(exc.detail)), dict(exc.headers or {}))
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -276,6 +282,7 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
     max_query_pixels: int = DEFAULT_MAX_QUERY_PIXELS,
     max_decodes: int | None = None,
+    allowed_hosts: Iterable[str] = (),
 ) -> FastAPI:
     """The service over an open Engine (shared, not closed here) or a library home (opened and closed here).
 
@@ -284,6 +291,8 @@ def create_app(
     request body (all files and fields of one upload together). ``max_query_pixels`` caps a search
     image (stored uploads keep the library's limit); at most ``max_decodes`` large images (default:
     one per core but one) decode at once, others wait briefly and then get 503 with Retry-After.
+    ``allowed_hosts``: Host names answered besides localhost, 127.0.0.1 and ::1 (any port); a write
+    whose ``Origin`` is not one of them, or that says ``Sec-Fetch-Site: cross-site``, gets 403.
     """
     from embedsearch.http.routes import router
 
@@ -327,6 +336,7 @@ def create_app(
     app.include_router(router)
     _add_page(app)
     app.add_middleware(BodyLimit, limit=max_upload_bytes)
+    app.add_middleware(SiteGuard, allowed=allowed_names(allowed_hosts))  # before anything reads the body
     app.add_middleware(SecurityHeaders)
     return app
 

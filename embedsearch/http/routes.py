@@ -103,6 +103,10 @@ def image_out(record: ImageRecord) -> dict[str, Any]:
         if f.name == "path":
             out["name"] = PurePosixPath(record.path).name if record.path else None
             out["url"] = file_url(record.id)
+        elif f.name == "provenance" and record.provenance and "sources" in record.provenance:
+            # 'generate --near FILE' records the file's path; the server's folders are not shown
+            sources = [PurePosixPath(s).name for s in record.provenance["sources"]]
+            out["provenance"] = {**record.provenance, "sources": sources}
         else:
             out[f.name] = getattr(record, f.name)
     return out
