@@ -56,24 +56,21 @@ _BY_JSON_IDS = select(Image.id, Image.path, Image.label).where(
 )
 
 
-def _sqlite_pragmas(read_only: bool) -> Any:
-    def on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # pysqlite's own transaction handling runs DDL outside transactions, so a kill during a
-        # migration would leave half a schema. Let SQLAlchemy emit BEGIN itself (see _sqlite_begin).
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        if not read_only:  # the mode is the file's: a reader cannot (and need not) set it
-            cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
-        cur.execute("PRAGMA busy_timeout=30000")
-        # A bulk run commits thousands of vectors per batch: checkpoint every 64 MB of WAL instead of every
-        # 4 MB (measured: 70k 784-d vectors index 10-15% faster), and truncate the WAL back to 64 MB after.
-        cur.execute("PRAGMA wal_autocheckpoint=16384")
-        cur.execute("PRAGMA journal_size_limit=67108864")
-        cur.close()
-
-    return on_connect
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling runs DDL outside transactions, so a kill during a
+    # migration would leave half a schema. Let SQLAlchemy emit BEGIN itself (see _sqlite_begin).
+    # No journal_mode here: WAL is a property of the file, set once when the schema is made (see
+    # _use_wal), so that opening a file that is not a library, only to find so, changes nothing in it.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+    cur.execute("PRAGMA busy_timeout=30000")
+    # A bulk run commits thousands of vectors per batch: checkpoint every 64 MB of WAL instead of every
+    # 4 MB (measured: 70k 784-d vectors index 10-15% faster), and truncate the WAL back to 64 MB after.
+    cur.execute("PRAGMA wal_autocheckpoint=16384")
+    cur.execute("PRAGMA journal_size_limit=67108864")
+    cur.close()
 
 
 def _sqlite_begin(conn: Any) -> None:
@@ -154,7 +151,7 @@ def make_engine(url: str, read_only: bool = False) -> SAEngine:
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise StoreError(f"cannot use database URL {url!r}: {exc}") from None
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas(read_only))
+        event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
     return engine
 
@@ -173,6 +170,17 @@ def _migration_lock(url: str) -> Any:
     if path is None:
         return nullcontext()  # server databases serialise DDL themselves
     return FileLock(path + ".migrate.lock", timeout=120)
+
+
+def _use_wal(engine: SAEngine) -> None:
+    """Put a SQLite file in WAL mode (readers never wait for the writer); it stays so."""
+    if engine.dialect.name != "sqlite":
+        return
+    raw = engine.raw_connection()  # outside any transaction: the mode cannot change inside one
+    try:
+        raw.cursor().execute("PRAGMA journal_mode=WAL")
+    finally:
+        raw.close()
 
 
 def _writable(path: str) -> bool:
@@ -265,6 +273,7 @@ class Store:
                     "its owner can upgrade it with 'embedsearch db upgrade'"
                 )
             with _migration_lock(self.url):
+                _use_wal(engine)
                 upgrade(engine)
         except SQLAlchemyError as exc:
             raise StoreError(
