@@ -362,7 +362,7 @@ def index_campaign(work: Path, args: argparse.Namespace, rng: random.Random) -> 
         f"-> {per_image * 1e3:.2f} ms per image after {idle:.1f} s of start-up"
     )
 
-    Engine(home).close()  # the library exists: killing its creation is part 0
+    Engine(home, create=True).close()  # the library exists: killing its creation is part 0
     cycles: list[Cycle] = []
     kills = 0
     while kills < args.kills:

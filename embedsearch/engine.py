@@ -31,7 +31,7 @@ from embedsearch.core.store import Store
 from embedsearch.core.vectors import VectorIndex
 from embedsearch.data.images import DEFAULT_MAX_PIXELS, InputSpec
 from embedsearch.encoders.base import Encoder
-from embedsearch.errors import LockedError
+from embedsearch.errors import DiskFullError, LockedError, ReadOnlyError, from_os_error
 from embedsearch.files import disk_size
 from embedsearch.results import (
     Added,
@@ -50,19 +50,25 @@ DEFAULT_HOME = "indexes"
 
 
 class Engine:
-    """An opened library. Cheap to open: models and indexes load on first use."""
+    """An opened library. Cheap to open: models and indexes load on first use.
+
+    Opening creates nothing: reads of a library that does not exist raise :class:`NoLibraryError`,
+    and only the writes that start a library (``index``, making a model, or ``create=True``) create
+    its home folder and database. A library this user cannot write is opened read-only: reads work,
+    writes raise :class:`ReadOnlyError`.
+    """
 
     def __init__(
         self,
         home: str | os.PathLike[str] | None = None,
         db: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        create: bool = False,
     ) -> None:
         self.home = Path(home or os.environ.get("EMBEDSEARCH_HOME") or DEFAULT_HOME).resolve()
-        self.home.mkdir(parents=True, exist_ok=True)
         self.db_url = db or os.environ.get("EMBEDSEARCH_DB") or f"sqlite:///{self.home / 'library.db'}"
         self.max_pixels = max_pixels
-        self.store = Store(self.db_url)
+        self.store = Store(self.db_url, create=False)
         self.layout = Layout(self.home)
         self.cache = IndexCache(self.store, self.layout, WriterLock(self.home / "library.lock"))
         self.registry = ModelRegistry(self.store, self.layout, self.cache, max_pixels)
@@ -71,12 +77,47 @@ class Engine:
         self.bulk = BulkIndexer(self.store, self.cache, self.registry, max_pixels)
         self.generator = Generator(self.registry, self.library, self.search, max_pixels)
         self.checker = Checker(self.store, self.layout, self.cache, self.registry, max_pixels)
+        if create:
+            self.open(create=True)
 
     # -- lifetime -----------------------------------------------------------------------------
+    def open(self, create: bool = False) -> None:
+        """Open the library now: :class:`NoLibraryError` if there is none, unless ``create`` makes it."""
+        if create:
+            self._make_home()
+        self.store.open(create=create)
+        if self.read_only:
+            self.cache.defer_saves = True  # index files are a cache: one this user cannot write stays behind
+
+    @property
+    def read_only(self) -> bool:
+        """True for a library this user can read but not write (another user's, a read-only disk)."""
+        home_locked = self.home.is_dir() and not os.access(self.home, os.W_OK)
+        return self.store.read_only or home_locked
+
+    def _writable(self, create: bool = False) -> None:
+        """Before a write: the library exists (``create``: is made now) and this user can write it."""
+        if not create:
+            self.store.open()  # NoLibraryError: a write that needs a library never starts one
+        self.open(create=True)
+        if self.read_only:
+            raise ReadOnlyError(
+                f"the library at {self.home} is read-only for this user; reading it works (query, info, check), "
+                "writing needs its owner or a copy"
+            )
+
+    def _make_home(self) -> None:
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise from_os_error(exc, f"cannot create the library folder {self.home}") from None
+
     def close(self) -> None:
         try:
             self.cache.flush()
-        except LockedError as exc:  # the file is a cache: the next open catches up anyway
+        except (LockedError, ReadOnlyError, DiskFullError, OSError) as exc:
+            # The files are a cache: the next open catches up anyway. An error here must not hide the
+            # error that ended the work.
             log.warning("index files not saved: %s", exc)
         self.store.close()
 
@@ -137,17 +178,21 @@ class Engine:
 
     def create_model(self, name: str, kind: str, data: str | None = None, **kwargs: Any) -> ModelInfo:
         """Make (train) a named model; see :meth:`ModelRegistry.create_model`."""
+        self._writable(create=True)
         return self.registry.create_model(name, kind, data, **kwargs)
 
     def fit_model(self, name: str, kind: str, images: np.ndarray, spec: InputSpec, **kwargs: Any) -> ModelInfo:
+        self._writable(create=True)
         return self.registry.fit_model(name, kind, images, spec, **kwargs)
 
     def delete_model(self, name: str) -> None:
+        self._writable()
         self.registry.delete_model(name)
 
     # -- indexing and searching ---------------------------------------------------------------
     def index(self, data: str, model: str, **kwargs: Any) -> IndexReport:
         """Bulk-index a folder into a model; see :meth:`BulkIndexer.run`."""
+        self._writable(create=True)
         return self.bulk.run(data, model, **kwargs)
 
     def query(
@@ -184,6 +229,7 @@ class Engine:
     def add_image(
         self, data: bytes, label: str | None = None, models: list[str] | None = None, name: str = "<upload>"
     ) -> Added:
+        self._writable()
         return self.library.add_image(data, label, models, name)
 
     def image(self, image_id: int) -> ImageRecord:
@@ -197,12 +243,15 @@ class Engine:
         return self.library.image_bytes(image_id)
 
     def delete_image(self, image_id: int) -> None:
+        self._writable()
         self.library.delete_image(image_id)
 
     def remove(self, paths: list[str]) -> int:
+        self._writable()
         return self.library.remove(paths)
 
     def remove_generated(self) -> int:
+        self._writable()
         return self.library.remove_generated()
 
     def owns(self, path: Path) -> bool:
@@ -220,10 +269,17 @@ class Engine:
     # -- generating, checking ----------------------------------------------------------------
     def generate(self, model: str, **kwargs: Any) -> Generation:
         """Candidates from a model's decoder; the options are :class:`GenerateRequest`'s fields."""
+        if kwargs.get("add"):
+            self._writable()
         return self.generator.generate(model, GenerateRequest(**kwargs))
 
     def check(self, repair: bool = False, dry_run: bool = False) -> CheckReport:
-        """Verify (and with ``repair``, mend; with ``dry_run``, plan) index, metadata, checkpoints, stored files."""
+        """Verify (and with ``repair``, mend; with ``dry_run``, plan) index, metadata, checkpoints, stored files.
+
+        Never on a library that does not exist: repairing an empty new database would find every
+        stored file unknown.
+        """
+        self._writable() if repair and not dry_run else self.open()
         return self.checker.check(repair, dry_run)
 
     def info(self) -> LibraryInfo:

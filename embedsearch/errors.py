@@ -6,6 +6,8 @@ Every message says what went wrong and, where it can, what to do next. The CLI t
 
 from __future__ import annotations
 
+import errno
+
 
 class EmbedSearchError(Exception):
     """Base class of every error embedsearch raises on purpose."""
@@ -54,3 +56,38 @@ class LockedError(EmbedSearchError):
 
 class InvalidArgumentError(EmbedSearchError):
     """A caller passed a value outside what an operation accepts."""
+
+
+class NoLibraryError(EmbedSearchError):
+    """A read found no library where it was sent: reads never create one (writes like ``index`` do)."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(
+            f"no library at {where}; create one with 'embedsearch index FOLDER --model pixels' (or check --home/--db)"
+        )
+
+
+class ReadOnlyError(EmbedSearchError):
+    """The library cannot be written by this user (another user's, a read-only disk); reading it works."""
+
+
+class DiskFullError(EmbedSearchError):
+    """A write failed for want of space; what was committed before it is kept."""
+
+
+class FileAccessError(EmbedSearchError):
+    """A file or folder the library needs cannot be created, read or written."""
+
+
+#: errno values that mean "no space left" (ENOSPC, EDQUOT).
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def from_os_error(exc: OSError, doing: str) -> EmbedSearchError:
+    """The package error for an OSError met while ``doing`` (say "cannot write /x/y"): one line, no traceback."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in DISK_FULL_ERRNOS:
+        return DiskFullError(f"disk full: {doing} ({reason}); free space and run again")
+    if exc.errno == errno.EROFS:
+        return ReadOnlyError(f"{doing}: {reason}; the library can be read but not written here")
+    return FileAccessError(f"{doing}: {reason}")

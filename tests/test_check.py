@@ -141,8 +141,8 @@ def test_train_replace_keeps_the_library_consistent_and_repair_loses_nothing(
 
 def test_repair_against_the_wrong_database_refuses(library_home: Path, tmp_path: Path) -> None:
     other = f"sqlite:///{tmp_path / 'other.db'}"
-    with Engine(library_home, db=other):
-        pass  # an empty library database: a mistyped --db that exists
+    with Engine(library_home, db=other) as engine:
+        engine.open(create=True)  # an empty library database: a mistyped --db that exists
     for _ in range(2):
         (library_home / "uploads" / "ab").mkdir(exist_ok=True)
     extra = library_home / "uploads" / "ab" / ("ab" + "0" * 62 + ".png")

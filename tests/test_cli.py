@@ -172,3 +172,56 @@ def test_demo_runs_offline_and_writes_a_grid(home: Path) -> None:
     assert code == 0
     second = SUMMARY.match(again.splitlines()[-1])
     assert second and second.groups() == (str(scanned), "0", *match.groups()[2:])
+
+
+def tree(root: Path) -> set[str]:
+    """Every file and folder under ``root`` (to see that a command created nothing)."""
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+#: Commands that read a library (or write into an existing one): none may create a library.
+NEEDS_A_LIBRARY = [
+    ["info"],
+    ["info", "--json"],
+    ["models"],
+    ["query", "PROBE", "--model", "pixels"],
+    ["check"],
+    ["check", "--repair"],
+    ["serve", "--port", "0"],
+    ["remove", "PROBE"],
+    ["remove", "--generated"],
+    ["generate", "--model", "vae", "-n", "1"],
+    ["reconstruct", "PROBE", "--model", "ae", "--out", "OUT"],
+]
+
+
+@pytest.mark.parametrize("where", ["home", "db-in-missing-folder", "db-missing-file"])
+@pytest.mark.parametrize("args", NEEDS_A_LIBRARY, ids=" ".join)
+def test_commands_on_a_missing_library_create_nothing(tmp_path: Path, where: str, args: list[str]) -> None:
+    """Issue 12.2: a mistyped --home or --db gives one line and leaves the disk as it was."""
+    probe = tmp_path / "probe.png"
+    Image.new("RGB", (8, 8), "red").save(probe)
+    args = [str(probe) if a == "PROBE" else str(tmp_path / "out.png") if a == "OUT" else a for a in args]
+    db = {"home": [], "db-in-missing-folder": ["--db", f"sqlite:///{tmp_path}/nowhere/dir/x.db"]}
+    db["db-missing-file"] = ["--db", f"sqlite:///{tmp_path}/x.db"]
+    before = tree(tmp_path)
+    result = CliRunner().invoke(main, ["--home", str(tmp_path / "home"), *db[where], *args], catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: no library at ")
+    assert "create one with 'embedsearch index" in result.stderr
+    assert tree(tmp_path) == before
+
+
+def test_index_creates_the_library_a_read_did_not(tmp_path: Path, shapes: Path) -> None:
+    home = tmp_path / "home"
+    assert run(home, "info")[0] == 1 and not home.exists()
+    code, out, _ = run(home, "index", str(shapes), "--model", "pixels")
+    assert code == 0 and "added 48" in out and (home / "library.db").is_file()
+    assert run(home, "info")[0] == 0
+
+
+def test_a_database_in_a_missing_folder_is_one_line_for_a_write_too(tmp_path: Path, shapes: Path) -> None:
+    url = f"sqlite:///{tmp_path}/nowhere/x.db"
+    code, _, err = run(tmp_path / "home", "--db", url, "index", str(shapes), "--model", "pixels")
+    assert code == 1 and err.count("\n") == 1 and "its folder does not exist" in err
+    assert not (tmp_path / "nowhere").exists()

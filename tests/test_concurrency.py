@@ -146,7 +146,7 @@ def test_index_run_that_waited_to_create_the_model_keeps_what_another_run_indexe
     a = noise_folder(tmp_path / "a", 60, seed=4)
     b = noise_folder(tmp_path / "b", 60, seed=5)
     home = tmp_path / "home"
-    Engine(home).close()  # a library without the pixels model: 'index --model pixels' will create it
+    Engine(home, create=True).close()  # a library without the pixels model: 'index --model pixels' will create it
     log = tmp_path / "b.log"
     # The first run (this test) takes the writer lock before the second run starts, and then, while
     # the second run waits for it, creates the model and indexes A in the same locked block.
@@ -161,7 +161,7 @@ def test_index_run_that_waited_to_create_the_model_keeps_what_another_run_indexe
 def _open_library(home: str, go: multiprocessing.synchronize.Event, results: multiprocessing.Queue) -> None:
     go.wait()
     try:
-        Engine(home).close()
+        Engine(home, create=True).close()
         results.put("ok")
     except Exception as exc:  # noqa: BLE001 (the parent reports it)
         results.put(f"{type(exc).__name__}: {exc}")
@@ -202,7 +202,7 @@ def test_a_library_whose_creation_died_half_way_opens_afterwards(
 
     monkeypatch.setattr(op, "create_table", dies_on_the_second_table)
     with pytest.raises(KeyboardInterrupt):
-        Engine(tmp_path / "home")
+        Engine(tmp_path / "home", create=True)
     monkeypatch.undo()
     with Engine(tmp_path / "home") as engine:  # the half-made schema was rolled back, or is completed now
         engine.create_model("pixels", "pixels", image_size=8, channels=1)

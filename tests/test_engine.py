@@ -142,3 +142,33 @@ def test_index_file_is_rebuilt_when_deleted(home: Path, shapes: Path) -> None:
         assert len(result.results) == 48 and len({n.id for n in result.results}) == 48
         assert result.results[0].path == str(probe) and result.results[0].distance == 0.0
         assert engine.check().ok
+
+
+def test_reads_of_a_missing_library_raise_and_create_nothing(tmp_path: Path) -> None:
+    """Issue 12.2, the Python API: opening and reading create no folder and no database."""
+    from embedsearch.errors import NoLibraryError
+
+    home = tmp_path / "home"
+    probe = tmp_path / "probe.png"
+    probe.write_bytes(png_bytes(noise_image(1)))
+    with Engine(home) as engine:
+        for read in (engine.info, engine.models, engine.stats, lambda: engine.image(1), engine.check):
+            with pytest.raises(NoLibraryError, match=f"no library at {home / 'library.db'}"):
+                read()
+        with pytest.raises(NoLibraryError):
+            list(engine.query([str(probe)], "pixels"))
+        with pytest.raises(NoLibraryError):  # a write that needs a library does not start one either
+            engine.add_image(png_bytes(noise_image(1)))
+    with Engine(home, db=f"sqlite:///{tmp_path}/nowhere/x.db") as engine, pytest.raises(NoLibraryError):
+        engine.check(repair=True)
+    assert list(tmp_path.iterdir()) == [probe]
+
+
+def test_the_first_write_creates_the_library(tmp_path: Path, shapes: Path) -> None:
+    home = tmp_path / "home"
+    with Engine(home) as engine:
+        assert not home.exists()
+        assert engine.index(str(shapes), "pixels").added == 48
+        assert engine.info().images == 48 and (home / "library.db").is_file()
+    with Engine(tmp_path / "other", create=True) as engine:
+        assert engine.models() == [] and engine.info().images == 0

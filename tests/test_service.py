@@ -553,7 +553,7 @@ def test_a_file_replaced_by_a_symlink_or_deleted_is_never_served(home: Path, sha
         engine.index(str(shapes), "pixels", workers=0)
         row = engine.store.image_by_path(str(target))
         assert row is not None
-        with TestClient(create_app(engine)) as client:
+        with TestClient(create_app(engine), base_url="http://localhost") as client:
             assert client.get(f"/api/images/{row.id}/file").content == target.read_bytes()
             target.unlink()
             target.symlink_to(secret)

@@ -90,3 +90,36 @@ def test_labels_paths_finds_exactly_the_known_ids(tmp_path: Path, monkeypatch: p
     # Any other database: the portable IN list gives the same rows.
     monkeypatch.setattr(store.engine.dialect, "name", "other")
     assert store.labels_paths(wanted) == expected
+
+
+def test_a_lazy_store_creates_nothing_until_asked(tmp_path: Path) -> None:
+    from embedsearch.errors import NoLibraryError
+
+    url = f"sqlite:///{tmp_path / 'lib.db'}"
+    store = Store(url, create=False)
+    assert not store.exists()
+    with pytest.raises(NoLibraryError, match="no library at"):
+        store.models()
+    assert list(tmp_path.iterdir()) == []
+    store.open(create=True)
+    assert store.models() == [] and (tmp_path / "lib.db").is_file()
+
+
+def test_a_database_without_the_schema_is_no_library_for_a_reader(tmp_path: Path) -> None:
+    """A server database (or an empty SQLite file) counts as missing until a write migrates it."""
+    from embedsearch.errors import NoLibraryError
+
+    (tmp_path / "lib.db").write_bytes(b"")
+    url = f"sqlite:///{tmp_path / 'lib.db'}"
+    with pytest.raises(NoLibraryError):
+        Store(url, create=False).models()
+    assert (tmp_path / "lib.db").stat().st_size == 0  # the reader wrote nothing
+    assert Store(url).models() == []  # a write (create=True) makes the schema in it
+
+
+def test_opening_a_library_at_the_newest_schema_takes_no_migration_lock(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'lib.db'}"
+    Store(url).close()
+    (tmp_path / "lib.db.migrate.lock").unlink()
+    Store(url).close()
+    assert not (tmp_path / "lib.db.migrate.lock").exists()

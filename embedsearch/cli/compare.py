@@ -139,7 +139,9 @@ def compare(
             train_epochs=train_epochs,
             metric=metric,
         )
-        result, artifacts = run_compare(_engine(ctx), config, command)
+        engine = _engine(ctx)
+        engine.open(create=True)  # compare makes the models it is asked for: a new library is fine
+        result, artifacts = run_compare(engine, config, command)
         if report:
             click.echo(f"wrote {write_report(result, artifacts, report)}", err=True)
     click.echo(json.dumps(result.summary()) if as_json else format_table(result))

@@ -476,6 +476,7 @@ def db_upgrade(ctx: click.Context) -> None:
       embedsearch --db postgresql://localhost/images db upgrade
     """
     engine = _engine(ctx)
+    engine.open(create=True)
     click.echo(f"{engine.db_url}: schema is at the newest revision")
 
 

@@ -110,6 +110,8 @@ def serve(
     if token is None and not is_loopback(host):
         log.warning("serving on %s without a token: anyone who can reach it can add and delete images", host)
     engine = _engine(ctx)
+    # A read face: it never starts a library (uploads into one without models could not work anyway).
+    engine.open()
     app = create_app(
         engine,
         token=token,

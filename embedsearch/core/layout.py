@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -96,28 +97,52 @@ class WriterLock:
     @property
     def held(self) -> bool:
         """True while this thread holds the lock."""
-        return getattr(self._local, "depth", 0) > 0
+        return self.depth > 0
 
     @property
     def depth(self) -> int:
-        return int(getattr(self._local, "depth", 0))
+        return len(self._holds())
+
+    @property
+    def usable(self) -> bool:
+        """False if the lock file cannot be made or written: the home does not exist yet (reads must
+        not create it) or this user cannot write the library (another user's, a read-only disk)."""
+        if not os.access(self.path.parent, os.W_OK):
+            return False
+        return not self.path.exists() or os.access(self.path, os.W_OK)
+
+    def _holds(self) -> list[bool]:
+        """This thread's holds, innermost last: True where the hold took the file lock."""
+        holds: list[bool] | None = getattr(self._local, "holds", None)
+        if holds is None:
+            holds = self._local.holds = []
+        return holds
 
     def try_acquire(self) -> bool:
-        if self.depth == 0 and not self._threads.acquire(blocking=False):
+        if not self.usable:
+            return False  # a reader's opportunistic save: nothing is written, nothing created
+        first = not self._owns_threads()
+        if first and not self._threads.acquire(blocking=False):
             return False
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
-            if self.depth == 0:
+            if first:
                 self._threads.release()
             return False
-        self._local.depth = self.depth + 1
+        self._local.threads = True
+        self._holds().append(True)
         return True
 
     def acquire(self) -> None:
-        if self.depth > 0:
+        if not self.usable:
+            # No one in this process can write such a library (each write fails with its own error),
+            # so there is no writer to exclude: a reader's consistent snapshot (check) goes ahead.
+            self._holds().append(False)
+            return
+        if self._owns_threads():
             self._lock.acquire()  # re-entrant: this thread holds it already
-            self._local.depth = self.depth + 1
+            self._holds().append(True)
             return
         deadline = time.monotonic() + self.timeout
         if not self._threads.acquire(timeout=self.timeout):
@@ -133,13 +158,18 @@ class WriterLock:
                 raise LockedError(
                     f"{self.path.parent} is still being written by another process; try again later"
                 ) from None
-        self._local.depth = 1
+        self._local.threads = True
+        self._holds().append(True)
 
     def release(self) -> None:
-        self._local.depth = self.depth - 1
-        self._lock.release()
-        if self.depth == 0:
-            self._threads.release()
+        if self._holds().pop():
+            self._lock.release()
+            if not any(self._holds()):
+                self._local.threads = False
+                self._threads.release()
+
+    def _owns_threads(self) -> bool:
+        return bool(getattr(self._local, "threads", False))
 
     @contextmanager
     def hold(self) -> Iterator[None]:

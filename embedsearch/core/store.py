@@ -1,7 +1,8 @@
 """The metadata store: SQLAlchemy 2.0 ORM models and the few queries the engine needs.
 
-The schema belongs to the Alembic migrations in ``migrations/``; :func:`open_store` runs
-``upgrade head`` on the connection it opens, so a library is always at the current schema.
+The schema belongs to the Alembic migrations in ``migrations/``; :meth:`Store.open` reads the
+database's revision first and runs ``upgrade head`` only when it is behind (or, for a write, missing),
+so a library is always at the current schema and opening one at it writes nothing.
 Vectors are kept here too (one BLOB per index entry): the database is the single source of truth,
 and a FAISS file is a cache of it that can always be rebuilt (see ``index.py``).
 """
@@ -10,10 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import quote
 
 from sqlalchemy import (
     Table,
@@ -26,13 +32,21 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import CursorResult
+from sqlalchemy.engine import CursorResult, make_url
 from sqlalchemy.engine import Engine as SAEngine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from embedsearch.core.schema import Image, IndexEntry, Model
-from embedsearch.errors import StoreError
+from embedsearch.errors import (
+    DiskFullError,
+    EmbedSearchError,
+    LockedError,
+    NoLibraryError,
+    ReadOnlyError,
+    StoreError,
+    from_os_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +59,10 @@ _BY_JSON_IDS = select(Image.id, Image.path, Image.label).where(
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # pysqlite's own transaction handling runs DDL outside transactions, so a kill during a
     # migration would leave half a schema. Let SQLAlchemy emit BEGIN itself (see _sqlite_begin).
+    # No journal_mode here: WAL is a property of the file, set once when the schema is made (see
+    # _use_wal), so that opening a file that is not a library, only to find so, changes nothing in it.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
     cur.execute("PRAGMA busy_timeout=30000")
@@ -85,9 +100,54 @@ def upgrade(engine: SAEngine) -> None:
         command.upgrade(alembic_config(conn), "head")
 
 
-def make_engine(url: str) -> SAEngine:
+@lru_cache(maxsize=1)
+def head_revision() -> str | None:
+    """The newest schema revision this version of embedsearch knows."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(engine: SAEngine) -> str | None:
+    """The database's schema revision, read without writing anything; None: no embedsearch schema."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def sqlite_file(url: str) -> str | None:
+    """The file of a SQLite URL (None for other databases, in-memory ones and ``file:`` URIs)."""
     try:
-        engine = create_engine(url)
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise StoreError(f"cannot use database URL {url!r}: {exc}") from None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return None if parsed.database.startswith("file:") else parsed.database
+
+
+def _connect_read_only(path: str) -> sqlite3.Connection:
+    """A read-only connection to a database in a folder this user cannot write."""
+    uri = f"file:{quote(path)}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        conn.execute("PRAGMA schema_version")  # WAL needs a -shm file: fails if none exists and none can be made
+        return conn
+    except sqlite3.OperationalError:
+        # immutable: no locks, no WAL, the main file only. What a writer (the owner) commits while this
+        # reader runs may not be seen; nothing that was checkpointed is missed.
+        return sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False)
+
+
+def make_engine(url: str, read_only: bool = False) -> SAEngine:
+    """An SQLAlchemy engine for ``url``; ``read_only`` (SQLite files only): connections never write."""
+    path = sqlite_file(url)
+    try:
+        if read_only and path is not None:
+            engine = create_engine(url, creator=partial(_connect_read_only, path))
+        else:
+            engine = create_engine(url)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise StoreError(f"cannot use database URL {url!r}: {exc}") from None
     if engine.dialect.name == "sqlite":
@@ -97,43 +157,149 @@ def make_engine(url: str) -> SAEngine:
 
 
 def _migration_lock(url: str) -> Any:
-    """Processes opening one new SQLite library at once must not both create its tables."""
+    """Processes opening one new SQLite library at once must not both create its tables.
+
+    Taken only when the schema needs creating or upgrading: a library at the newest schema is opened
+    without it, so readers of a library they cannot write never need to make the lock file.
+    """
     from contextlib import nullcontext
 
     from filelock import FileLock
-    from sqlalchemy.engine import make_url
 
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+    path = sqlite_file(url)
+    if path is None:
         return nullcontext()  # server databases serialise DDL themselves
-    return FileLock(parsed.database + ".migrate.lock", timeout=120)
+    return FileLock(path + ".migrate.lock", timeout=120)
+
+
+def _use_wal(engine: SAEngine) -> None:
+    """Put a SQLite file in WAL mode (readers never wait for the writer); it stays so."""
+    if engine.dialect.name != "sqlite":
+        return
+    raw = engine.raw_connection()  # outside any transaction: the mode cannot change inside one
+    try:
+        raw.cursor().execute("PRAGMA journal_mode=WAL")
+    finally:
+        raw.close()
+
+
+def _writable(path: str) -> bool:
+    return os.access(path, os.W_OK) and os.access(os.path.dirname(path) or ".", os.W_OK)
+
+
+def database_error(exc: SQLAlchemyError) -> EmbedSearchError:
+    """The package error for a failed statement: a full disk and a read-only file get their own."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig)
+    if "database or disk is full" in text or "No space left" in text:
+        return DiskFullError(f"disk full while writing the database ({text}); free space and run again")
+    if "readonly database" in text or "read-only" in text:
+        return ReadOnlyError(f"the database cannot be written here ({text}); reading it works")
+    return StoreError(f"database error: {text}")
 
 
 class Store:
-    """Typed access to the metadata database."""
+    """Typed access to the metadata database.
 
-    def __init__(self, url: str) -> None:
+    ``create=True`` (the default) opens it at once, creating or upgrading the schema as needed.
+    ``create=False`` opens it on first use and never creates it: a database that does not exist, or
+    has no embedsearch schema, raises :class:`NoLibraryError` until :meth:`open` with ``create=True``
+    (a write) makes it. A SQLite file in a folder this user cannot write is opened read-only.
+    """
+
+    def __init__(self, url: str, create: bool = True) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.read_only = False
+        self._engine: SAEngine | None = None
+        self._sessions: sessionmaker[Session] | None = None
+        self._opening = threading.Lock()
+        if create:
+            self.open(create=True)
+
+    @property
+    def engine(self) -> SAEngine:
+        if self._engine is None:
+            self.open()
+        assert self._engine is not None  # open() sets it or raises
+        return self._engine
+
+    @property
+    def where(self) -> str:
+        """The database for messages: its file, or its URL without the password."""
+        path = sqlite_file(self.url)
+        return path if path is not None else make_url(self.url).render_as_string(hide_password=True)
+
+    def exists(self) -> bool:
+        """True if the database exists with an embedsearch schema (opening it if it does)."""
         try:
-            with _migration_lock(url):
-                upgrade(self.engine)
+            self.open()
+        except NoLibraryError:
+            return False
+        return True
+
+    def open(self, create: bool = False) -> None:
+        """Connect, and bring the schema to the newest revision; ``create``: make it if missing."""
+        with self._opening:
+            if self._engine is not None:
+                return
+            path = sqlite_file(self.url)
+            if path is not None and not os.path.exists(path):
+                if not create:
+                    raise NoLibraryError(path)  # checked before connecting: connecting creates the file
+                if not os.path.isdir(os.path.dirname(path) or "."):
+                    raise StoreError(f"cannot create the database {path}: its folder does not exist")
+            read_only = path is not None and os.path.exists(path) and not _writable(path)
+            engine = make_engine(self.url, read_only)
+            try:
+                self._ready(engine, create, read_only)
+            except BaseException:
+                engine.dispose()
+                raise
+            self._engine, self.read_only = engine, read_only
+            self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    def _ready(self, engine: SAEngine, create: bool, read_only: bool) -> None:
+        from filelock import Timeout
+
+        try:
+            current = current_revision(engine)
+            if current == head_revision():
+                return
+            if current is None and not create:
+                raise NoLibraryError(self.where)
+            if read_only:
+                raise ReadOnlyError(
+                    f"{self.where}: its schema is older than this embedsearch's and it is read-only here; "
+                    "its owner can upgrade it with 'embedsearch db upgrade'"
+                )
+            with _migration_lock(self.url):
+                _use_wal(engine)
+                upgrade(engine)
         except SQLAlchemyError as exc:
-            raise StoreError(f"cannot open the metadata database {url}: {getattr(exc, 'orig', None) or exc}") from None
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+            raise StoreError(
+                f"cannot open the metadata database {self.where}: {getattr(exc, 'orig', None) or exc}"
+            ) from None
+        except Timeout:
+            raise LockedError(f"{self.where} is being created or upgraded by another process; try again") from None
+        except OSError as exc:  # the migration lock file
+            raise from_os_error(exc, f"cannot open the metadata database {self.where}") from None
 
     def close(self) -> None:
-        self.engine.dispose()
+        if self._engine is not None:
+            self._engine.dispose()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """One transaction: committed on success, rolled back on any error."""
+        if self._sessions is None:
+            self.open()
+        assert self._sessions is not None  # open() sets it or raises
         with self._sessions() as session:
             try:
                 with session.begin():
                     yield session
             except SQLAlchemyError as exc:
-                raise StoreError(f"database error: {getattr(exc, 'orig', None) or exc}") from None
+                raise database_error(exc) from None
 
     # -- models -------------------------------------------------------------------------------
     def models(self) -> list[Model]:
@@ -224,7 +390,7 @@ class Store:
                 rows = conn.execute(*self._by_ids_statement(ids))
                 return {row[0]: (row[1], row[2]) for row in rows}
         except SQLAlchemyError as exc:
-            raise StoreError(f"database error: {getattr(exc, 'orig', None) or exc}") from None
+            raise database_error(exc) from None
 
     def _by_ids_statement(self, ids: Sequence[int]) -> tuple[Any, dict[str, Any]]:
         # On SQLite the ids travel as one JSON parameter: the statement text never changes, so it is
