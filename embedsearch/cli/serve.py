@@ -110,6 +110,8 @@ def serve(
     if token is None and not is_loopback(host):
         log.warning("serving on %s without a token: anyone who can reach it can add and delete images", host)
     engine = _engine(ctx)
+    names = served_names(host, allow_host)
+    log.info("answering requests for localhost, 127.0.0.1, [::1] and %s (others: 421)", ", ".join(names))
     app = create_app(
         engine,
         token=token,
@@ -117,7 +119,7 @@ def serve(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         max_query_pixels=max_query_pixels,
         max_decodes=max_decodes,
-        allowed_hosts=served_names(host, allow_host),
+        allowed_hosts=names,
     )
     shown = f"[{host}]" if ":" in host else host
     if not ctx.obj.get("quiet"):
