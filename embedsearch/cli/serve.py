@@ -112,6 +112,8 @@ def serve(
     engine = _engine(ctx)
     # A read face: it never starts a library (uploads into one without models could not work anyway).
     engine.open()
+    names = served_names(host, allow_host)
+    log.info("answering requests for localhost, 127.0.0.1, [::1] and %s (others: 421)", ", ".join(names))
     app = create_app(
         engine,
         token=token,
@@ -119,7 +121,7 @@ def serve(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         max_query_pixels=max_query_pixels,
         max_decodes=max_decodes,
-        allowed_hosts=served_names(host, allow_host),
+        allowed_hosts=names,
     )
     shown = f"[{host}]" if ":" in host else host
     if not ctx.obj.get("quiet"):

@@ -36,6 +36,7 @@ from embedsearch.http.schemas import (
     StatsOut,
     UploadOut,
 )
+from embedsearch.http.security import public_text
 from embedsearch.http.state import Service
 from embedsearch.version import __version__
 
@@ -158,7 +159,8 @@ def _add_all(
         images.append({"id": added.id, "sha256": added.sha256, "created": added.created, "filename": name})
     if not images and errors:
         raise errors[0][1]
-    return {"images": images, "errors": [{"filename": n, "error": str(e)} for n, e in errors]}
+    shown = [{"filename": n, "error": public_text(str(e), engine.home)} for n, e in errors]
+    return {"images": images, "errors": shown}
 
 
 @router.get("/images/{image_id}", response_model=ImageOut, tags=["images"])
