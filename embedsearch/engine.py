@@ -114,7 +114,8 @@ class Engine:
 
     def close(self) -> None:
         try:
-            self.cache.flush()
+            if not self.read_only:
+                self.cache.flush()
         except (LockedError, ReadOnlyError, DiskFullError, OSError) as exc:
             # The files are a cache: the next open catches up anyway. An error here must not hide the
             # error that ended the work.

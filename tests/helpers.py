@@ -62,3 +62,38 @@ def weights_file(home: Path, model: str) -> Path:
     """The weights file of a library's model (in its versioned folder ``models/<name>/v-<time>/``)."""
     [weights] = (home / "models" / model).glob("v-*/weights.safetensors")
     return weights
+
+
+def reader_command(*args: str) -> list[str]:
+    """``args`` run so that file permissions hold even for root (CI runs as root): root's
+    capabilities dropped with setpriv. Raises pytest's skip where that is not possible."""
+    import os
+    import shutil
+
+    import pytest
+
+    if os.geteuid() != 0:
+        return list(args)
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: permissions cannot be made to hold")
+    return [setpriv, "--inh-caps=-all", "--bounding-set=-all", *args]
+
+
+@contextmanager
+def read_only_mount(folder: Path) -> Iterator[None]:
+    """``folder`` read-only for everyone, root included (a read-only bind mount); skips if not allowed."""
+    import subprocess
+
+    import pytest
+
+    bind = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
+    if bind.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {bind.stderr.decode().strip()}")
+    try:
+        ro = subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], capture_output=True)
+        if ro.returncode != 0:
+            pytest.skip(f"cannot remount read-only: {ro.stderr.decode().strip()}")
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -197,8 +197,13 @@ NEEDS_A_LIBRARY = [
 
 @pytest.mark.parametrize("where", ["home", "db-in-missing-folder", "db-missing-file"])
 @pytest.mark.parametrize("args", NEEDS_A_LIBRARY, ids=" ".join)
-def test_commands_on_a_missing_library_create_nothing(tmp_path: Path, where: str, args: list[str]) -> None:
+def test_commands_on_a_missing_library_create_nothing(
+    tmp_path: Path, where: str, args: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue 12.2: a mistyped --home or --db gives one line and leaves the disk as it was."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("serve started on a missing library"))
     probe = tmp_path / "probe.png"
     Image.new("RGB", (8, 8), "red").save(probe)
     args = [str(probe) if a == "PROBE" else str(tmp_path / "out.png") if a == "OUT" else a for a in args]
@@ -225,3 +230,39 @@ def test_a_database_in_a_missing_folder_is_one_line_for_a_write_too(tmp_path: Pa
     code, _, err = run(tmp_path / "home", "--db", url, "index", str(shapes), "--model", "pixels")
     assert code == 1 and err.count("\n") == 1 and "its folder does not exist" in err
     assert not (tmp_path / "nowhere").exists()
+
+
+READS = [["info"], ["info", "--json"], ["models"], ["check"], ["query", "PROBE", "--model", "pixels", "-k", "2"]]
+WRITES = [
+    ["index", "DATA", "--model", "pixels"],
+    ["remove", "PROBE"],
+    ["remove", "--generated"],
+    ["train", "DATA", "--model", "pca", "--name", "p2", "--dim", "4"],
+    ["check", "--repair"],
+]
+
+
+def test_another_users_library_reads_and_refuses_writes_in_one_line(library_home: Path, shapes: Path) -> None:
+    """Issue 12.6: chmod -R a-w (root's capabilities dropped, so that it holds in CI too): every read
+    works, every write is one line; no traceback on 'library.db.migrate.lock', nothing changes."""
+    from helpers import reader_command
+
+    probe = str(sorted((shapes / "star").iterdir())[0])
+    for path in [library_home, *library_home.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    before = {p: p.stat().st_mtime_ns for p in library_home.rglob("*")}
+    try:
+        for args in READS + WRITES:
+            args = [probe if a == "PROBE" else str(shapes) if a == "DATA" else a for a in args]
+            cmd = reader_command(sys.executable, "-m", "embedsearch", "--home", str(library_home), *args)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            assert "Traceback" not in proc.stderr, proc.stderr
+            if args in READS or args[0] == "query":
+                assert proc.returncode == 0 and proc.stderr == "", (args, proc.stderr)
+            else:
+                assert proc.returncode == 1 and proc.stderr.count("\n") == 1, (args, proc.stderr)
+                assert "is read-only for this user; reading it works" in proc.stderr
+        assert {p: p.stat().st_mtime_ns for p in library_home.rglob("*")} == before
+    finally:
+        for path in [library_home, *library_home.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)

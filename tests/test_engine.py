@@ -172,3 +172,36 @@ def test_the_first_write_creates_the_library(tmp_path: Path, shapes: Path) -> No
         assert engine.info().images == 48 and (home / "library.db").is_file()
     with Engine(tmp_path / "other", create=True) as engine:
         assert engine.models() == [] and engine.info().images == 0
+
+
+@pytest.mark.parametrize("index_file", ["in step", "missing"])
+def test_a_read_only_library_reads_and_refuses_writes_in_one_line(
+    library_home: Path, shapes: Path, index_file: str
+) -> None:
+    """Issue 12.6: another user's library, or one on a read-only disk (here a read-only bind mount,
+    which holds for root too): reading works, writing raises ReadOnlyError, nothing is changed."""
+    from embedsearch.errors import ReadOnlyError
+    from helpers import read_only_mount
+
+    if index_file == "missing":  # the owner's service defers saves: the file is behind; readers catch up in memory
+        (library_home / "indexes" / "pixels.faiss").unlink()
+    before = {p: p.stat().st_mtime_ns for p in library_home.rglob("*")}
+    probe = str(sorted((shapes / "star").iterdir())[0])
+    with read_only_mount(library_home), Engine(library_home) as engine:
+        assert engine.info().images == 49 and engine.read_only
+        assert [m.name for m in engine.models()] == ["pca", "pixels"]
+        [result] = results(engine, [probe], "pixels", k=1)
+        assert result.results[0].path == probe
+        assert engine.check().ok
+        writes = [
+            lambda: engine.index(str(shapes), "pixels"),
+            lambda: engine.remove([probe]),
+            lambda: engine.add_image(png_bytes(noise_image(5, 30))),
+            lambda: engine.create_model("p2", "pca", str(shapes), options={"dim": 4}),
+            lambda: engine.delete_model("pca"),
+            lambda: engine.check(repair=True),
+        ]
+        for write in writes:
+            with pytest.raises(ReadOnlyError, match="read-only for this user; reading it works"):
+                write()
+    assert {p: p.stat().st_mtime_ns for p in library_home.rglob("*")} == before
