@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -266,3 +267,31 @@ def test_another_users_library_reads_and_refuses_writes_in_one_line(library_home
     finally:
         for path in [library_home, *library_home.rglob("*")]:
             path.chmod(path.stat().st_mode | 0o200)
+
+
+def test_tables_escape_control_characters_and_json_stays_exact(tmp_path: Path, home: Path) -> None:
+    """Issue 12.6: newlines and ANSI escapes in file names were printed raw (a forged table row, a
+    recoloured terminal). Tables escape them; --json gives the exact name."""
+    data = tmp_path / "d"
+    data.mkdir()
+    names = ["evil\n    1      0.0000        9  fake  passwd.png", "red\x1b[31m.png", "\u202egnp.exe.png"]
+    for i, name in enumerate(names):
+        Image.new("RGB", (8, 8), (i * 90, 0, 0)).save(data / name, format="PNG")
+    raw = os.fsencode(data) + b"/\xff.png"
+    Image.new("RGB", (8, 8), "blue").save(raw.decode("utf-8", "surrogateescape"), format="PNG")
+    assert run(home, "index", str(data), "--model", "pixels")[0] == 0
+    code, out, _ = run(home, "query", str(data), "--model", "pixels", "-k", "4")
+    assert code == 0 and "\x1b" not in out and "\u202e" not in out
+    assert len(out.splitlines()) == 4 * (2 + 4)  # every row is one line: 'query:', header, 4 results
+    assert "evil\\n    1" in out and "red\\x1b[31m.png" in out and "\\u202egnp" in out and "/\\xff.png" in out
+    code, out, _ = run(home, "query", str(data), "--model", "pixels", "-k", "4", "--json")
+    found = {r["path"] for line in out.splitlines() for r in json.loads(line)["results"]}
+    assert found == {str(data / n) for n in names} | {os.fsdecode(raw)}
+    assert "\x1b" not in out and "\\u001b" in out  # never a raw ESC: JSON's own escape, decoded exactly
+    code, out, _ = run(home, "remove", os.fsdecode(raw))
+    assert (code, out.strip()) == (0, "removed 1 images")
+
+
+def test_one_line_errors_escape_the_names_in_them(tmp_path: Path) -> None:
+    code, out, err = run(tmp_path / "h", "query", "no\nsuch\x1b[2J.png", "--model", "pixels")
+    assert code == 1 and err == "Error: no\\nsuch\\x1b[2J.png: no such file or folder\n"

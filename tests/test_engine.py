@@ -205,3 +205,38 @@ def test_a_read_only_library_reads_and_refuses_writes_in_one_line(
             with pytest.raises(ReadOnlyError, match="read-only for this user; reading it works"):
                 write()
     assert {p: p.stat().st_mtime_ns for p in library_home.rglob("*")} == before
+
+
+def test_file_names_that_are_not_utf8_are_indexed_and_removed(engine: Engine, shapes: Path) -> None:
+    """Issue 12.6: '\\xff\\xfe.png' aborted the whole run (UnicodeEncodeError, nothing committed) and
+    'remove' of it failed. Now it is stored losslessly (the database holds valid UTF-8; see
+    schema.encode_name) and comes back as the very name the file system gave."""
+    raw = os.fsencode(shapes) + b"/\xff\xfe.png"
+    folder = os.fsencode(shapes) + b"/caf\xe9"  # a Latin-1 folder name: the label of what is under it
+    os.mkdir(folder)
+    with open(raw, "wb") as fh:
+        fh.write(png_bytes(noise_image(11, 32)))
+    with open(folder + b"/x.png", "wb") as fh:
+        fh.write(png_bytes(noise_image(12, 32)))
+    report = engine.index(str(shapes), "pixels")
+    assert (report.added, report.failed) == (50, [])
+    name = os.fsdecode(raw)
+    [result] = results(engine, [name], "pixels", k=1)
+    assert result.results[0].path == name and os.fsencode(result.results[0].path) == raw
+    [under] = results(engine, [os.fsdecode(folder + b"/x.png")], "pixels", k=1)
+    assert under.results[0].label == os.fsdecode(b"caf\xe9")
+    assert engine.index(str(shapes), "pixels").unchanged == 50  # the stored names match the scan's
+    assert engine.remove([name]) == 1 and engine.remove([os.fsdecode(folder)]) == 1
+    assert engine.info().images == 48
+
+
+def test_stored_names_round_trip_and_keep_prefixes() -> None:
+    from embedsearch.core.schema import decode_name, encode_name
+
+    names = ["/a/b.png", "/a/\udcff\udcfe.png", "/x/\ufdd0y", "/x/\ufdd0\udc80\ufdd0", "é/漢\n"]
+    for name in names:
+        stored = encode_name(name)
+        stored.encode("utf-8")  # valid UTF-8, whatever the name
+        assert decode_name(stored) == name
+    assert encode_name("/a/b.png") == "/a/b.png"  # valid names are stored as they are
+    assert encode_name("/a/\udcff/b.png").startswith(encode_name("/a/\udcff/"))

@@ -13,10 +13,10 @@ from typing import Any
 
 import click
 
-from embedsearch.cli.context import CONTEXT
+from embedsearch.cli.context import CONTEXT, PrintableFormatter, printable
 from embedsearch.cli.context import emit as _emit
 from embedsearch.cli.context import engine as _engine
-from embedsearch.errors import EmbedSearchError
+from embedsearch.errors import EmbedSearchError, from_os_error
 from embedsearch.results import METRICS
 
 log = logging.getLogger("embedsearch")
@@ -24,13 +24,23 @@ KINDS = ["pixels", "pca", "ae", "vae"]  # kept literal so that --help needs no i
 
 
 class _Group(click.Group):
-    """Turns the package's own errors into one line on stderr and exit status 1."""
+    """Turns the package's own errors into one line on stderr and exit status 1.
+
+    An OSError that no layer below turned into a package error (a bug: each should say what it was
+    doing) still ends as one line naming the file and the reason, never a traceback.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except EmbedSearchError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(printable(exc)) from None
+        except OSError as exc:
+            where = f"cannot use {exc.filename}" if exc.filename else "file system error"
+            raise click.ClickException(printable(from_os_error(exc, where))) from None
+        except click.ClickException as exc:  # click's own, naming a path the user typed
+            setattr(exc, "message", printable(exc.message))  # noqa: B010 (click types it Final; it is a plain attribute)
+            raise
         except KeyboardInterrupt:
             click.echo("interrupted; what was committed is kept", err=True)
             ctx.exit(130)
@@ -66,7 +76,7 @@ def main(ctx: click.Context, home: str, db: str | None, quiet: bool, verbose: bo
     """
     level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(PrintableFormatter("%(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
@@ -109,9 +119,9 @@ def index(
         _emit(report.to_dict())
         return
     for path, reason in report.failed:
-        click.echo(f"failed: {path}: {reason}")
+        click.echo(f"failed: {printable(path)}: {printable(reason)}")
     click.echo(
-        f"{report.scanned} files, model {model!r}: added {report.added}, updated {report.updated}, "
+        f"{report.scanned} files, model {printable(repr(model))}: added {report.added}, updated {report.updated}, "
         f"unchanged {report.unchanged}, duplicates {report.duplicates}, failed {len(report.failed)} "
         f"in {report.seconds:.1f} s ({report.images_per_second:,.0f} images/s)"
     )
@@ -146,7 +156,7 @@ def query(
     results, failed = [], 0
     for item in _engine(ctx).query(list(images), model, k, include_generated=include_generated):
         if not isinstance(item, QueryResult):
-            click.echo(f"skipped {item[0]}: {item[1]}", err=True)
+            click.echo(f"skipped {printable(item[0])}: {printable(item[1])}", err=True)
             failed += 1
             continue
         if as_json:
@@ -160,14 +170,16 @@ def query(
     if grid and results:
         from embedsearch.render.pictures import query_grid
 
-        click.echo(f"wrote {query_grid(results, Path(grid))}", err=True)
+        click.echo(f"wrote {printable(query_grid(results, Path(grid)))}", err=True)
 
 
 def _print_result(result: Any) -> None:
-    click.echo(f"query: {result.query}")
+    """A table for people: names are escaped (a newline or an ANSI escape in a file name stays visible)."""
+    click.echo(f"query: {printable(result.query)}")
     click.echo(f"{'rank':>5}  {'distance':>10}  {'id':>7}  {'label':<16}  path")
     for n in result.results:
-        click.echo(f"{n.rank:>5}  {n.distance:>10.4f}  {n.id:>7}  {(n.label or '-'):<16}  {n.path}")
+        label = printable(n.label or "-")
+        click.echo(f"{n.rank:>5}  {n.distance:>10.4f}  {n.id:>7}  {label:<16}  {printable(n.path)}")
     if not result.results:
         click.echo("  (the index is empty)")
 
@@ -263,7 +275,7 @@ def info(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         _emit(data)
         return
-    click.echo(f"library {data['home']}  ({data['database']})")
+    click.echo(f"library {printable(data['home'])}  ({printable(data['database'])})")
     click.echo(f"images: {data['images']}")
     _print_models(data["models"])
     click.echo("disk: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in data["disk_bytes"].items()))
@@ -273,7 +285,9 @@ def _print_models(models: list[dict[str, Any]]) -> None:
     click.echo(f"{'model':<16} {'kind':<7} {'input':<10} {'dim':>6} {'metric':<7} {'vectors':>8}")
     for m in models:
         shape = f"{m['image_size']}x{m['image_size']}x{m['channels']}"
-        click.echo(f"{m['name']:<16} {m['kind']:<7} {shape:<10} {m['dim']:>6} {m['metric']:<7} {m['vectors']:>8}")
+        click.echo(
+            f"{printable(m['name']):<16} {m['kind']:<7} {shape:<10} {m['dim']:>6} {m['metric']:<7} {m['vectors']:>8}"
+        )
 
 
 @main.command(context_settings=CONTEXT)
@@ -372,9 +386,9 @@ def generate(
         include_generated=include_generated,
     )
     if grid:
-        click.echo(f"wrote {candidates_grid(result, Path(grid))}", err=True)
+        click.echo(f"wrote {printable(candidates_grid(result, Path(grid)))}", err=True)
     if out:
-        click.echo(f"wrote {len(write_candidates(result, Path(out)))} candidates to {out}", err=True)
+        click.echo(f"wrote {len(write_candidates(result, Path(out)))} candidates to {printable(out)}", err=True)
     if as_json:
         _emit(
             {
@@ -400,7 +414,9 @@ def generate(
         + (f"; stored as ids {[c.id for c in result.candidates]}" if add else "")
     )
     for cand in result.candidates if search else []:
-        near_ones = ", ".join(f"{nb.label or '-'} {nb.distance:.3f} {nb.path}" for nb in cand.neighbours)
+        near_ones = ", ".join(
+            f"{printable(nb.label or '-')} {nb.distance:.3f} {printable(nb.path)}" for nb in cand.neighbours
+        )
         click.echo(f"  #{cand.index}: {near_ones}")
 
 
@@ -428,17 +444,16 @@ def check(ctx: click.Context, repair: bool, dry_run: bool, as_json: bool) -> Non
         _emit(report.to_dict())
     else:
         for name, m in report.models.items():
-            click.echo(
-                f"{name}: {m.entries} entries, {m.vectors_in_file} vectors in its index file, checkpoint {m.checkpoint}"
-            )
+            in_file = f"{m.vectors_in_file} vectors in its index file"
+            click.echo(f"{printable(name)}: {m.entries} entries, {in_file}, checkpoint {m.checkpoint}")
         for line in report.repaired:
-            click.echo(f"repaired: {line}")
+            click.echo(f"repaired: {printable(line)}")
         for line in report.planned:
-            click.echo(f"would repair: {line}")
+            click.echo(f"would repair: {printable(line)}")
         for line in report.notes:
-            click.echo(f"note: {line}")
+            click.echo(f"note: {printable(line)}")
         for line in report.problems:
-            click.echo(f"problem: {line}")
+            click.echo(f"problem: {printable(line)}")
         click.echo("consistent" if report.ok else "NOT consistent; run 'embedsearch check --repair'")
     ctx.exit(0 if report.ok else 1)
 
@@ -458,7 +473,7 @@ def reconstruct(ctx: click.Context, images: tuple[str, ...], model: str, out: st
     from embedsearch.render.pictures import reconstruction_grid
 
     originals, recons, used = _engine(ctx).reconstruct(list(images), model)
-    click.echo(f"wrote {reconstruction_grid(originals, recons, used, Path(out))}")
+    click.echo(f"wrote {printable(reconstruction_grid(originals, recons, used, Path(out)))}")
 
 
 @main.group(context_settings=CONTEXT)
@@ -477,7 +492,7 @@ def db_upgrade(ctx: click.Context) -> None:
     """
     engine = _engine(ctx)
     engine.open(create=True)
-    click.echo(f"{engine.db_url}: schema is at the newest revision")
+    click.echo(f"{printable(engine.db_url)}: schema is at the newest revision")
 
 
 def _register_commands() -> None:

@@ -21,7 +21,56 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+#: Marks an escape in stored paths: a noncharacter (U+FDD0, reserved for internal use) never met in names.
+_ESC = "\ufdd0"
+
+
+def encode_name(name: str) -> str:
+    """A file name as valid UTF-8 text, losslessly.
+
+    Names that are not valid UTF-8 on disk reach Python with lone surrogates (``os.fsdecode``'s
+    surrogateescape); a database takes only valid UTF-8. Each surrogate becomes U+FDD0 and its 4 hex
+    digits, U+FDD0 itself is doubled, every other character stays: so valid names are stored as they
+    are, and prefixes stay prefixes (``remove FOLDER`` matches by prefix).
+    """
+    if not any(c == _ESC or "\ud800" <= c <= "\udfff" for c in name):
+        return name
+    return "".join(_ESC * 2 if c == _ESC else f"{_ESC}{ord(c):04x}" if "\ud800" <= c <= "\udfff" else c for c in name)
+
+
+def decode_name(text: str) -> str:
+    """The inverse of :func:`encode_name`."""
+    if _ESC not in text:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if text[i] != _ESC:
+            out.append(text[i])
+            i += 1
+        elif text[i + 1 : i + 2] == _ESC:
+            out.append(_ESC)
+            i += 2
+        else:
+            out.append(chr(int(text[i + 1 : i + 5], 16)))
+            i += 5
+    return "".join(out)
+
+
+class NameText(TypeDecorator[str]):
+    """A String column for file names and labels: any name the file system gives, stored losslessly."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else encode_name(value)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else decode_name(value)
 
 
 def _now() -> datetime:
@@ -36,13 +85,13 @@ class Image(Base):
     __tablename__ = "images"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str | None] = mapped_column(String, unique=True)
+    path: Mapped[str | None] = mapped_column(NameText, unique=True)
     sha256: Mapped[str] = mapped_column(String(64), unique=True)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     format: Mapped[str] = mapped_column(String(16))
     mode: Mapped[str] = mapped_column(String(16))
-    label: Mapped[str | None] = mapped_column(String, index=True)
+    label: Mapped[str | None] = mapped_column(NameText, index=True)
     bytes: Mapped[int] = mapped_column(Integer)
     mtime: Mapped[float | None] = mapped_column(Float)
     added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
