@@ -7,6 +7,8 @@ Every message says what went wrong and, where it can, what to do next. The CLI t
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class EmbedSearchError(Exception):
@@ -72,7 +74,18 @@ class ReadOnlyError(EmbedSearchError):
 
 
 class DiskFullError(EmbedSearchError):
-    """A write failed for want of space; what was committed before it is kept."""
+    """A write failed for want of space; what was committed before it is kept.
+
+    ``what`` says what failed ("disk full while writing the database (...)"), ``kept`` what survived
+    it; :meth:`keeping` adds the latter where it is known (a bulk run knows its committed batches).
+    """
+
+    def __init__(self, what: str, kept: str = "") -> None:
+        self.what, self.kept = what, kept
+        super().__init__(f"{what}{'; ' + kept if kept else ''}; free space and run again")
+
+    def keeping(self, kept: str) -> DiskFullError:
+        return DiskFullError(self.what, kept)
 
 
 class FileAccessError(EmbedSearchError):
@@ -87,7 +100,16 @@ def from_os_error(exc: OSError, doing: str) -> EmbedSearchError:
     """The package error for an OSError met while ``doing`` (say "cannot write /x/y"): one line, no traceback."""
     reason = exc.strerror or str(exc)
     if exc.errno in DISK_FULL_ERRNOS:
-        return DiskFullError(f"disk full: {doing} ({reason}); free space and run again")
+        return DiskFullError(f"disk full: {doing} ({reason})")
     if exc.errno == errno.EROFS:
         return ReadOnlyError(f"{doing}: {reason}; the library can be read but not written here")
     return FileAccessError(f"{doing}: {reason}")
+
+
+@contextmanager
+def os_errors(doing: str) -> Iterator[None]:
+    """Turn an OSError inside the block into the package's error for ``doing`` ("cannot write X")."""
+    try:
+        yield
+    except OSError as exc:
+        raise from_os_error(exc, doing) from None

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
 import threading
 import time
@@ -97,3 +98,50 @@ def read_only_mount(folder: Path) -> Iterator[None]:
         yield
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+@contextmanager
+def small_disk(folder: Path, megabytes: int) -> Iterator[None]:
+    """A tmpfs of ``megabytes`` mounted on ``folder`` (a disk that fills up); skips if not allowed.
+
+    :func:`grow_disk` gives it more room later, as a user freeing space would.
+    """
+    import subprocess
+
+    import pytest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(folder)], capture_output=True
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.decode().strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def grow_disk(folder: Path, megabytes: int) -> None:
+    """Give the tmpfs on ``folder`` (from :func:`small_disk`) ``megabytes`` in all."""
+    import subprocess
+
+    subprocess.run(["mount", "-o", f"remount,size={megabytes}m", str(folder)], check=True)
+
+
+def fill_disk(folder: Path, spare: int = 0) -> Path:
+    """Write a file in ``folder`` until its file system is full, then give back ``spare`` bytes; returns the
+    file (delete it to free space)."""
+    import errno
+
+    filler = folder / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * (1 << 16))
+                fh.flush()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    os.truncate(filler, max(0, filler.stat().st_size - spare))
+    return filler

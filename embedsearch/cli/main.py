@@ -27,7 +27,8 @@ class _Group(click.Group):
     """Turns the package's own errors into one line on stderr and exit status 1.
 
     An OSError that no layer below turned into a package error (a bug: each should say what it was
-    doing) still ends as one line naming the file and the reason, never a traceback.
+    doing) still ends as one line naming the file and the reason; any other exception (a bug) as one
+    line too, with its traceback logged at debug level (-v). Never a traceback by default.
     """
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -44,6 +45,13 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; what was committed is kept", err=True)
             ctx.exit(130)
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # a bug below: still one line; the traceback is for -v and the report
+            log.debug("unexpected error", exc_info=True)
+            raise click.ClickException(
+                printable(f"unexpected error: {type(exc).__name__}: {exc} (a bug; rerun with -v and report it)")
+            ) from None
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -226,7 +234,7 @@ def train(
     """
     options = {key: value for key, value in options.items() if value is not None}
     info = _engine(ctx).create_model(
-        name or kind,
+        kind if name is None else name,
         kind,
         data,
         image_size=image_size,

@@ -24,7 +24,7 @@ from embedsearch.core.store import Store
 from embedsearch.data.images import infer_spec, scan
 from embedsearch.data.ingest import Decoded, decode_all, plan, uses_pool
 from embedsearch.encoders.base import REGISTRY, Encoder, encoder_class
-from embedsearch.errors import InvalidArgumentError, UnknownModelError
+from embedsearch.errors import DiskFullError, InvalidArgumentError, UnknownModelError
 from embedsearch.results import IndexReport
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ class BulkIndexer:
                             self._flush(row, encoder, batch, state)
                             batch = _Batch()
                     self._flush(row, encoder, batch, state)
+            except DiskFullError as exc:
+                raise exc.keeping(_committed(state)) from None
             finally:
                 bar.close()
         report.seconds = time.perf_counter() - started
@@ -124,6 +126,7 @@ class BulkIndexer:
             touched=batch.touched,
         )
         state.shas.update(new_ids)
+        state.batches, state.committed = state.batches + 1, state.committed + len(batch)
         ids = np.array([new_ids[k] if isinstance(k, str) else k for k in batch.keys], dtype=np.int64)
         self.cache.remove_images(batch.deleted)  # deleted rows leave every model's index
         self.cache.add(row, ids, vectors)
@@ -138,6 +141,8 @@ class _State:
     shas: dict[str, int]  # sha256 -> image id, for every stored image
     indexed: set[int]  # image ids in this model's index
     seen: dict[str, str] = field(default_factory=dict)  # sha256 -> path, files met in this run
+    batches: int = 0  # batches this run committed
+    committed: int = 0  # images (new or re-encoded) in them
     #: sha256 -> (values, pixels) of files met as copies of a stored image: if that image's own
     #: file turns out to have changed later in the run, the copy takes its place.
     copies: dict[str, tuple[dict[str, Any], np.ndarray]] = field(default_factory=dict)
@@ -145,6 +150,14 @@ class _State:
 
     def __post_init__(self) -> None:
         self.path_of = {values[0]: path for path, values in self.known.items()}
+
+
+def _committed(state: _State) -> str:
+    """What a run that failed had kept, for its error message."""
+    if not state.batches:
+        return "nothing of this run was committed (earlier runs' images are kept)"
+    images = f"{state.committed} image{'s' if state.committed != 1 else ''}"
+    return f"everything up to batch {state.batches} ({images}) is committed"
 
 
 def _route(item: Decoded, state: _State, batch: _Batch, report: IndexReport) -> None:

@@ -28,6 +28,7 @@ from embedsearch.core.layout import Layout, WriterLock
 from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
 from embedsearch.core.vectors import Owner, VectorIndex
+from embedsearch.errors import EmbedSearchError
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +97,15 @@ class IndexCache:
             if outermost and not self.defer_saves:
                 self._sync_loaded()
             yield
+        except BaseException:
+            if outermost:
+                self._settle_after_error()
+            raise
+        else:
+            if outermost:
+                self._settle()
         finally:
-            try:
-                if outermost:
-                    self._settle()
-            finally:
-                self.writer.release()
+            self.writer.release()
 
     def add(self, model: Model, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Apply committed entries: ``ids`` (N,) replace whatever the index held for them."""
@@ -200,6 +204,18 @@ class IndexCache:
             for name, (owner, index) in self._loaded.items():
                 if index.sync(self.store, owner.model_id):
                     self._unsaved.add(name)  # other writers' changes; our file may predate them
+
+    def _settle_after_error(self) -> None:
+        """Save what the failed work committed, if the disk lets us: an error here must not hide the first."""
+        try:
+            self._settle()
+        except (EmbedSearchError, OSError) as exc:
+            # The files are a cache: the next open rebuilds them from the database, so they are not
+            # retried (a retry on close would only repeat it). Info, not a warning: the error that
+            # ended the work is the one line the user needs.
+            log.info("index files not saved: %s", exc)
+            with self.lock:
+                self._unsaved.clear()
 
     def _settle(self, save: bool = False) -> None:
         with self.lock:

@@ -24,7 +24,7 @@ from embedsearch.core.models import ModelRegistry
 from embedsearch.core.store import Store
 from embedsearch.data.images import decode_bytes_for, decode_file, sha256
 from embedsearch.encoders.base import DecodingEncoder
-from embedsearch.errors import DataError, ImageError, InvalidArgumentError, NotFoundError
+from embedsearch.errors import DataError, ImageError, InvalidArgumentError, NotFoundError, os_errors
 from embedsearch.files import atomic_write
 from embedsearch.results import Added, ImageRecord
 
@@ -70,7 +70,8 @@ class ImageLibrary:
             existing = self.store.all_shas_for([meta.sha256]).get(meta.sha256)
             path = self.layout.stored_path(meta.sha256, meta.format)
             if existing is None and not path.exists():
-                atomic_write(path, data)
+                with os_errors(f"cannot store the upload {name} as {path}"):
+                    atomic_write(path, data)
             values = {
                 "path": str(path),
                 "sha256": meta.sha256,
@@ -207,7 +208,8 @@ class ImageLibrary:
                     continue
                 first[digest] = i
                 path = self.layout.stored_path(digest, "PNG", "generated")
-                atomic_write(path, im.png)
+                with os_errors(f"cannot store a generated image as {path}"):
+                    atomic_write(path, im.png)
                 rows.append(
                     {
                         "path": str(path),

@@ -7,6 +7,7 @@ A model is a row of the ``models`` table (kind, input spec, metric, checkpoint h
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -31,6 +32,24 @@ from embedsearch.results import METRICS, ModelInfo
 from embedsearch.version import __version__
 
 log = logging.getLogger(__name__)
+
+
+#: A model name names files (models/<name>/, indexes/<name>.faiss.json): letters, digits, . _ + -,
+#: not starting with a dot, short enough for every file system's 255-byte names.
+_NAME = re.compile(r"[^\W_][\w.+-]*")
+MAX_NAME_CHARS = 64
+
+
+def check_model_name(name: str) -> None:
+    """Refuse, in one line, a name that cannot name the model's files."""
+    if len(name) > MAX_NAME_CHARS or len(name.encode("utf-8", "surrogateescape")) > 4 * MAX_NAME_CHARS:
+        raise InvalidArgumentError(
+            f"model name of {len(name)} characters is too long; choose one of at most {MAX_NAME_CHARS}"
+        )
+    if not _NAME.fullmatch(name):
+        raise InvalidArgumentError(
+            f"{name!r} is not a usable model name; use letters, digits and . _ + - (not first), e.g. 'vae-64'"
+        )
 
 
 def model_info(m: Model, vectors: int) -> ModelInfo:
@@ -139,6 +158,7 @@ class ModelRegistry:
         """Make (train) a named model from ``data`` (a folder or an IDX images file) and register it."""
         cls = encoder_class(kind)
         cls.Options.from_dict(options or {})  # refuse bad options before reading any data
+        check_model_name(name)
         if image_size is not None and channels is not None:
             spec = InputSpec(image_size, channels)
         elif data is None:
@@ -175,8 +195,7 @@ class ModelRegistry:
         opts = cls.Options.from_dict(options or {})
         if metric not in METRICS:
             raise InvalidArgumentError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-        if not name or "/" in name or name.startswith("."):
-            raise InvalidArgumentError(f"{name!r} is not a usable model name")
+        check_model_name(name)
         if self.store.model(name) is not None and not (replace or resume):
             raise InvalidArgumentError(
                 f"model {name!r} exists already; pass --replace to retrain it "

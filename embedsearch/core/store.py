@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -183,6 +184,17 @@ def _use_wal(engine: SAEngine) -> None:
         raw.close()
 
 
+def _no_space_for(url: str) -> bool:
+    """Whether a SQLite database's folder has (next to) no free space left."""
+    path = sqlite_file(url)
+    if path is None:
+        return False
+    try:
+        return shutil.disk_usage(os.path.dirname(path) or ".").free < 1 << 20
+    except OSError:
+        return False
+
+
 def _writable(path: str) -> bool:
     return os.access(path, os.W_OK) and os.access(os.path.dirname(path) or ".", os.W_OK)
 
@@ -192,7 +204,7 @@ def database_error(exc: SQLAlchemyError) -> EmbedSearchError:
     orig = getattr(exc, "orig", None) or exc
     text = str(orig)
     if "database or disk is full" in text or "No space left" in text:
-        return DiskFullError(f"disk full while writing the database ({text}); free space and run again")
+        return DiskFullError(f"disk full while writing the database ({text})")
     if "readonly database" in text or "read-only" in text:
         return ReadOnlyError(f"the database cannot be written here ({text}); reading it works")
     return StoreError(f"database error: {text}")
@@ -276,9 +288,10 @@ class Store:
                 _use_wal(engine)
                 upgrade(engine)
         except SQLAlchemyError as exc:
-            raise StoreError(
-                f"cannot open the metadata database {self.where}: {getattr(exc, 'orig', None) or exc}"
-            ) from None
+            reason = f"{getattr(exc, 'orig', None) or exc}"
+            if _no_space_for(self.url):  # SQLite says "disk I/O error" when it cannot make its -wal/-shm files
+                raise DiskFullError(f"disk full: cannot open the metadata database {self.where} ({reason})") from None
+            raise StoreError(f"cannot open the metadata database {self.where}: {reason}") from None
         except Timeout:
             raise LockedError(f"{self.where} is being created or upgraded by another process; try again") from None
         except OSError as exc:  # the migration lock file

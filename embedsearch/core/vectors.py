@@ -21,7 +21,7 @@ import numpy as np
 from embedsearch.core import knn
 from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
-from embedsearch.errors import VectorIndexError
+from embedsearch.errors import VectorIndexError, os_errors
 from embedsearch.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -121,10 +121,11 @@ class VectorIndex:
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
-        atomic_write(path, faiss.serialize_index(self.index).tobytes())
-        # The stamp goes second: if we die in between, an old stamp only makes the next open
-        # re-apply entries it already has, which sync() handles.
-        atomic_write(path.with_suffix(".faiss.json"), json.dumps(asdict(self.stamp)).encode())
+        with os_errors(f"cannot write the index file {path}"):
+            atomic_write(path, faiss.serialize_index(self.index).tobytes())
+            # The stamp goes second: if we die in between, an old stamp only makes the next open
+            # re-apply entries it already has, which sync() handles.
+            atomic_write(path.with_suffix(".faiss.json"), json.dumps(asdict(self.stamp)).encode())
 
     @classmethod
     def load(cls, path: Path, dim: int, metric: str, owner: Owner | None = None) -> VectorIndex:

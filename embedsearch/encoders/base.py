@@ -10,9 +10,11 @@ the neural ones in :mod:`embedsearch.encoders.nn`.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -21,7 +23,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from embedsearch.data.images import InputSpec
-from embedsearch.errors import InvalidArgumentError
+from embedsearch.errors import InvalidArgumentError, from_os_error, os_errors
+from embedsearch.files import atomic_path, atomic_write
 
 #: kind -> "module:Class". Torch-based kinds live in modules that import torch; the others do not.
 REGISTRY: dict[str, str] = {
@@ -138,4 +141,19 @@ class PosteriorEncoder(DecodingEncoder):
 
 
 def write_config(directory: Path, config: dict[str, Any]) -> None:
-    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    path = directory / "config.json"
+    with os_errors(f"cannot write the model's config {path}"):
+        atomic_write(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_weights(path: Path, save: Callable[[str], None]) -> None:
+    """Write a safetensors file atomically through ``save(file_name)``; a full disk is one line."""
+    from safetensors import SafetensorError
+
+    doing = f"cannot write the checkpoint {path}"
+    try:
+        with os_errors(doing):
+            atomic_path(path, lambda tmp: save(str(tmp)))
+    except SafetensorError as exc:  # safetensors reports I/O errors as its own type, in the OS's words
+        code = errno.ENOSPC if "os error 28" in str(exc) else errno.EIO
+        raise from_os_error(OSError(code, str(exc)), doing) from None

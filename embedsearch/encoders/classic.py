@@ -13,7 +13,7 @@ import numpy as np
 from embedsearch.data.images import InputSpec
 
 # As EncoderOptions: inside PCAEncoder, ``Options`` is the class attribute naming its options class.
-from embedsearch.encoders.base import WEIGHTS_FILE, Encoder
+from embedsearch.encoders.base import WEIGHTS_FILE, Encoder, write_weights
 from embedsearch.encoders.base import Options as EncoderOptions
 from embedsearch.errors import InvalidArgumentError, ModelError
 
@@ -99,9 +99,8 @@ class PCAEncoder(Encoder):
         path = directory / WEIGHTS_FILE
         if self.mean is None or self.components is None:
             raise ModelError("this PCA model has no weights to save")
-        save_file(
-            {"mean": np.ascontiguousarray(self.mean), "components": np.ascontiguousarray(self.components)}, str(path)
-        )
+        tensors = {"mean": np.ascontiguousarray(self.mean), "components": np.ascontiguousarray(self.components)}
+        write_weights(path, lambda name: save_file(tensors, name))
         return path
 
     @classmethod

@@ -37,14 +37,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedsearch.errors import (
     DataError,
+    DiskFullError,
     EmbedSearchError,
     ImageError,
     InvalidArgumentError,
     LockedError,
     ModelError,
     NotFoundError,
+    ReadOnlyError,
     StoreError,
     UnknownModelError,
+    from_os_error,
 )
 from embedsearch.http.security import SiteGuard, allowed_names, public_text
 from embedsearch.http.state import DEFAULT_MAX_QUERY_PIXELS, DEFAULT_MAX_UPLOAD, DecodeSlots, Service, default_decodes
@@ -84,6 +87,8 @@ STATUS: list[tuple[type[EmbedSearchError], int]] = [
     (UnknownModelError, 404),
     (NotFoundError, 404),
     (LockedError, 503),
+    (DiskFullError, 507),  # Insufficient Storage: nothing of the request was stored
+    (ReadOnlyError, 403),  # the library is served read-only (another user's, a read-only disk)
     (ImageError, 422),
     (InvalidArgumentError, 400),
     (DataError, 400),
@@ -130,6 +135,13 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return _error(422, "; ".join(parts) or "invalid request")
 
 
+async def _os_error(request: Request, exc: Exception) -> JSONResponse:
+    """An OSError no layer below named (each should): still its own status, never a bare 500 page."""
+    assert isinstance(exc, OSError)
+    where = f"cannot use {exc.filename}" if exc.filename else "file system error"
+    return await _package_error(request, from_os_error(exc, where))
+
+
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.error("unexpected error", exc_info=exc)
     return _error(500, "internal server error (see the service's log)")
@@ -138,6 +150,7 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(EmbedSearchError, _package_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(OSError, _os_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)
 

@@ -20,8 +20,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from embedsearch.encoders.base import write_weights
 from embedsearch.errors import ModelError
-from embedsearch.files import atomic_path, atomic_write
+from embedsearch.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
     # safetensors wants dense, contiguous CPU tensors; conv weights are channels_last in memory.
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     text = json.dumps(meta, sort_keys=True)
-    atomic_path(path, lambda tmp: save_file(plain, str(tmp), metadata={META_KEY: text}))
+    write_weights(path, lambda name: save_file(plain, name, metadata={META_KEY: text}))
 
 
 def read_tensors(path: Path, what: str = "weights file") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
