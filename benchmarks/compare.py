@@ -87,7 +87,7 @@ def main() -> None:
         ]
     )
     started = time.perf_counter()
-    with Engine(home) as engine:
+    with Engine(home, create=True) as engine:
         result, artifacts = run_compare(engine, config, command)
         write_report(result, artifacts, args.report)
     wall = time.perf_counter() - started
