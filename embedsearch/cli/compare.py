@@ -11,6 +11,7 @@ import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -18,6 +19,9 @@ from embedsearch.cli.context import CONTEXT, settings
 from embedsearch.cli.context import engine as _engine
 from embedsearch.errors import EmbedSearchError
 from embedsearch.results import METRICS
+
+if TYPE_CHECKING:
+    from embedsearch.evaluation.compare import CompareConfig
 
 
 @contextmanager
@@ -28,23 +32,14 @@ def _one_line_errors() -> Iterator[None]:
         raise click.ClickException(str(exc)) from None
 
 
-def _command_line(
-    home: str | None,
-    data: str,
-    models: str,
-    queries: str | None,
-    fraction: float,
-    k: int,
-    seed: int,
-    epochs: int,
-    metric: str,
-    as_json: bool,
-    report: str | None,
-) -> str:
+def _command_line(home: str | None, c: CompareConfig, as_json: bool, report: str | None) -> str:
     """The command with every setting spelled out, so that the report says how to repeat the run."""
-    args = ["embedsearch", *(["--home", home] if home else []), "compare", data, "--models", models]
-    args += ["--queries", queries] if queries else ["--query-fraction", str(fraction)]
-    args += ["-k", str(k), "--seed", str(seed), "--train-epochs", str(epochs), "--metric", metric]
+    args = ["embedsearch", *(["--home", home] if home else []), "compare", c.data, "--models", ",".join(c.models)]
+    args += ["--queries", c.queries] if c.queries else ["--query-fraction", str(c.query_fraction)]
+    args += ["-k", str(c.k), "--seed", str(c.seed), "--train-epochs", str(c.train_epochs)]
+    args += ["--metric", c.metric] if c.metric else []
+    args += ["--augment", ",".join(c.augment or []) or "none"]
+    args += ["--consistency", str(c.consistency), "--temperature", str(c.temperature)]
     args += (["--json"] if as_json else []) + (["--report", report] if report else [])
     return shlex.join(args)
 
@@ -81,10 +76,19 @@ def _command_line(
 @click.option(
     "--metric",
     type=click.Choice(list(METRICS)),
-    default="l2",
-    show_default=True,
-    help="Distance of the models made here (a library's existing models keep their own).",
+    default=None,
+    help="Distance of the models made here [each kind's default: cosine for ae/vae, l2 otherwise]; "
+    "a library's existing models keep their own.",
 )
+@click.option(
+    "--augment",
+    is_flag=False,
+    flag_value="default",
+    metavar="[LIST]",
+    help="Augmentation of the AE and VAE made here (as train --augment; 'none': off) [crop,brightness,noise].",
+)
+@click.option("--consistency", type=click.FloatRange(0), help="InfoNCE weight of the AE and VAE made here [30].")
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), help="InfoNCE temperature [0.2].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @click.option("--report", type=click.Path(file_okay=False), help="Write report.md with PNG plots into this folder.")
 @click.pass_context
@@ -97,7 +101,10 @@ def compare(
     k: int,
     seed: int,
     train_epochs: int,
-    metric: str,
+    metric: str | None,
+    augment: str | None,
+    consistency: float | None,
+    temperature: float | None,
     as_json: bool,
     report: str | None,
 ) -> None:
@@ -115,19 +122,6 @@ def compare(
     from embedsearch.evaluation.report import format_table, write_report
 
     names = [name.strip() for name in models.split(",") if name.strip()]
-    command = _command_line(
-        settings(ctx).get("home"),
-        data,
-        ",".join(names),
-        queries,
-        query_fraction,
-        k,
-        seed,
-        train_epochs,
-        metric,
-        as_json,
-        report,
-    )
     with _one_line_errors():
         config = CompareConfig(
             data=data,
@@ -138,7 +132,11 @@ def compare(
             seed=seed,
             train_epochs=train_epochs,
             metric=metric,
+            augment=None if augment is None else augment.split(","),
+            consistency=consistency,
+            temperature=temperature,
         )
+        command = _command_line(settings(ctx).get("home"), config, as_json, report)
         engine = _engine(ctx)
         engine.open(create=True)  # compare makes the models it is asked for: a new library is fine
         result, artifacts = run_compare(engine, config, command)

@@ -198,18 +198,30 @@ def _print_result(result: Any) -> None:
 @click.option("--name", help="Name to register it under (default: the kind).")
 @click.option("--image-size", type=click.IntRange(4, 1024), help="Input side in pixels (default: from DATA, <= 64).")
 @click.option("--channels", type=click.Choice(["1", "3"]), help="1 grey or 3 RGB (default: grey if all DATA is).")
-@click.option("--metric", type=click.Choice(list(METRICS)), default="l2", show_default=True)
+@click.option("--metric", type=click.Choice(list(METRICS)), default=None, help="Distance [cosine for ae/vae, else l2].")
 @click.option("--dim", type=click.IntRange(1), help="PCA: number of components [32].")
 @click.option("--arch", type=click.Choice(["conv", "mlp"]), help="AE/VAE architecture [conv].")
 @click.option("--latent-dim", type=click.IntRange(1), help="AE/VAE latent size [32].")
 @click.option("--epochs", type=click.IntRange(1), help="AE/VAE epochs [20].")
-@click.option("--batch-size", type=click.IntRange(1), help="AE/VAE batch size [128].")
+@click.option("--batch-size", type=click.IntRange(1), help="AE/VAE batch size [256].")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), help="AE/VAE learning rate [1e-3].")
 @click.option("--seed", type=int, help="Random seed [0].")
 @click.option("--val-fraction", type=click.FloatRange(0, 0.9), help="AE/VAE validation share [0.1].")
 @click.option("--likelihood", type=click.Choice(["bernoulli", "gaussian"]), help="VAE reconstruction loss.")
 @click.option("--beta", type=click.FloatRange(0), help="VAE weight of the KL term [1].")
 @click.option("--kl-warmup", type=click.IntRange(0), help="VAE epochs over which beta ramps up from 0.")
+@click.option(
+    "--augment",
+    is_flag=False,
+    flag_value="default",
+    metavar="[LIST]",
+    help="AE/VAE: augment the encoder's input (crop,shift,rotate,flip,brightness,blur,noise,jpeg; "
+    "alone: the default set; 'none': off) [crop,brightness,noise].",
+)
+@click.option(
+    "--consistency", type=click.FloatRange(0), help="AE/VAE: weight of the InfoNCE term between two views [30; 0 off]."
+)
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), help="AE/VAE: InfoNCE temperature [0.2].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted AE/VAE training run.")
 @click.option("--replace", is_flag=True, help="Retrain an existing model (its index is emptied).")
 @click.pass_context
@@ -220,7 +232,7 @@ def train(
     name: str | None,
     image_size: int | None,
     channels: str | None,
-    metric: str,
+    metric: str | None,
     resume: bool,
     replace: bool,
     **options: Any,
@@ -231,6 +243,7 @@ def train(
     Example:
       embedsearch train photos/ --model pca --dim 32
       embedsearch train photos/ --model vae --name vae32 --epochs 10
+      embedsearch train photos/ --model ae --augment crop,noise,jpeg --consistency 10
     """
     options = {key: value for key, value in options.items() if value is not None}
     info = _engine(ctx).create_model(

@@ -56,9 +56,7 @@ def _ensure_model(registry: ModelRegistry, store: Store, data: str, model: str, 
         return
     if model in REGISTRY and not encoder_class(model).needs_training:
         spec = infer_spec([f.path for f in scan(data) if f.size >= 0])
-        registry.create_model(
-            model, model, data, image_size=spec.image_size, channels=spec.channels, metric=metric or "l2"
-        )
+        registry.create_model(model, model, data, image_size=spec.image_size, channels=spec.channels, metric=metric)
         return
     raise UnknownModelError(model, [m.name for m in store.models()])
 

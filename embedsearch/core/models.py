@@ -150,7 +150,7 @@ class ModelRegistry:
         *,
         image_size: int | None = None,
         channels: int | None = None,
-        metric: str = "l2",
+        metric: str | None = None,
         options: dict[str, Any] | None = None,
         resume: bool = False,
         replace: bool = False,
@@ -184,7 +184,7 @@ class ModelRegistry:
         images: np.ndarray,
         spec: InputSpec,
         *,
-        metric: str = "l2",
+        metric: str | None = None,
         options: dict[str, Any] | None = None,
         resume: bool = False,
         replace: bool = False,
@@ -193,6 +193,7 @@ class ModelRegistry:
         """Train a model of ``kind`` on (N, S, S, C) uint8 ``images`` and register it as ``name``."""
         cls = encoder_class(kind)
         opts = cls.Options.from_dict(options or {})
+        metric = cls.default_metric if metric is None else metric
         if metric not in METRICS:
             raise InvalidArgumentError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
         check_model_name(name)

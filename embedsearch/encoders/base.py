@@ -76,6 +76,8 @@ class Encoder(ABC):
     Options: ClassVar[type[EncoderOptions]] = EncoderOptions
     #: False for kinds that need no data to exist (pixels): they are created on first use.
     needs_training: ClassVar[bool] = True
+    #: The distance a model of this kind is searched with unless one is named when it is made.
+    default_metric: ClassVar[str] = "l2"
 
     def __init__(self, spec: InputSpec, dim: int, options: EncoderOptions) -> None:
         self.spec = spec

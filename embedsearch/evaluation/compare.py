@@ -20,6 +20,7 @@ from embedsearch.data.datasets import Dataset, data_spec, idx_labels_path, idx_t
 from embedsearch.data.idx import read_idx_pair
 from embedsearch.data.images import InputSpec
 from embedsearch.encoders.base import REGISTRY, DecodingEncoder, Encoder, PosteriorEncoder, encoder_class
+from embedsearch.encoders.nn import recipe
 from embedsearch.errors import DataError, InvalidArgumentError, UnknownModelError
 from embedsearch.evaluation import metrics as ev
 
@@ -45,9 +46,14 @@ class CompareConfig:
     # Settings of models the run creates; AE and VAE share all of them, so the contrast is fair.
     arch: str = "conv"
     latent_dim: int = 32
-    batch_size: int = 128
+    batch_size: int = 256
     lr: float = 1e-3
-    metric: str = "l2"
+    metric: str | None = None  # None: each kind's own default (cosine for AE and VAE, L2 otherwise)
+    # Augmentation-consistent training (None: the training defaults, resolved here so the report
+    # states what was used).
+    augment: list[str] | None = None
+    consistency: float | None = None
+    temperature: float | None = None
     curve_k: int = 100  # precision@k is drawn for k = 1 .. curve_k
     timing_queries: int = 200
     shown_queries: int = 6
@@ -62,8 +68,13 @@ class CompareConfig:
             raise InvalidArgumentError(f"--query-fraction must be between 0 and 1, not {self.query_fraction}")
         if self.k < 1 or self.train_epochs < 1 or self.latent_dim < 1 or self.curve_k < 1:
             raise InvalidArgumentError("k, train epochs, latent dim and curve k must be at least 1")
-        if self.metric not in ev.METRICS:
+        if self.metric is not None and self.metric not in ev.METRICS:
             raise InvalidArgumentError(f"unknown metric {self.metric!r}; choose one of {', '.join(ev.METRICS)}")
+        self.augment = list(recipe.DEFAULT_AUGMENT) if self.augment is None else recipe.parse_augment(self.augment)
+        if self.consistency is None:
+            self.consistency = recipe.DEFAULT_CONSISTENCY if self.augment else 0.0
+        if self.temperature is None:
+            self.temperature = recipe.DEFAULT_TEMPERATURE
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -335,6 +346,9 @@ def _options(kind: str, config: CompareConfig) -> dict[str, Any]:
             "batch_size": config.batch_size,
             "lr": config.lr,
             "seed": config.seed,
+            "augment": config.augment,
+            "consistency": config.consistency,
+            "temperature": config.temperature,
         }
     return {}
 

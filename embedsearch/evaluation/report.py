@@ -83,7 +83,17 @@ def table(result: CompareResult) -> tuple[list[str], list[list[str]]]:
 def legend(result: CompareResult) -> str:
     return (
         f"* best in column; {result.queries} queries, {result.database} database images, k = {result.k}; "
-        "P precision, R recall, ND near-duplicate recall, recon MSE per pixel, KL in nats"
+        "P precision, R recall, ND near-duplicate recall, recon MSE per pixel, KL in nats\n" + training_line(result)
+    )
+
+
+def training_line(result: CompareResult) -> str:
+    """How the AE and VAE made by the run were trained (both alike)."""
+    c = result.config
+    augment = ",".join(c.augment or []) or "none"
+    return (
+        f"AE/VAE made here: {c.arch}, latent {c.latent_dim}, {c.train_epochs} epochs, batch {c.batch_size}, "
+        f"augment {augment}, consistency {c.consistency}, temperature {c.temperature}"
     )
 
 
@@ -213,7 +223,12 @@ def _settings(result: CompareResult) -> list[str]:
         f"- {result.queries} queries, {result.database} database images, k = {c.k}, seed {c.seed}",
         (
             f"- models created here: arch {c.arch}, latent/PCA dim {c.latent_dim}, {c.train_epochs} epochs, "
-            f"batch size {c.batch_size}, lr {c.lr}, metric {c.metric} (AE and VAE share every setting)"
+            f"batch size {c.batch_size}, lr {c.lr}, metric {c.metric or 'each kind default'} "
+            "(AE and VAE share every setting)"
+        ),
+        (
+            f"- AE/VAE training: augment {','.join(c.augment or []) or 'none'}, consistency {c.consistency}, "
+            f"temperature {c.temperature} (reconstructing the clean image; InfoNCE on the AE's z, the VAE's mu)"
         ),
         "- search: exact in-memory FAISS (IndexFlatL2, or IndexFlatIP on unit vectors for cosine models)",
         f"- total time {result.seconds:.1f} s",

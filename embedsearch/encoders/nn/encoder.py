@@ -53,6 +53,9 @@ class NeuralEncoder(DecodingEncoder):
     variational: ClassVar[bool] = False
     # Imported as EncoderOptions: in the class body, ``Options`` is this attribute (the kind's options class).
     Options: ClassVar[type[EncoderOptions]] = AEOptions
+    # Trained with a contrastive term on L2-normalised codes, so directions are what they order by
+    # (benchmarks/ablation.py measured cosine against L2; README "Training defaults").
+    default_metric: ClassVar[str] = "cosine"
 
     def __init__(
         self,

@@ -246,12 +246,23 @@ class Autoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode_logits(self.encode(x))  # (N, C, S, S) -> logits (N, C, S, S)
 
+    def terms(
+        self, x: torch.Tensor, target: torch.Tensor, likelihood: str, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-image (recon, kl) of reconstructing ``target`` from ``x``, and the search code of ``x``.
+
+        (N, C, S, S) twice -> (N,), (N,), (N, L). ``x`` may be an augmented view of ``target``.
+        """
+        z = self.encode(x)  # (N, L)
+        recon = reconstruction_loss(self.decode_logits(z), target, likelihood)
+        return recon, torch.zeros_like(recon), z
+
     def loss(
         self, x: torch.Tensor, likelihood: str, beta: float = 1.0, generator: torch.Generator | None = None
     ) -> LossTerms:
-        """Reconstruction loss of a batch; ``beta`` and ``generator`` only matter to the VAE."""
-        recon = reconstruction_loss(self(x), x, likelihood).mean()
-        return LossTerms(recon, recon, torch.zeros((), device=x.device))
+        """Loss of reconstructing a batch from itself; ``beta`` and ``generator`` only matter to the VAE."""
+        recon, kl, _ = self.terms(x, x, likelihood, generator)
+        return LossTerms(recon.mean() + beta * kl.mean(), recon.mean(), kl.mean())
 
 
 class VariationalAutoencoder(Autoencoder):
@@ -265,17 +276,16 @@ class VariationalAutoencoder(Autoencoder):
         h = self.body(x)  # (N, F)
         return self.head(h), self.logvar_head(h)  # mu (N, L), logvar (N, L)
 
-    def loss(
-        self, x: torch.Tensor, likelihood: str, beta: float = 1.0, generator: torch.Generator | None = None
-    ) -> LossTerms:
-        """Negative ELBO with a beta-weighted KL; z is sampled, so a generator is required."""
+    def terms(
+        self, x: torch.Tensor, target: torch.Tensor, likelihood: str, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Negative ELBO terms with z sampled (a generator is required); the search code is mu."""
         if generator is None:
             raise InvalidArgumentError("the VAE loss samples z and needs a torch.Generator")
         mu, logvar = self.encode_dist(x)  # (N, L) each
         z = reparameterize(mu, logvar, generator)  # (N, L)
-        recon = reconstruction_loss(self.decode_logits(z), x, likelihood).mean()
-        kl = kl_divergence(mu, logvar).mean()
-        return LossTerms(recon + beta * kl, recon, kl)
+        recon = reconstruction_loss(self.decode_logits(z), target, likelihood)  # (N,)
+        return recon, kl_divergence(mu, logvar), mu
 
 
 def build_model(config: ModelConfig, seed: int) -> Autoencoder:

@@ -23,6 +23,7 @@ import torch
 from embedsearch.data.images import InputSpec
 from embedsearch.encoders.base import WEIGHTS_FILE, Options
 from embedsearch.encoders.nn import checkpoint as ckpt
+from embedsearch.encoders.nn.augment import augment_batch, info_nce, jpeg_pool
 from embedsearch.encoders.nn.models import (
     ARCHS,
     LIKELIHOODS,
@@ -35,6 +36,7 @@ from embedsearch.encoders.nn.models import (
     unit_float,
     use_all_cores,
 )
+from embedsearch.encoders.nn.recipe import DEFAULT_AUGMENT, DEFAULT_CONSISTENCY, DEFAULT_TEMPERATURE, parse_augment
 from embedsearch.errors import InvalidArgumentError, ModelError
 
 log = logging.getLogger(__name__)
@@ -64,13 +66,21 @@ class AEOptions(Options):
     arch: str = "conv"
     latent_dim: int = 32
     epochs: int = 20
-    batch_size: int = 128
+    batch_size: int = 256
     lr: float = 1e-3
     seed: int = 0
     val_fraction: float = 0.1
     likelihood: str = "bernoulli"
+    # Denoising + contrastive training (chosen by benchmarks/ablation.py; README "Training defaults").
+    augment: list[str] = field(default_factory=lambda: list(DEFAULT_AUGMENT))
+    #: Weight of InfoNCE between two views' codes (0: off); unset, it follows ``augment``.
+    consistency: float | None = None
+    temperature: float = DEFAULT_TEMPERATURE
 
     def __post_init__(self) -> None:
+        self.augment = parse_augment(self.augment)
+        if self.consistency is None:
+            self.consistency = DEFAULT_CONSISTENCY if self.augment else 0.0
         self.validate()
 
     def validate(self) -> None:
@@ -86,6 +96,10 @@ class AEOptions(Options):
         _check_int("seed", self.seed, 0, 2**62)
         _check_float("lr", self.lr, 0.0, 10.0, low_open=True)
         _check_float("val_fraction", self.val_fraction, 0.0, 0.9)
+        _check_float("consistency", self.consistency, 0.0, 1e6)
+        _check_float("temperature", self.temperature, 0.0, 100.0, low_open=True)
+        if self.consistency and not self.augment:
+            raise InvalidArgumentError("--consistency compares two augmented views; turn on --augment too")
 
     def kl_weight(self, progress: float) -> float:
         """Weight of the KL term after ``progress`` epochs (the AE has no KL term)."""
@@ -124,6 +138,7 @@ class EpochStats:
     val_kl: float | None
     score: float  # what best-checkpoint selection minimises: val loss at full beta
     seconds: float
+    train_nce: float = 0.0  # the consistency term (before its weight); 0 without it
 
 
 @dataclass
@@ -172,14 +187,20 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
 class _Data:
     """The training images on the host, handed out as (B, C, S, S) float batches on the device."""
 
-    def __init__(self, images: np.ndarray, device: torch.device) -> None:
+    def __init__(self, images: np.ndarray, device: torch.device, jpeg_seed: int | None = None) -> None:
         self.device = device
-        raw = from_numpy(images)  # (N, S, S, C) uint8, no copy
         self.converted = images.size * 4 <= FLOAT_BUDGET
-        self.store = unit_float(raw) if self.converted else raw  # (N, S, S, C)
+        self.store = self._keep(images)  # (N, S, S, C)
+        # The JPEG copies of every image, made once per run (JPEG cannot be batched in torch).
+        self.jpeg = None if jpeg_seed is None else self._keep(jpeg_pool(images, jpeg_seed))
 
-    def batch(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.store[idx].to(self.device, non_blocking=True)  # (B, S, S, C)
+    def _keep(self, images: np.ndarray) -> torch.Tensor:
+        raw = from_numpy(images)  # (N, S, S, C) uint8, no copy
+        return unit_float(raw) if self.converted else raw
+
+    def batch(self, idx: torch.Tensor, jpeg: bool = False) -> torch.Tensor:
+        store = self.jpeg if jpeg and self.jpeg is not None else self.store
+        x = store[idx].to(self.device, non_blocking=True)  # (B, S, S, C)
         return x.permute(0, 3, 1, 2) if self.converted else images_to_tensor(x)  # (B, C, S, S)
 
 
@@ -221,6 +242,8 @@ def _describe(stats: EpochStats, total: int, variational: bool, best: bool) -> s
         return f"{loss:.3f} (recon {recon:.3f} kl {kl:.3f})" if variational else f"{loss:.3f}"
 
     line = f"epoch {stats.epoch}/{total} train {terms(stats.train_loss, stats.train_recon, stats.train_kl)}"
+    if stats.train_nce:
+        line += f" nce {stats.train_nce:.3f}"
     if variational:
         line += f" beta {stats.beta:.3g}"
     if stats.val_loss is not None:
@@ -238,13 +261,14 @@ class Trainer:
         self.config = ModelConfig(options.arch, spec.image_size, spec.channels, options.latent_dim, self.variational)
         self.device = pick_device()
         self.fingerprint = _fingerprint(images)
-        self.data = _Data(images, self.device)
+        self.data = _Data(images, self.device, options.seed + 5 if "jpeg" in options.augment else None)
         self.train_idx, self.val_idx = split_indices(len(images), options.val_fraction, options.seed)
         self.model = build_model(self.config, options.seed).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=options.lr)
         # Separate streams for shuffling and for the VAE's noise, both saved in the resume state.
         self.shuffle_gen = torch.Generator().manual_seed(options.seed + 1)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(options.seed + 2)
+        self.augment_gen = torch.Generator().manual_seed(options.seed + 4)
         self.report = TrainReport(len(self.train_idx), len(self.val_idx), str(self.device))
         self.best_state: dict[str, torch.Tensor] | None = None
 
@@ -273,7 +297,7 @@ class Trainer:
 
     def _epoch(self, epoch: int) -> EpochStats:
         started = time.perf_counter()
-        loss, recon, kl = self._train_pass(epoch)
+        loss, recon, kl, nce = self._train_pass(epoch)
         full_beta = self.options.kl_weight(math.inf)
         val: tuple[float | None, float | None, float | None] = (None, None, None)  # loss, recon, kl
         if len(self.val_idx):
@@ -289,26 +313,47 @@ class Trainer:
             *val,
             score=score,
             seconds=time.perf_counter() - started,
+            train_nce=nce,
         )
 
-    def _train_pass(self, epoch: int) -> tuple[float, float, float]:
+    def _train_pass(self, epoch: int) -> tuple[float, float, float, float]:
         self.model.train()
         order = self.train_idx[torch.randperm(len(self.train_idx), generator=self.shuffle_gen)]  # (n_train,)
         size = self.options.batch_size
         steps = math.ceil(len(order) / size)
-        sums = torch.zeros(3, device=self.device)  # per-image sums of (total, recon, kl)
+        sums = torch.zeros(4, device=self.device)  # per-image sums of (total, recon, kl, nce)
         for step in range(steps):
             idx = order[step * size : (step + 1) * size]
-            x = self.data.batch(idx)  # (B, C, S, S)
             progress = epoch - 1 + step / steps  # in epochs
             beta = self.options.kl_weight(progress)  # ramps within epochs too
-            terms = self.model.loss(x, self.options.likelihood, beta, self.noise_gen)
+            total, recon, kl, nce = self._step_loss(idx, beta)
             self.optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
+            total.backward()
             self.optimizer.step()
-            sums += torch.stack((terms.total, terms.recon, terms.kl)).detach() * len(idx)
-        loss, recon, kl = (sums / len(order)).tolist()
-        return loss, recon, kl
+            sums += torch.stack((total, recon, kl, nce)).detach() * len(idx)
+        loss, recon, kl, nce = (sums / len(order)).tolist()
+        return loss, recon, kl, nce
+
+    def _step_loss(self, idx: torch.Tensor, beta: float) -> tuple[torch.Tensor, ...]:
+        """(total, recon, kl, nce) of one batch: batch means of per-image terms, nce unweighted."""
+        x = self.data.batch(idx)  # (B, C, S, S), also the target
+        opts = self.options
+        if not opts.augment:
+            terms = self.model.loss(x, opts.likelihood, beta, self.noise_gen)
+            return terms.total, terms.recon, terms.kl, torch.zeros((), device=x.device)
+        copies = self.data.batch(idx, jpeg=True) if self.data.jpeg is not None else None
+        views = 2 if opts.consistency else 1
+        # Both views go through one forward pass (batch norm sees them together), each
+        # reconstructing the clean image.
+        inputs = torch.cat([augment_batch(x, opts.augment, self.augment_gen, copies) for _ in range(views)])
+        recon, kl, code = self.model.terms(inputs, x.repeat(views, 1, 1, 1), opts.likelihood, self.noise_gen)
+        recon, kl = recon.mean(), kl.mean()  # (vB,) -> ()
+        nce = (
+            info_nce(code[: len(x)], code[len(x) :], opts.temperature)
+            if views == 2
+            else torch.zeros((), device=x.device)
+        )
+        return recon + beta * kl + (opts.consistency or 0.0) * nce, recon, kl, nce
 
     @torch.inference_mode()
     def _val_pass(self, beta: float) -> tuple[float, float, float]:
@@ -329,6 +374,7 @@ class Trainer:
         tensors.update(optim_tensors)
         tensors["rng.shuffle"] = self.shuffle_gen.get_state()
         tensors["rng.noise"] = self.noise_gen.get_state()
+        tensors["rng.augment"] = self.augment_gen.get_state()
         state = {
             "options": self.options.to_dict(),
             "config": self.config.to_dict(),
@@ -352,6 +398,7 @@ class Trainer:
             ckpt.optimizer_from_tensors(self.optimizer, tensors, doc["optimizer"])
             self.shuffle_gen.set_state(tensors["rng.shuffle"])
             self.noise_gen.set_state(tensors["rng.noise"])
+            self.augment_gen.set_state(tensors["rng.augment"])
             report = TrainReport.from_dict(doc["report"])
             epoch = int(doc["epoch"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
