@@ -17,7 +17,7 @@ import click
 from embedsearch.cli.context import CONTEXT, settings
 from embedsearch.cli.context import engine as _engine
 from embedsearch.errors import EmbedSearchError
-from embedsearch.results import METRICS
+from embedsearch.results import FLOAT_METRICS
 
 
 @contextmanager
@@ -55,7 +55,7 @@ def _command_line(
     "--models",
     default="ae,vae,pixels,pca",
     show_default=True,
-    help="Comma-separated model names; a kind (ae, vae, pixels, pca) not in the library is made here.",
+    help="Comma-separated model names; a kind (ae, vae, pixels, pca, phash, dhash) not in the library is made here.",
 )
 @click.option(
     "--queries",
@@ -80,10 +80,10 @@ def _command_line(
 )
 @click.option(
     "--metric",
-    type=click.Choice(list(METRICS)),
+    type=click.Choice(list(FLOAT_METRICS)),
     default="l2",
     show_default=True,
-    help="Distance of the models made here (a library's existing models keep their own).",
+    help="Distance of the models made here (a library's existing models keep their own; hashes use hamming).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @click.option("--report", type=click.Path(file_okay=False), help="Write report.md with PNG plots into this folder.")

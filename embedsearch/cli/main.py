@@ -20,7 +20,7 @@ from embedsearch.errors import EmbedSearchError, from_os_error
 from embedsearch.results import METRICS
 
 log = logging.getLogger("embedsearch")
-KINDS = ["pixels", "pca", "ae", "vae"]  # kept literal so that --help needs no imports
+KINDS = ["pixels", "pca", "ae", "vae", "phash", "dhash"]  # kept literal so that --help needs no imports
 
 
 class _Group(click.Group):
@@ -95,7 +95,10 @@ def main(ctx: click.Context, home: str, db: str | None, quiet: bool, verbose: bo
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--model", "model", required=True, help="Model name ('pixels' is created on first use).")
 @click.option(
-    "--metric", type=click.Choice(list(METRICS)), default=None, help="Distance of a model created here (default l2)."
+    "--metric",
+    type=click.Choice(list(METRICS)),
+    default=None,
+    help="Distance of a model created here (default l2; phash and dhash: hamming).",
 )
 @click.option(
     "--batch-size", default=2048, show_default=True, type=click.IntRange(1), help="Images per committed batch."
@@ -198,7 +201,7 @@ def _print_result(result: Any) -> None:
 @click.option("--name", help="Name to register it under (default: the kind).")
 @click.option("--image-size", type=click.IntRange(4, 1024), help="Input side in pixels (default: from DATA, <= 64).")
 @click.option("--channels", type=click.Choice(["1", "3"]), help="1 grey or 3 RGB (default: grey if all DATA is).")
-@click.option("--metric", type=click.Choice(list(METRICS)), default="l2", show_default=True)
+@click.option("--metric", type=click.Choice(list(METRICS)), help="Distance [l2; phash/dhash: hamming, their only one].")
 @click.option("--dim", type=click.IntRange(1), help="PCA: number of components [32].")
 @click.option("--arch", type=click.Choice(["conv", "mlp"]), help="AE/VAE architecture [conv].")
 @click.option("--latent-dim", type=click.IntRange(1), help="AE/VAE latent size [32].")
@@ -210,6 +213,7 @@ def _print_result(result: Any) -> None:
 @click.option("--likelihood", type=click.Choice(["bernoulli", "gaussian"]), help="VAE reconstruction loss.")
 @click.option("--beta", type=click.FloatRange(0), help="VAE weight of the KL term [1].")
 @click.option("--kl-warmup", type=click.IntRange(0), help="VAE epochs over which beta ramps up from 0.")
+@click.option("--hash-size", type=click.IntRange(2, 32), help="phash/dhash: side of the bit grid [8: 64 bits].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted AE/VAE training run.")
 @click.option("--replace", is_flag=True, help="Retrain an existing model (its index is emptied).")
 @click.pass_context
@@ -220,7 +224,7 @@ def train(
     name: str | None,
     image_size: int | None,
     channels: str | None,
-    metric: str,
+    metric: str | None,
     resume: bool,
     replace: bool,
     **options: Any,
@@ -231,6 +235,7 @@ def train(
     Example:
       embedsearch train photos/ --model pca --dim 32
       embedsearch train photos/ --model vae --name vae32 --epochs 10
+      embedsearch train photos/ --model phash --hash-size 16
     """
     options = {key: value for key, value in options.items() if value is not None}
     info = _engine(ctx).create_model(

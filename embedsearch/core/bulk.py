@@ -56,9 +56,7 @@ def _ensure_model(registry: ModelRegistry, store: Store, data: str, model: str, 
         return
     if model in REGISTRY and not encoder_class(model).needs_training:
         spec = infer_spec([f.path for f in scan(data) if f.size >= 0])
-        registry.create_model(
-            model, model, data, image_size=spec.image_size, channels=spec.channels, metric=metric or "l2"
-        )
+        registry.create_model(model, model, data, image_size=spec.image_size, channels=spec.channels, metric=metric)
         return
     raise UnknownModelError(model, [m.name for m in store.models()])
 
@@ -114,8 +112,8 @@ class BulkIndexer:
     def _flush(self, row: Model, encoder: Encoder, batch: _Batch, state: _State) -> None:
         if not (len(batch) or batch.touched or batch.deleted):
             return
-        empty = np.zeros((0, encoder.dim), np.float32)
-        vectors = encoder.encode(np.stack(batch.pixels)) if len(batch) else empty  # (N, dim) float32
+        empty = np.zeros((0, encoder.code_width), encoder.code_dtype)
+        vectors = encoder.encode(np.stack(batch.pixels)) if len(batch) else empty  # (N, dim) float32, or bits
         blobs = [v.tobytes() for v in vectors]
         new_ids = self.store.write_batch(
             row.id,
