@@ -9,8 +9,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-#: The distances a model's index can use: Euclidean, or 1 - cosine similarity.
-METRICS: tuple[str, ...] = ("l2", "cosine")
+#: The distances of float vectors: Euclidean, or 1 - cosine similarity.
+FLOAT_METRICS: tuple[str, ...] = ("l2", "cosine")
+#: The distance of binary codes (perceptual hashes): the number of bits that differ.
+BINARY_METRICS: tuple[str, ...] = ("hamming",)
+#: Every distance a model's index can use.
+METRICS: tuple[str, ...] = FLOAT_METRICS + BINARY_METRICS
 
 
 @dataclass

@@ -18,7 +18,7 @@ import click
 from embedsearch.cli.context import CONTEXT, settings
 from embedsearch.cli.context import engine as _engine
 from embedsearch.errors import EmbedSearchError
-from embedsearch.results import METRICS
+from embedsearch.results import FLOAT_METRICS
 
 if TYPE_CHECKING:
     from embedsearch.evaluation.compare import CompareConfig
@@ -50,7 +50,7 @@ def _command_line(home: str | None, c: CompareConfig, as_json: bool, report: str
     "--models",
     default="ae,vae,pixels,pca",
     show_default=True,
-    help="Comma-separated model names; a kind (ae, vae, pixels, pca) not in the library is made here.",
+    help="Comma-separated model names; a kind (ae, vae, pixels, pca, phash, dhash) not in the library is made here.",
 )
 @click.option(
     "--queries",
@@ -75,10 +75,10 @@ def _command_line(home: str | None, c: CompareConfig, as_json: bool, report: str
 )
 @click.option(
     "--metric",
-    type=click.Choice(list(METRICS)),
+    type=click.Choice(list(FLOAT_METRICS)),
     default=None,
-    help="Distance of the models made here [each kind's default: cosine for ae/vae, l2 otherwise]; "
-    "a library's existing models keep their own.",
+    help="Distance of the models made here [each kind's default: cosine for ae/vae, l2 for pixels/pca; "
+    "hashes: hamming]; a library's existing models keep their own.",
 )
 @click.option(
     "--augment",

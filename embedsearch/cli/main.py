@@ -20,7 +20,7 @@ from embedsearch.errors import EmbedSearchError, from_os_error
 from embedsearch.results import METRICS
 
 log = logging.getLogger("embedsearch")
-KINDS = ["pixels", "pca", "ae", "vae"]  # kept literal so that --help needs no imports
+KINDS = ["pixels", "pca", "ae", "vae", "phash", "dhash"]  # kept literal so that --help needs no imports
 
 
 class _Group(click.Group):
@@ -95,7 +95,10 @@ def main(ctx: click.Context, home: str, db: str | None, quiet: bool, verbose: bo
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--model", "model", required=True, help="Model name ('pixels' is created on first use).")
 @click.option(
-    "--metric", type=click.Choice(list(METRICS)), default=None, help="Distance of a model created here (default l2)."
+    "--metric",
+    type=click.Choice(list(METRICS)),
+    default=None,
+    help="Distance of a model created here (default l2; phash and dhash: hamming).",
 )
 @click.option(
     "--batch-size", default=2048, show_default=True, type=click.IntRange(1), help="Images per committed batch."
@@ -198,7 +201,9 @@ def _print_result(result: Any) -> None:
 @click.option("--name", help="Name to register it under (default: the kind).")
 @click.option("--image-size", type=click.IntRange(4, 1024), help="Input side in pixels (default: from DATA, <= 64).")
 @click.option("--channels", type=click.Choice(["1", "3"]), help="1 grey or 3 RGB (default: grey if all DATA is).")
-@click.option("--metric", type=click.Choice(list(METRICS)), default=None, help="Distance [cosine for ae/vae, else l2].")
+@click.option(
+    "--metric", type=click.Choice(list(METRICS)), help="Distance [ae/vae: cosine; phash/dhash: hamming; else l2]."
+)
 @click.option("--dim", type=click.IntRange(1), help="PCA: number of components [32].")
 @click.option("--arch", type=click.Choice(["conv", "mlp"]), help="AE/VAE architecture [conv].")
 @click.option("--latent-dim", type=click.IntRange(1), help="AE/VAE latent size [32].")
@@ -222,6 +227,7 @@ def _print_result(result: Any) -> None:
     "--consistency", type=click.FloatRange(0), help="AE/VAE: weight of the InfoNCE term between two views [30; 0 off]."
 )
 @click.option("--temperature", type=click.FloatRange(0, min_open=True), help="AE/VAE: InfoNCE temperature [0.2].")
+@click.option("--hash-size", type=click.IntRange(2, 32), help="phash/dhash: side of the bit grid [8: 64 bits].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted AE/VAE training run.")
 @click.option("--replace", is_flag=True, help="Retrain an existing model (its index is emptied).")
 @click.pass_context
@@ -244,6 +250,7 @@ def train(
       embedsearch train photos/ --model pca --dim 32
       embedsearch train photos/ --model vae --name vae32 --epochs 10
       embedsearch train photos/ --model ae --augment crop,noise,jpeg --consistency 10
+      embedsearch train photos/ --model phash --hash-size 16
     """
     options = {key: value for key, value in options.items() if value is not None}
     info = _engine(ctx).create_model(

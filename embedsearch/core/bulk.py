@@ -112,8 +112,8 @@ class BulkIndexer:
     def _flush(self, row: Model, encoder: Encoder, batch: _Batch, state: _State) -> None:
         if not (len(batch) or batch.touched or batch.deleted):
             return
-        empty = np.zeros((0, encoder.dim), np.float32)
-        vectors = encoder.encode(np.stack(batch.pixels)) if len(batch) else empty  # (N, dim) float32
+        empty = np.zeros((0, encoder.code_width), encoder.code_dtype)
+        vectors = encoder.encode(np.stack(batch.pixels)) if len(batch) else empty  # (N, dim) float32, or bits
         blobs = [v.tobytes() for v in vectors]
         new_ids = self.store.write_batch(
             row.id,

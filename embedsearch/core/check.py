@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedsearch.core import knn
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.layout import OWNED, Layout
 from embedsearch.core.models import ModelRegistry
@@ -98,7 +99,8 @@ class Checker:
         """image id -> vector of a model's entries, and the image ids whose stored vector is damaged."""
         good, bad = {}, []
         for image_id, blob in self.store.entry_blobs(model.id):
-            vec = np.frombuffer(blob, dtype=np.float32) if len(blob) == 4 * model.dim else None
+            width = knn.code_bytes(model.dim, model.metric)  # float32 values, or packed bits for hamming
+            vec = knn.from_bytes(blob, model.metric, model.dim)[0] if len(blob) == width else None
             if vec is None or not np.isfinite(vec).all():
                 bad.append(image_id)
             else:

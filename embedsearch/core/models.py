@@ -28,7 +28,7 @@ from embedsearch.data.images import InputSpec
 from embedsearch.encoders.base import WEIGHTS_FILE, Encoder, encoder_class, write_config
 from embedsearch.errors import DataError, InvalidArgumentError, LockedError, ModelError, UnknownModelError
 from embedsearch.files import file_sha256
-from embedsearch.results import METRICS, ModelInfo
+from embedsearch.results import ModelInfo
 from embedsearch.version import __version__
 
 log = logging.getLogger(__name__)
@@ -155,9 +155,13 @@ class ModelRegistry:
         resume: bool = False,
         replace: bool = False,
     ) -> ModelInfo:
-        """Make (train) a named model from ``data`` (a folder or an IDX images file) and register it."""
+        """Make (train) a named model from ``data`` (a folder or an IDX images file) and register it.
+
+        ``metric`` None: the kind's default (l2; hamming for the binary hashes).
+        """
         cls = encoder_class(kind)
         cls.Options.from_dict(options or {})  # refuse bad options before reading any data
+        cls.choose_metric(metric)
         check_model_name(name)
         if image_size is not None and channels is not None:
             spec = InputSpec(image_size, channels)
@@ -193,9 +197,7 @@ class ModelRegistry:
         """Train a model of ``kind`` on (N, S, S, C) uint8 ``images`` and register it as ``name``."""
         cls = encoder_class(kind)
         opts = cls.Options.from_dict(options or {})
-        metric = cls.default_metric if metric is None else metric
-        if metric not in METRICS:
-            raise InvalidArgumentError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+        metric = cls.choose_metric(metric)  # None: the kind's default
         check_model_name(name)
         if self.store.model(name) is not None and not (replace or resume):
             raise InvalidArgumentError(

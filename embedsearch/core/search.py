@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from embedsearch.core import knn
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.models import ModelRegistry
 from embedsearch.core.store import Store
@@ -35,7 +36,7 @@ class Search:
             except ImageError as exc:
                 failed.append((path, exc.reason))
         if not arrays:
-            return np.zeros((0, encoder.dim), np.float32), used, failed
+            return np.zeros((0, encoder.code_width), encoder.code_dtype), used, failed
         return encoder.encode(np.stack(arrays)), used, failed
 
     def vectors(
@@ -103,5 +104,5 @@ class Search:
             if not self.store.images([image_id]):
                 raise NotFoundError(f"no image with id {image_id}")
             raise NotFoundError(f"image {image_id} is not in model {model!r}'s index")
-        vector = np.frombuffer(found[0][1], dtype=np.float32)[None]  # (1, dim)
+        vector = knn.from_bytes(found[0][1], row.metric, row.dim)  # (1, dim), or (1, dim // 8) bits
         return self.vectors(vector, model, k, include_generated)[0]

@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import faiss
 import numpy as np
@@ -55,7 +55,8 @@ class Stamp:
 
 
 class VectorIndex:
-    """An exact (flat) index whose ids are image ids. Cosine = normalised vectors + inner product."""
+    """An exact (flat) index whose ids are image ids. Cosine = normalised vectors + inner product;
+    hamming = packed bits in a FAISS binary index (``dim`` bits, ``dim // 8`` bytes per vector)."""
 
     def __init__(self, dim: int, metric: str = "l2", owner: Owner | None = None) -> None:
         if metric not in knn.METRICS:
@@ -63,7 +64,7 @@ class VectorIndex:
         self.dim = dim
         self.metric = metric
         self.owner = owner
-        self.index = faiss.IndexIDMap2(knn.flat_index(dim, metric))
+        self.index = knn.id_index(dim, metric)  # IndexIDMap2, or IndexBinaryIDMap2 for hamming
         self.stamp = Stamp(owner=asdict(owner) if owner else None)
         #: Why the file this was loaded from could not be used (it is then rebuilt from the database).
         self.problem: str | None = None
@@ -76,7 +77,7 @@ class VectorIndex:
         return int(self.index.ntotal)
 
     def prepare(self, vectors: np.ndarray) -> np.ndarray:
-        """(N, dim) as this index stores them: float32, unit length for cosine."""
+        """(N, dim) as this index stores them: float32, unit length for cosine; (N, dim // 8) uint8 for hamming."""
         return knn.prepare(vectors, self.metric, self.dim)
 
     def ids(self) -> np.ndarray:
@@ -122,7 +123,7 @@ class VectorIndex:
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         with os_errors(f"cannot write the index file {path}"):
-            atomic_write(path, faiss.serialize_index(self.index).tobytes())
+            atomic_write(path, knn.serialize(self.index, self.metric))
             # The stamp goes second: if we die in between, an old stamp only makes the next open
             # re-apply entries it already has, which sync() handles.
             atomic_write(path.with_suffix(".faiss.json"), json.dumps(asdict(self.stamp)).encode())
@@ -138,14 +139,14 @@ class VectorIndex:
         if not path.exists():
             return out
         try:
-            index = faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
+            index = knn.deserialize(np.fromfile(path, dtype=np.uint8), metric)
             stamp = Stamp(**json.loads(path.with_suffix(".faiss.json").read_text()))
         except (RuntimeError, OSError, ValueError, TypeError) as exc:
             out.problem = "a folder, not an index file" if path.is_dir() else f"unreadable: {exc}"
         else:
-            out.problem = _mismatch(index, stamp, dim, owner)
+            out.problem = _mismatch(index, stamp, dim, metric, owner)
             if out.problem is None:
-                out.index, out.stamp = cast(faiss.IndexIDMap2, index), stamp
+                out.index, out.stamp = index, stamp
         if out.problem:
             log.warning("%s: %s; rebuilding it from the database", path.name, out.problem)
         return out
@@ -164,7 +165,7 @@ class VectorIndex:
         if fresh:
             ids = np.array([image_id for _, image_id, _ in fresh], dtype=np.int64)
             self.remove(ids)  # re-encoded images come back with a new entry
-            self.add(ids, np.frombuffer(b"".join(v for _, _, v in fresh), dtype=np.float32))
+            self.add(ids, knn.from_bytes(b"".join(v for _, _, v in fresh), self.metric, self.dim))
         if len(self) != count:
             self._drop_and_fill(store, model_id)
         self.stamp = Stamp(last_entry_id=last, count=count, owner=self.stamp.owner)
@@ -190,13 +191,13 @@ class VectorIndex:
         for i in range(0, len(missing), _FILL_BATCH):
             rows = store.entry_vectors(model_id, missing[i : i + _FILL_BATCH])
             ids = np.array([r[0] for r in rows], dtype=np.int64)
-            self.add(ids, np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32))
+            self.add(ids, knn.from_bytes(b"".join(r[1] for r in rows), self.metric, self.dim))
         log.info("index brought in step with the database: %d removed, %d added", len(have - want), len(missing))
 
 
-def _mismatch(index: faiss.Index, stamp: Stamp, dim: int, owner: Owner | None) -> str | None:
+def _mismatch(index: Any, stamp: Stamp, dim: int, metric: str, owner: Owner | None) -> str | None:
     """Why a loaded file cannot serve as the index of ``owner``, or None."""
-    if index.d != dim or not isinstance(index, faiss.IndexIDMap2):
+    if index.d != dim or not knn.is_id_index(index, metric):
         return "does not match its model's dimension or kind"
     if owner is None or stamp.owner == asdict(owner):
         return None

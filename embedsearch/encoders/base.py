@@ -1,8 +1,10 @@
-"""Encoders: a batch of normalised images in, one float32 vector per image out.
+"""Encoders: a batch of normalised images in, one code per image out (float32, or bits for hashes).
 
-Every kind (pixels, pca, ae, vae) implements :class:`Encoder`; a kind that can also decode
-(AE) implements :class:`DecodingEncoder`, and one with a Gaussian posterior (VAE)
-:class:`PosteriorEncoder`, so callers ask ``isinstance`` for a capability instead of naming kinds.
+Every kind (pixels, pca, ae, vae, phash, dhash) implements :class:`Encoder`; a kind that can also
+decode (AE) implements :class:`DecodingEncoder`, one with a Gaussian posterior (VAE)
+:class:`PosteriorEncoder`, and one whose code is bits (the perceptual hashes) :class:`BinaryEncoder`,
+so callers ask ``isinstance`` (or the class's ``metrics`` and ``code_dtype``) for a capability
+instead of naming kinds.
 The registry maps a kind to the dotted path of its class so that looking a kind up never imports
 torch unless that kind needs it. The classic kinds live in :mod:`embedsearch.encoders.classic`,
 the neural ones in :mod:`embedsearch.encoders.nn`.
@@ -25,6 +27,7 @@ import numpy as np
 from embedsearch.data.images import InputSpec
 from embedsearch.errors import InvalidArgumentError, from_os_error, os_errors
 from embedsearch.files import atomic_path, atomic_write
+from embedsearch.results import BINARY_METRICS, FLOAT_METRICS, METRICS
 
 #: kind -> "module:Class". Torch-based kinds live in modules that import torch; the others do not.
 REGISTRY: dict[str, str] = {
@@ -32,6 +35,8 @@ REGISTRY: dict[str, str] = {
     "pca": "embedsearch.encoders.classic:PCAEncoder",
     "ae": "embedsearch.encoders.nn.encoder:AEEncoder",
     "vae": "embedsearch.encoders.nn.encoder:VAEEncoder",
+    "phash": "embedsearch.encoders.hashes:PHashEncoder",
+    "dhash": "embedsearch.encoders.hashes:DHashEncoder",
 }
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -70,19 +75,54 @@ class Encoder(ABC):
 
     ``encode`` takes ``(N, S, S, C)`` uint8 images already normalised to ``spec`` and returns
     ``(N, dim)`` float32, C-contiguous. AE gives its latent code z, VAE its mean vector mu.
+    (A :class:`BinaryEncoder` returns packed bits instead.)
     """
 
     kind: ClassVar[str]
     Options: ClassVar[type[EncoderOptions]] = EncoderOptions
     #: False for kinds that need no data to exist (pixels): they are created on first use.
     needs_training: ClassVar[bool] = True
-    #: The distance a model of this kind is searched with unless one is named when it is made.
-    default_metric: ClassVar[str] = "l2"
+    #: The distances its codes can be searched with; the first is the default.
+    metrics: ClassVar[tuple[str, ...]] = FLOAT_METRICS
+    #: The type of one code's values, as the index and the database's vector blobs hold them.
+    code_dtype: ClassVar[np.dtype[Any]] = np.dtype(np.float32)
 
     def __init__(self, spec: InputSpec, dim: int, options: EncoderOptions) -> None:
         self.spec = spec
         self.dim = dim
         self.options = options
+
+    @property
+    def code_width(self) -> int:
+        """Values in one image's code: the columns ``encode`` returns."""
+        return self.dim
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of one image's code in the index and in the database."""
+        return self.code_width * self.code_dtype.itemsize
+
+    @classmethod
+    def choose_metric(cls, metric: str | None) -> str:
+        """The metric a model of this kind is made with: ``metric``, or the kind's default if None.
+
+        A metric the kind's codes cannot be compared with is refused in one line.
+        """
+        if metric is None:
+            return cls.metrics[0]
+        if metric not in METRICS:
+            raise InvalidArgumentError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+        if metric in cls.metrics:
+            return metric
+        if metric in BINARY_METRICS:
+            raise InvalidArgumentError(
+                f"--metric {metric} is for binary codes (phash, dhash); a {cls.kind} model uses "
+                f"{' or '.join(cls.metrics)} (default {cls.metrics[0]})"
+            )
+        raise InvalidArgumentError(
+            f"--metric {metric} does not apply to {cls.kind} models: their codes are bits, compared by "
+            f"{' or '.join(cls.metrics)} distance; leave --metric out"
+        )
 
     @abstractmethod
     def encode(self, images: np.ndarray) -> np.ndarray: ...
@@ -140,6 +180,22 @@ class PosteriorEncoder(DecodingEncoder):
     @abstractmethod
     def encode_dist(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, S, S, C) uint8 -> posterior mean mu and log-variance, each (N, dim) float32."""
+
+
+class BinaryEncoder(Encoder):
+    """An encoder whose code is bits (perceptual hashes), searched by Hamming distance only.
+
+    ``encode`` returns ``(N, dim // 8)`` uint8, the bits packed eight to a byte, first bit highest
+    (``numpy.packbits``); ``dim`` counts bits and is a multiple of 8 (FAISS's binary indexes need whole
+    bytes). The database stores each code as its bytes, so a rebuild from it gives the same codes.
+    """
+
+    metrics = BINARY_METRICS
+    code_dtype = np.dtype(np.uint8)
+
+    @property
+    def code_width(self) -> int:
+        return self.dim // 8
 
 
 def write_config(directory: Path, config: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from embedsearch.encoders.base import REGISTRY, DecodingEncoder, Encoder, Poster
 from embedsearch.encoders.nn import recipe
 from embedsearch.errors import DataError, InvalidArgumentError, UnknownModelError
 from embedsearch.evaluation import metrics as ev
+from embedsearch.results import FLOAT_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ class CompareConfig:
             raise InvalidArgumentError(f"--query-fraction must be between 0 and 1, not {self.query_fraction}")
         if self.k < 1 or self.train_epochs < 1 or self.latent_dim < 1 or self.curve_k < 1:
             raise InvalidArgumentError("k, train epochs, latent dim and curve k must be at least 1")
-        if self.metric is not None and self.metric not in ev.METRICS:
-            raise InvalidArgumentError(f"unknown metric {self.metric!r}; choose one of {', '.join(ev.METRICS)}")
+        if self.metric is not None and self.metric not in FLOAT_METRICS:  # the hashes' hamming is theirs alone
+            raise InvalidArgumentError(f"unknown metric {self.metric!r}; choose one of {', '.join(FLOAT_METRICS)}")
         self.augment = list(recipe.DEFAULT_AUGMENT) if self.augment is None else recipe.parse_augment(self.augment)
         if self.consistency is None:
             self.consistency = recipe.DEFAULT_CONSISTENCY if self.augment else 0.0
@@ -375,7 +376,8 @@ def prepare_model(engine: Any, name: str, kind: str | None, data: Data) -> tuple
         kind,
         images,
         data.spec,
-        metric=data.config.metric,
+        # The run's metric for the float models; a kind that cannot use it (the hashes) gets its own.
+        metric=data.config.metric if data.config.metric in cls.metrics else None,
         options=_options(kind, data.config),
         source=data.config.data,
     )
@@ -406,7 +408,7 @@ def evaluate_model(name: str, kind: str, encoder: Encoder, metric: str, data: Da
         kind,
         metric,
         encoder.dim,
-        encoder.dim * 4,
+        encoder.code_bytes,
         ev.precision_at(hits, config.k),
         ev.map_at(hits, config.k, relevant),
         {n: ev.recall_at(hits, n) for n in RECALL_KS},

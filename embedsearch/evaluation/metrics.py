@@ -39,9 +39,9 @@ JPEG_QUALITY = 60
 
 def build_index(vectors: np.ndarray, metric: str = "l2") -> faiss.Index:
     """An in-memory exact index (:func:`embedsearch.core.knn.flat_index`): L2, or inner product over
-    unit vectors for cosine."""
+    unit vectors for cosine, or a binary index of packed bits for hamming."""
     x = knn.prepare(vectors, metric)
-    index = knn.flat_index(x.shape[1], metric)
+    index = knn.flat_index(knn.dim_of(x, metric), metric)
     index.add(x)
     return index
 

@@ -39,7 +39,8 @@ DEFINITIONS: dict[str, str] = {
     "kl": "VAE: the mean over queries of KL(q(z|x) || N(0, I)), summed over the latent dimensions, in nats.",
     "active_dims": "VAE: the number of latent dimensions whose posterior mean mu has a variance above 0.01 "
     "across the queries.",
-    "dim / bytes_per_image": "the vector length and its float32 size in the flat index (4 bytes x dim).",
+    "dim / bytes_per_image": "the vector length and its size in the flat index (float32: 4 bytes x dim; "
+    "a hash: dim bits in dim / 8 bytes).",
     "encode_images_per_s": "database images encoded per second, in batches.",
     "query_ms_p50": "the median time of one query (encode a single image, then search the flat index) over "
     "200 queries, on one thread.",

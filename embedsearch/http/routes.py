@@ -270,7 +270,7 @@ def _generate(engine: Engine, body: GenerateIn) -> dict[str, Any]:
 
 @router.get("/models", response_model=ModelsOut, tags=["library"])
 async def list_models(engine: ReadEngine) -> dict[str, Any]:
-    """The library's models (name, kind ae/vae/pixels/pca, input, dimension, vectors)."""
+    """The library's models (name, kind ae/vae/pixels/pca/phash/dhash, input, dimension, vectors)."""
     shown = [f.name for f in fields(ModelOut)]  # the ModelSummary part of each ModelInfo
     return {"models": [{f: getattr(m, f) for f in shown} for m in await in_thread(engine.models)]}
 

@@ -55,7 +55,7 @@ class NeuralEncoder(DecodingEncoder):
     Options: ClassVar[type[EncoderOptions]] = AEOptions
     # Trained with a contrastive term on L2-normalised codes, so directions are what they order by
     # (benchmarks/ablation.py measured cosine against L2; README "Training defaults").
-    default_metric: ClassVar[str] = "cosine"
+    metrics: ClassVar[tuple[str, ...]] = ("cosine", "l2")
 
     def __init__(
         self,
