@@ -19,7 +19,8 @@ from embedsearch.data.synth import make_image_array, make_shapes
 from embedsearch.engine import Engine
 from embedsearch.errors import DataError, InvalidArgumentError
 from embedsearch.evaluation.compare import CompareConfig, CompareResult, ModelResult
-from embedsearch.evaluation.report import format_table
+from embedsearch.evaluation.report import format_table, render_markdown
+from embedsearch.evaluation.transforms import TRANSFORMS
 
 CONTRACT = [
     "precision@10",
@@ -77,6 +78,16 @@ def write_idx_pair(folder: Path, prefix: str, images: np.ndarray, labels: np.nda
     return path
 
 
+def assert_robustness(entry: dict) -> None:
+    """A model's --json entry has recall@1 and @10 in [0, 1] for every transform; mixed is neardup_recall."""
+    robustness = entry["robustness"]
+    assert list(robustness) == list(TRANSFORMS)
+    for scores in robustness.values():
+        assert list(scores) == ["recall@1", "recall@10"]
+        assert 0.0 <= scores["recall@1"] <= scores["recall@10"] <= 1.0
+    assert robustness["mixed"] == {"recall@1": entry["neardup_recall@1"], "recall@10": entry["neardup_recall@10"]}
+
+
 # -- the command ------------------------------------------------------------------------------------
 
 
@@ -111,10 +122,13 @@ def test_compare_end_to_end_json_and_report(tmp_path: Path, grey_shapes: Path) -
     assert 0 < data["models"]["ae"]["recon_error"] < 1 and "kl" not in data["models"]["ae"]
     assert data["models"]["vae"]["kl"] >= 0 and 0 <= data["models"]["vae"]["active_dims"] <= 32
     assert data["models"]["ae"]["trained"] and not data["models"]["pixels"]["trained"]
+    for m in data["models"].values():
+        assert_robustness(m)
 
     text = (out / "report.md").read_text()
     assert "compare" in text and "--train-epochs 1" in text and "| model |" in text and "precision@10" in text
-    for png in ("precision_at_k.png", "latents_2d.png", "top_results.png", "samples.png"):
+    assert "## Robustness" in text and "| model | crop | shift |" in text
+    for png in ("precision_at_k.png", "latents_2d.png", "top_results.png", "samples.png", "robustness.png"):
         assert f"]({png})" in text
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.width > 200
@@ -127,8 +141,9 @@ def test_compare_end_to_end_json_and_report(tmp_path: Path, grey_shapes: Path) -
     code, stdout, _ = run(home, "compare", str(grey_shapes), "--query-fraction", "0.2", "--train-epochs", "1")
     assert code == 0
     lines = stdout.splitlines()
-    assert lines[0].split()[:3] == ["model", "dim", "P@10"] and len(lines) == 6 and "*" in stdout
+    assert lines[0].split()[:3] == ["model", "dim", "P@10"] and len(lines) == 13 and "*" in stdout
     assert lines[1].split()[0] == "ae" and lines[3].split()[:2] == ["pixels", "784"]
+    assert lines[6] == "" and lines[7].split() == ["model", *TRANSFORMS] and lines[8].split()[0] == "ae"
 
 
 def test_compare_on_idx_with_queries_excludes_self_matches(tmp_path: Path) -> None:
@@ -165,6 +180,8 @@ def test_models_made_by_compare_use_the_metric_asked_for(tmp_path: Path, grey_sh
     assert code == 0, stderr
     models = json.loads(stdout)["models"]
     assert {m["metric"] for m in models.values()} == {"cosine"}
+    for m in models.values():
+        assert_robustness(m)
     with Engine(tmp_path / "home") as engine:
         assert {m.metric for m in engine.models()} == {"cosine"}
 
@@ -210,6 +227,65 @@ def test_config_validation() -> None:
         CompareConfig(data="x", models=[])
     config = CompareConfig(data="x", models=["ae", "pixels"], k=5)
     assert CompareConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_altered_queries_are_made_once_per_transform_and_the_report_plots_robustness(
+    tmp_path: Path, grey_shapes: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: dict[str, int] = {}
+
+    def counted(name: str):  # noqa: ANN202 - a wrapper of the transform's own signature
+        original = TRANSFORMS[name]
+
+        def transform(images: np.ndarray, seed: int) -> np.ndarray:
+            calls[name] = calls.get(name, 0) + 1
+            return original(images, seed)
+
+        return transform
+
+    for name in list(TRANSFORMS):
+        monkeypatch.setitem(TRANSFORMS, name, counted(name))
+    out = tmp_path / "report"
+    args = ["compare", str(grey_shapes), "--models", "pixels,pca", "--query-fraction", "0.2", "--report", str(out)]
+    code, stdout, stderr = run(tmp_path / "home", *args)
+    assert code == 0, stderr
+    assert calls == dict.fromkeys(TRANSFORMS, 1)  # two models, one altered query set per transform
+    lines = stdout.splitlines()  # scores (header, 2 models, legend), a blank line, then robustness
+    assert lines[3].startswith("* best") and lines[5].split() == ["model", *TRANSFORMS] and len(lines) == 9
+    text = (out / "report.md").read_text()
+    assert "## Robustness" in text and "](robustness.png)" in text
+    with Image.open(out / "robustness.png") as im:
+        assert im.format == "PNG" and im.width > 200
+    restored = CompareResult.from_dict(json.loads((out / "results.json").read_text()))
+    assert set(restored.models["pca"].robustness) == set(TRANSFORMS)
+
+
+def test_robustness_round_trips_and_results_without_it_still_load() -> None:
+    robust = {
+        t: {"recall@1": round(0.25 + i / 100, 2), "recall@10": round(0.5 + i / 100, 2)}
+        for i, t in enumerate(TRANSFORMS)
+    }
+    model = ModelResult(
+        "a", "pca", "l2", 32, 128, 0.8, 0.5, {1: 0.5, 5: 0.6, 10: 0.7}, 0.5, {1: 0.9, 10: 1.0}, 1000.0, 0.3
+    )
+    model.robustness = robust
+    assert ModelResult.from_dict(json.loads(json.dumps(model.to_dict()))) == model
+    assert model.metrics(10)["robustness"] == robust
+    old = model.to_dict()
+    del old["robustness"]  # results.json written before the robustness table
+    assert ModelResult.from_dict(old).robustness == {}
+
+    other = ModelResult.from_dict({**model.to_dict(), "name": "b"})
+    other.robustness = {t: {"recall@1": 0.1, "recall@10": 0.2} for t in TRANSFORMS}
+    result = CompareResult(
+        CompareConfig(data="d", models=["a", "b"]), "d", "fraction", 10, 90, ["0"], {"a": model, "b": other}, 1.0
+    )
+    lines = format_table(result).splitlines()
+    header, a, b = (lines[i].split() for i in (5, 6, 7))  # after the scores, their legend and a blank line
+    assert header == ["model", *TRANSFORMS]
+    assert a[1] == "0.500*/0.250" and b[1] == "0.200/0.100"  # recall@10/recall@1, the better recall@10 marked
+    text = render_markdown(result, {"robustness": Path("robustness.png")})
+    assert "| a | 0.500\\*/0.250 |" in text and "![robustness](robustness.png)" in text
 
 
 def test_table_marks_the_best_value_of_each_column() -> None:

@@ -23,6 +23,7 @@ from embedsearch.encoders.base import REGISTRY, DecodingEncoder, Encoder, Poster
 from embedsearch.encoders.nn import recipe
 from embedsearch.errors import DataError, InvalidArgumentError, UnknownModelError
 from embedsearch.evaluation import metrics as ev
+from embedsearch.evaluation.transforms import TRANSFORMS
 from embedsearch.results import FLOAT_METRICS
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,11 @@ class CompareConfig:
 
 @dataclass
 class ModelResult:
-    """One model's scores; ``recall`` and ``neardup_recall`` map k to the value."""
+    """One model's scores; ``recall`` and ``neardup_recall`` map k to the value.
+
+    ``robustness`` maps each transform of :data:`TRANSFORMS` to ``{"recall@1": x, "recall@10": y}``:
+    near-duplicate recall of the queries altered by that transform alone (``mixed``: ``neardup_recall``).
+    """
 
     name: str
     kind: str
@@ -109,6 +114,7 @@ class ModelResult:
     kl: float | None = None
     active_dims: int | None = None
     precision_curve: list[float] = field(default_factory=list)
+    robustness: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def metrics(self, k: int) -> dict[str, Any]:
         """The ``--json`` entry: contract keys first (``@k`` following k), then extras that apply."""
@@ -133,6 +139,7 @@ class ModelResult:
             "active_dims": self.active_dims,
         }
         out.update({key: _r(v) if isinstance(v, float) else v for key, v in extras.items() if v is not None})
+        out["robustness"] = {t: {key: _r(v) for key, v in r.items()} for t, r in self.robustness.items()}
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,6 +151,8 @@ class ModelResult:
         kept = {k: v for k, v in values.items() if k in known}
         for key in ("recall", "neardup_recall"):  # JSON object keys are strings
             kept[key] = {int(n): float(v) for n, v in kept.get(key, {}).items()}
+        robustness = kept.get("robustness", {})  # results written before the table have none
+        kept["robustness"] = {t: {key: float(v) for key, v in r.items()} for t, r in robustness.items()}
         return cls(**kept)
 
 
@@ -217,7 +226,7 @@ class View:
 
     db: np.ndarray
     queries: np.ndarray
-    altered: np.ndarray | None = None  # the near-duplicate queries, made on first use
+    altered: dict[str, np.ndarray] = field(default_factory=dict)  # transform -> altered queries, made on first use
 
 
 class Data:
@@ -295,11 +304,14 @@ class Data:
             raise DataError(f"{source}: {len(dataset)} usable images at {spec.shape}, {size} at {self.spec.shape}")
         return _rows(dataset.images, rows)
 
-    def altered(self, spec: InputSpec) -> np.ndarray:
+    def altered(self, spec: InputSpec, transform: str = "mixed") -> np.ndarray:
+        """The queries at ``spec`` altered by ``transform``, made once and shared by every model."""
         view = self.view(spec)
-        if view.altered is None:
-            view.altered = ev.augment(view.queries, self.config.seed)
-        return view.altered
+        if transform not in view.altered:
+            started = time.perf_counter()
+            view.altered[transform] = TRANSFORMS[transform](view.queries, self.config.seed)
+            log.info("altered %d queries by %s in %.1f s", len(view.queries), transform, time.perf_counter() - started)
+        return view.altered[transform]
 
     def shown_queries(self) -> np.ndarray:
         """A few fixed query rows, of different labels where there are enough, chosen by the seed."""
@@ -402,7 +414,7 @@ def evaluate_model(name: str, kind: str, encoder: Encoder, metric: str, data: Da
     relevant = ev.relevant_counts(data.db_labels, data.query_labels, data.exclude)
     query_ms = ev.time_single_queries(encoder.encode, index, view.queries, config.k, metric, config.timing_queries)
     ev.add_vectors(index, q_vecs, metric)  # near duplicates are searched among database + originals
-    dup_ids = ev.search(index, encoder.encode(data.altered(encoder.spec)), max(NEARDUP_KS), metric)
+    robust = _robustness(encoder, index, metric, len(db_vecs), data)
     result = ModelResult(
         name,
         kind,
@@ -413,15 +425,25 @@ def evaluate_model(name: str, kind: str, encoder: Encoder, metric: str, data: Da
         ev.map_at(hits, config.k, relevant),
         {n: ev.recall_at(hits, n) for n in RECALL_KS},
         ev.knn_accuracy(ids, data.db_labels, data.query_labels, config.k),
-        ev.neardup_recall(dup_ids, len(db_vecs), NEARDUP_KS, data.exclude),
+        robust["mixed"],  # neardup_recall@k: the mixed transform, its definition since the start
         per_s,
         query_ms,
         precision_curve=ev.precision_curve(hits, config.curve_k),
+        robustness={t: {f"recall@{n}": v for n, v in r.items()} for t, r in robust.items()},
     )
     art.kinds[name], art.top[name] = kind, ids[art.shown, :TOP_SHOWN]
     if isinstance(encoder, DecodingEncoder):
         _generative(name, encoder, view.queries, q_vecs, result, art, config)
     return result
+
+
+def _robustness(encoder: Encoder, index: Any, metric: str, n_db: int, data: Data) -> dict[str, dict[int, float]]:
+    """transform -> near-duplicate recall at NEARDUP_KS, over an index of database + original queries."""
+    out = {}
+    for name in TRANSFORMS:
+        ids = ev.search(index, encoder.encode(data.altered(encoder.spec, name)), max(NEARDUP_KS), metric)
+        out[name] = ev.neardup_recall(ids, n_db, NEARDUP_KS, data.exclude)
+    return out
 
 
 def _generative(

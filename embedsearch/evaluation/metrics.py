@@ -13,7 +13,6 @@ and are removed before any rank is counted.
 from __future__ import annotations
 
 import hashlib
-import io
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,18 +20,10 @@ from contextlib import contextmanager
 
 import faiss
 import numpy as np
-from PIL import Image
 
 from embedsearch.core import knn
-from embedsearch.data.images import to_pil
+from embedsearch.evaluation.transforms import augment as augment  # re-exported: the mixed near-duplicate
 from embedsearch.results import METRICS as METRICS  # re-exported: the metrics an index can use
-
-#: Near-duplicate alteration: crop side fraction, brightness factor, noise sigma (of [0, 1]), JPEG quality.
-CROP = (0.85, 0.95)
-BRIGHTNESS = (0.8, 1.2)
-NOISE_SIGMA = 0.03
-JPEG_QUALITY = 60
-
 
 # -- search -------------------------------------------------------------------------------------
 
@@ -163,35 +154,6 @@ def knn_accuracy(ids: np.ndarray, db_labels: np.ndarray, query_labels: np.ndarra
 
 
 # -- near duplicates --------------------------------------------------------------------------------
-
-
-def _alter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One seeded alteration of an (S, S, C) uint8 image: crop+resize, brightness, noise, JPEG."""
-    side = image.shape[0]
-    # Every draw is a fraction of the side, so the same seed alters an image alike at any size.
-    frac, ux, uy, gain = rng.uniform(*CROP), rng.uniform(), rng.uniform(), rng.uniform(*BRIGHTNESS)
-    crop = max(1, round(frac * side))
-    x0, y0 = round(ux * (side - crop)), round(uy * (side - crop))
-    pic = to_pil(image)
-    mode = pic.mode  # "L" or "RGB"
-    pic = pic.crop((x0, y0, x0 + crop, y0 + crop)).resize((side, side), Image.Resampling.BILINEAR)
-    x = np.asarray(pic, dtype=np.float32).reshape(image.shape) * gain
-    x += rng.normal(0.0, NOISE_SIGMA * 255.0, size=x.shape).astype(np.float32)
-    x = np.clip(np.rint(x), 0, 255).astype(np.uint8)
-    pic = to_pil(x)
-    buf = io.BytesIO()
-    pic.save(buf, "JPEG", quality=JPEG_QUALITY)
-    buf.seek(0)
-    with Image.open(buf) as back:
-        return np.asarray(back.convert(mode), dtype=np.uint8).reshape(image.shape)
-
-
-def augment(images: np.ndarray, seed: int) -> np.ndarray:
-    """Each (N, S, S, C) uint8 image altered once; image i uses its own generator seeded (seed, i)."""
-    out = np.empty_like(images)
-    for i, image in enumerate(images):
-        out[i] = _alter(image, np.random.default_rng([seed, i]))
-    return out
 
 
 def neardup_recall(ids: np.ndarray, n_db: int, ks: Sequence[int], also: np.ndarray | None = None) -> dict[int, float]:

@@ -34,6 +34,9 @@ DEFINITIONS: dict[str, str] = {
     "brightness x0.8-1.2, Gaussian noise sigma 0.03, JPEG quality 60) and searched among the "
     "database plus the unaltered queries; the fraction whose unaltered original (or a database "
     "image with identical pixels) is among the k nearest, for k = 1 and 10.",
+    "robustness": "near-duplicate recall@1 and @10 as above, once per transform: the queries altered by crop, "
+    "shift, rotation, blur, noise, jpeg or brightness alone (README, Robustness transforms, gives each "
+    "one's exact parameters), and by mixed, the chain of neardup_recall@k.",
     "recon_error": "AE/VAE: mean squared error per pixel value, pixels scaled to [0, 1], between each query and "
     "its reconstruction through the code (the VAE's through its mean mu).",
     "kl": "VAE: the mean over queries of KL(q(z|x) || N(0, I)), summed over the latent dimensions, in nats.",
@@ -99,21 +102,57 @@ def training_line(result: CompareResult) -> str:
 
 
 def format_table(result: CompareResult) -> str:
-    """The table as aligned text for the terminal."""
-    header, rows = table(result)
+    """The tables as aligned text for the terminal: the scores, then robustness if it was measured."""
+    lines = [*_aligned(*table(result)), legend(result)]
+    if transforms_of(result):
+        lines += ["", *_aligned(*robustness_table(result)), ROBUSTNESS_LEGEND]
+    return "\n".join(lines)
+
+
+def transforms_of(result: CompareResult) -> list[str]:
+    """The transforms any model was scored on, in the order of the first model that has each."""
+    return list(dict.fromkeys(t for m in result.models.values() for t in m.robustness))
+
+
+def robustness_table(result: CompareResult) -> tuple[list[str], list[list[str]]]:
+    """Header and one row per model: ``recall@10/recall@1`` per transform, the best recall@10 marked."""
+    names = transforms_of(result)
+    models = list(result.models.values())
+    columns = [[m.name for m in models]]
+    for t in names:
+        cells = [m.robustness.get(t) for m in models]
+        top = [f"{c['recall@10']:.3f}" for c in cells if c is not None]
+        best = max(top) if len(top) > 1 else None
+        shown = []
+        for c in cells:
+            if c is None:
+                shown.append("-")
+                continue
+            r10 = f"{c['recall@10']:.3f}"
+            shown.append(f"{r10}{'*' if r10 == best else ''}/{c['recall@1']:.3f}")
+        columns.append(shown)
+    return ["model", *names], [list(row) for row in zip(*columns, strict=False)]
+
+
+ROBUSTNESS_LEGEND = "near-duplicate recall@10/recall@1 per transform (* best recall@10 in column)"
+
+
+def _aligned(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
+    return [
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
         for r in [header, *rows]
     ]
-    return "\n".join([*lines, legend(result)])
 
 
-def markdown_table(result: CompareResult) -> str:
-    header, rows = table(result)
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(c.replace("*", "\\*") for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def markdown_table(result: CompareResult) -> str:
+    return _markdown(*table(result))
 
 
 # -- plots ------------------------------------------------------------------------------------------
@@ -139,6 +178,29 @@ def plot_precision_curve(result: CompareResult, path: Path) -> Path:
     ax.set_title(f"precision@k, {result.queries} queries over {result.database} images")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def plot_robustness(result: CompareResult, path: Path) -> Path | None:
+    """recall@10 per transform: one bar group per model, one bar (colour) per transform."""
+    names = transforms_of(result)
+    if not names:
+        return None
+    fig = _figure(max(7.0, 1.4 * len(result.models) + 3), 4.5)
+    ax = fig.add_subplot()
+    width = 0.8 / len(names)
+    x = np.arange(len(result.models))
+    for i, t in enumerate(names):
+        values = [m.robustness.get(t, {}).get("recall@10", 0.0) for m in result.models.values()]
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=t)
+    ax.set_xticks(x, [f"{name} ({m.kind})" for name, m in result.models.items()])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("near-duplicate recall@10")
+    ax.set_title(f"near-duplicate recall@10 per transform, {result.queries} altered queries")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path)
     return path
@@ -250,6 +312,20 @@ def _models(result: CompareResult) -> list[str]:
     return lines
 
 
+def _robustness_section(result: CompareResult, plot: Path | None) -> list[str]:
+    if not transforms_of(result):
+        return []
+    return [
+        "## Robustness",
+        "",
+        _markdown(*robustness_table(result)),
+        "",
+        ROBUSTNESS_LEGEND.replace("*", "\\*") + "; each transform is defined in the README (Robustness transforms).",
+        "",
+        *(["recall@10 per transform, one bar group per model:", "", f"![robustness]({plot.name})", ""] if plot else []),
+    ]
+
+
 def render_markdown(result: CompareResult, plots: dict[str, Path | None]) -> str:
     k = result.k
     parts = [
@@ -273,6 +349,7 @@ def render_markdown(result: CompareResult, plots: dict[str, Path | None]) -> str
         "",
         *_models(result),
         "",
+        *_robustness_section(result, plots.get("robustness")),
         "## Metrics",
         "",
     ]
@@ -304,6 +381,7 @@ def write_report(result: CompareResult, art: Artifacts, out_dir: str | Path) -> 
         "latents": plot_latents(art, out / "latents_2d.png", result.config.seed),
         "top": plot_top_results(art, out / "top_results.png"),
         "samples": plot_samples(art, out / "samples.png"),
+        "robustness": plot_robustness(result, out / "robustness.png"),
     }
     (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     path = out / "report.md"
