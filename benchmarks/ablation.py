@@ -1,6 +1,6 @@
 """The ablation behind the AE/VAE training defaults: augmentation, consistency weight, temperature, metric, latent size.
 
-    .venv/bin/python benchmarks/ablation.py [--db 20000] [--queries 5000] [--epochs 5] [--only NAME,...]
+    .venv/bin/python benchmarks/ablation.py [--db 10000] [--queries 2000] [--epochs 4] [--only NAME,...]
 
 A seeded subset of Fashion-MNIST (``--db`` training images as the database, the first ``--queries``
 t10k images as queries) is compared with ``embedsearch compare``'s own code for each setting below,
@@ -95,6 +95,7 @@ def run(name: str, settings: dict[str, Any], models: list[str], args: argparse.N
                 "neardup_recall@1": res.neardup_recall[1],
                 "neardup_recall@10": res.neardup_recall[10],
                 "train_seconds": res.train_seconds,
+                "robustness_recall@10": {t: r["recall@10"] for t, r in res.robustness.items()},
                 "config": {k: v for k, v in config.to_dict().items() if k in settings or k == "latent_dim"},
             }
         )
@@ -107,9 +108,9 @@ log = logging.getLogger("ablation")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", type=int, default=20_000, help="database images (a seeded subset of train)")
-    parser.add_argument("--queries", type=int, default=5_000, help="query images (the first of t10k)")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--db", type=int, default=10_000, help="database images (a seeded subset of train)")
+    parser.add_argument("--queries", type=int, default=2_000, help="query images (the first of t10k)")
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", help="comma-separated setting names (default: all)")
     parser.add_argument("--no-baselines", action="store_true", help="skip pixels and PCA")

@@ -227,6 +227,33 @@ def test_config_validation() -> None:
         CompareConfig(data="x", models=[])
     config = CompareConfig(data="x", models=["ae", "pixels"], k=5)
     assert CompareConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    # The training recipe is resolved here, so that the report states what the models were trained with.
+    assert (config.augment, config.consistency, config.temperature) == (["crop", "brightness", "noise"], 30.0, 0.2)
+    plain = CompareConfig(data="x", augment=["none"])
+    assert plain.augment == [] and plain.consistency == 0.0
+    with pytest.raises(InvalidArgumentError, match="unknown augmentation"):
+        CompareConfig(data="x", augment=["sepia"])
+    with pytest.raises(InvalidArgumentError, match="hamming"):
+        CompareConfig(data="x", metric="hamming")
+
+
+@pytest.mark.slow
+def test_compare_trains_ae_and_vae_with_the_recipe_asked_for_and_states_it(tmp_path: Path, grey_shapes: Path) -> None:
+    from embedsearch.engine import Engine
+
+    out = tmp_path / "report"
+    args = ["compare", str(grey_shapes), "--models", "ae,vae,pixels", "--query-fraction", "0.2", "--train-epochs", "1"]
+    args += ["--augment", "crop,noise", "--consistency", "5", "--temperature", "0.3", "--report", str(out)]
+    code, stdout, stderr = run(tmp_path / "home", *args)
+    assert code == 0, stderr
+    assert stdout.splitlines()[-1].endswith("augment crop,noise, consistency 5.0, temperature 0.3")
+    text = (out / "report.md").read_text()
+    assert "augment crop,noise, consistency 5.0, temperature 0.3" in text and "--augment crop,noise" in text
+    with Engine(tmp_path / "home") as engine:
+        for kind in ("ae", "vae"):
+            options = engine.model(kind).config["options"]
+            assert (options["augment"], options["consistency"], options["temperature"]) == (["crop", "noise"], 5.0, 0.3)
+        assert {m.name: m.metric for m in engine.models()} == {"ae": "cosine", "vae": "cosine", "pixels": "l2"}
 
 
 def test_altered_queries_are_made_once_per_transform_and_the_report_plots_robustness(

@@ -87,7 +87,7 @@ def table(result: CompareResult) -> tuple[list[str], list[list[str]]]:
 def legend(result: CompareResult) -> str:
     return (
         f"* best in column; {result.queries} queries, {result.database} database images, k = {result.k}; "
-        "P precision, R recall, ND near-duplicate recall, recon MSE per pixel, KL in nats\n" + training_line(result)
+        "P precision, R recall, ND near-duplicate recall, recon MSE per pixel, KL in nats"
     )
 
 
@@ -106,6 +106,8 @@ def format_table(result: CompareResult) -> str:
     lines = [*_aligned(*table(result)), legend(result)]
     if transforms_of(result):
         lines += ["", *_aligned(*robustness_table(result)), ROBUSTNESS_LEGEND]
+    if any(m.trained and m.kind in ("ae", "vae") for m in result.models.values()):
+        lines.append(training_line(result))
     return "\n".join(lines)
 
 
