@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import FASHION, OUT, machine  # noqa: E402
 from embedsearch.engine import Engine  # noqa: E402
-from embedsearch.evaluation.compare import CompareConfig, run_compare  # noqa: E402
+from embedsearch.evaluation.compare import run_compare  # noqa: E402
+from embedsearch.evaluation.scores import CompareConfig  # noqa: E402
 
 #: name -> CompareConfig settings. "default" is whatever the code's defaults are.
 ALL_OPS = ["crop", "shift", "rotate", "brightness", "blur", "noise", "jpeg"]

@@ -28,8 +28,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import FASHION, OUT, machine  # noqa: E402
 from embedsearch.engine import Engine  # noqa: E402
-from embedsearch.evaluation.compare import CompareConfig, run_compare  # noqa: E402
+from embedsearch.evaluation.compare import run_compare  # noqa: E402
 from embedsearch.evaluation.report import format_table, write_report  # noqa: E402
+from embedsearch.evaluation.scores import CompareConfig  # noqa: E402
 
 TARGET_PRECISION = 0.86
 TARGET_SECONDS = 900.0

@@ -18,8 +18,8 @@ from embedsearch.data.idx import read_idx, read_idx_pair
 from embedsearch.data.synth import make_image_array, make_shapes
 from embedsearch.engine import Engine
 from embedsearch.errors import DataError, InvalidArgumentError
-from embedsearch.evaluation.compare import CompareConfig, CompareResult, ModelResult
 from embedsearch.evaluation.report import format_table, render_markdown
+from embedsearch.evaluation.scores import CompareConfig, CompareResult, ModelResult
 from embedsearch.evaluation.transforms import TRANSFORMS
 
 CONTRACT = [

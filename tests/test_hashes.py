@@ -22,7 +22,8 @@ from embedsearch.encoders.base import BinaryEncoder, encoder_class
 from embedsearch.encoders.hashes import HashOptions
 from embedsearch.engine import Engine
 from embedsearch.errors import InvalidArgumentError, ModelError
-from embedsearch.evaluation.compare import CompareConfig, run_compare
+from embedsearch.evaluation.compare import run_compare
+from embedsearch.evaluation.scores import CompareConfig
 from helpers import noise_image, png_bytes
 
 SPEC = InputSpec(32, 3)

@@ -21,7 +21,7 @@ from embedsearch.errors import EmbedSearchError
 from embedsearch.results import FLOAT_METRICS
 
 if TYPE_CHECKING:
-    from embedsearch.evaluation.compare import CompareConfig
+    from embedsearch.evaluation.scores import CompareConfig
 
 
 @contextmanager
@@ -118,8 +118,9 @@ def compare(
       embedsearch compare photos/ --models ae,vae,pixels,pca --train-epochs 5 --report out/
       embedsearch compare train-images-idx3-ubyte.gz --queries t10k-images-idx3-ubyte.gz --json
     """
-    from embedsearch.evaluation.compare import CompareConfig, run_compare
+    from embedsearch.evaluation.compare import run_compare
     from embedsearch.evaluation.report import format_table, write_report
+    from embedsearch.evaluation.scores import CompareConfig
 
     names = [name.strip() for name in models.split(",") if name.strip()]
     with _one_line_errors():

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from embedsearch.data.images import to_pil
-from embedsearch.evaluation.compare import NEARDUP_KS, RECALL_KS, Artifacts, CompareResult
 from embedsearch.evaluation.compare import TOP_SHOWN as TOP
+from embedsearch.evaluation.compare import Artifacts
+from embedsearch.evaluation.scores import NEARDUP_KS, RECALL_KS, CompareResult
 from embedsearch.render.grid import Tile, save_grid
 
 log = logging.getLogger(__name__)
