@@ -40,6 +40,8 @@ NPROBE = 16
 FRACTION = 0.5
 CALIBRATION_K = 10
 CALIBRATION_SAMPLE = 2000
+#: Relative tolerance of a threshold (see :func:`radius`).
+SLACK = 1e-5
 
 
 @dataclass
@@ -65,12 +67,14 @@ def _check(metric: str) -> None:
 
 
 def radius(metric: str, threshold: float) -> float:
-    """FAISS's range-search radius for a distance ``threshold``, inclusive: squared L2, or the
-    inner-product floor ``1 - threshold`` for cosine (FAISS keeps scores above it)."""
+    """FAISS's range-search radius for a distance ``threshold``: squared L2, or the inner-product
+    floor ``1 - threshold`` for cosine (FAISS keeps scores above it). Inclusive, with a relative
+    slack of :data:`SLACK`: a batched range search computes distances in another order than a
+    single query does, so a pair exactly at a distance ``query`` showed must not fall out by rounding."""
     _check(metric)
     if metric == "l2":
-        return float(np.nextafter(np.float32(threshold * threshold), np.float32(np.inf)))
-    return float(np.nextafter(np.float32(1.0 - threshold), np.float32(-np.inf)))
+        return float(threshold * threshold * (1.0 + 2 * SLACK) + 1e-12)
+    return float(1.0 - threshold * (1.0 + SLACK) - 1e-7)
 
 
 def to_distance(metric: str, raw: np.ndarray) -> np.ndarray:
@@ -81,12 +85,12 @@ def to_distance(metric: str, raw: np.ndarray) -> np.ndarray:
     return np.clip(1.0 - raw, 0.0, 2.0).astype(np.float32)
 
 
-def _euclidean(metric: str, distance: float) -> float:
+def euclidean(metric: str, distance: float) -> float:
     """A distance on the Euclidean scale (for unit vectors, 1 - cos = |a - b|^2 / 2)."""
     return distance if metric == "l2" else math.sqrt(2.0 * max(distance, 0.0))
 
 
-def _from_euclidean(metric: str, distance: float) -> float:
+def from_euclidean(metric: str, distance: float) -> float:
     return distance if metric == "l2" else distance * distance / 2.0
 
 
@@ -259,7 +263,7 @@ def calibrate(index: faiss.Index, metric: str, seed: int = 0, searcher: faiss.In
     kth = kth[np.isfinite(kth)]
     if not len(kth):
         return 0.0
-    return _from_euclidean(metric, FRACTION * _euclidean(metric, float(np.median(kth))))
+    return from_euclidean(metric, FRACTION * euclidean(metric, float(np.median(kth))))
 
 
 def find_groups(

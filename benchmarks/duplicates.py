@@ -1,0 +1,192 @@
+"""Near-duplicate groups: precision and recall of planted copies, and memory over 1M vectors.
+
+    .venv/bin/python benchmarks/duplicates.py [--db 20000] [--planted 1000] [--models pixels,pca,ae]
+    .venv/bin/python benchmarks/duplicates.py --memory-test [--vectors 1000000]
+
+Planted copies: ``--db`` Fashion-MNIST training images (a seeded choice) plus the mixed alteration
+(:func:`embedsearch.evaluation.metrics.augment`: crop, brightness, noise, JPEG) of ``--planted``
+of them. Each model encodes the library and :func:`embedsearch.core.duplicates.find_groups` groups
+it, exactly as ``embedsearch duplicates`` does with the library's index, at the default
+(calibrated) threshold. Pairs implied by the groups: every two images of one group. Recall: planted
+pairs (original, copy) whose images share a group, over all planted pairs; precision: planted pairs
+found over all implied pairs (so a real near-duplicate pair of the data set counts against it).
+The sweep lines give the same at other fractions of the calibration distance.
+
+``--memory-test``: 1M 32-d vectors (a seeded Gaussian mixture, 1% of them close copies of another)
+in a flat FAISS index, grouped by the same function; prints peak RSS (getrusage) and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import fashion_mnist, machine  # noqa: E402
+from embedsearch.core import duplicates as dup  # noqa: E402
+from embedsearch.core import knn  # noqa: E402
+
+SWEEP = (0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
+
+
+def implied_pairs(groups: list[tuple[np.ndarray, np.ndarray]]) -> int:
+    return sum(len(ids) * (len(ids) - 1) // 2 for ids, _ in groups)
+
+
+def planted_found(groups: list[tuple[np.ndarray, np.ndarray]], planted: np.ndarray, n: int) -> int:
+    """Planted (original, copy) rows that share a group."""
+    label = np.full(n, -1, dtype=np.int64)
+    for g, (ids, _) in enumerate(groups):
+        label[ids] = g
+    a, b = label[planted[:, 0]], label[planted[:, 1]]
+    return int(((a >= 0) & (a == b)).sum())
+
+
+def scores(groups: list[tuple[np.ndarray, np.ndarray]], planted: np.ndarray, n: int) -> tuple[float, float, int]:
+    found, implied = planted_found(groups, planted, n), implied_pairs(groups)
+    return (found / implied if implied else 1.0), found / len(planted), implied
+
+
+def library(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 28, 28, 1) uint8: the database rows, then the planted copies; and the (original, copy) rows."""
+    from embedsearch.evaluation.metrics import augment
+
+    x, _, what = fashion_mnist("train")
+    rng = np.random.default_rng(args.seed)
+    db = x[np.sort(rng.choice(len(x), args.db, replace=False))][..., None]
+    originals = np.sort(rng.choice(args.db, args.planted, replace=False))
+    copies = augment(db[originals], args.seed) if args.alteration == "mixed" else jpeg(db[originals])
+    print(f"{what}: {args.db} database images + {args.planted} planted copies ({args.alteration} alteration)")
+    planted = np.stack([originals, args.db + np.arange(args.planted)], axis=1)
+    return np.concatenate([db, copies]), planted
+
+
+def jpeg(images: np.ndarray, quality: int = 60) -> np.ndarray:
+    """Each (S, S, 1) image re-encoded as JPEG: the lightest copy a library meets (a re-saved file)."""
+    import io
+
+    from PIL import Image
+
+    out = np.empty_like(images)
+    for i, image in enumerate(images):
+        buf = io.BytesIO()
+        Image.fromarray(image[..., 0]).save(buf, "JPEG", quality=quality)
+        out[i, ..., 0] = np.asarray(Image.open(buf).convert("L"))
+    return out
+
+
+def encoders(args: argparse.Namespace, images: np.ndarray, home: Path) -> dict[str, tuple[np.ndarray, str]]:
+    """name -> (vectors, metric) of each model, made on the library's images in a scratch library."""
+    from embedsearch.data.images import InputSpec
+    from embedsearch.engine import Engine
+
+    spec, out = InputSpec(28, 1), {}
+    options = {"pca": {"dim": 32, "seed": 0}, "ae": {"epochs": args.epochs, "latent_dim": 32, "seed": 0}}
+    options["vae"] = options["ae"]
+    with Engine(home, create=True) as engine:
+        for name in args.models.split(","):
+            kind, _, metric = name.partition(":")
+            started = time.perf_counter()
+            model = name.replace(":", "-")
+            info = engine.fit_model(model, kind, images, spec, metric=metric or "l2", options=options.get(kind, {}))
+            vectors = engine.encoder(model).encode(images)
+            print(f"  {name}: made and encoded in {time.perf_counter() - started:.1f} s ({info.dim}-d)", flush=True)
+            out[name] = (vectors, info.metric)
+    return out
+
+
+def evaluate(name: str, vectors: np.ndarray, metric: str, planted: np.ndarray) -> None:
+    index = knn.flat_index(vectors.shape[1], metric)
+    index.add(knn.prepare(vectors, metric))
+    n = len(vectors)
+    grouping = dup.find_groups(index, metric)
+    precision, recall, implied = scores(grouping.groups, planted, n)
+    print(
+        f"{name:<12} threshold {grouping.threshold:.4g} ({grouping.method}): {len(grouping.groups)} groups, "
+        f"{implied} pairs, precision {precision:.3f}, recall {recall:.3f} in {grouping.seconds:.1f} s"
+    )
+    # The sweep: one range search at the loosest threshold, then each fraction's pairs by distance.
+    unit = dup.euclidean(metric, grouping.threshold) / dup.FRACTION  # the calibration distance
+    a, b, d = dup.range_pairs(index, metric, dup.from_euclidean(metric, unit * max(SWEEP)))
+    ratios = [dup.euclidean(metric, _distance(vectors, metric, i, j)) / unit for i, j in planted]
+    quartiles = ", ".join(f"{q:.2f}" for q in np.quantile(ratios, [0.25, 0.5, 0.75]))
+    print(f"{'':<12} planted-pair distance / calibration distance (Euclidean scale): quartiles {quartiles}")
+    for fraction in SWEEP:
+        t = dup.from_euclidean(metric, unit * fraction)
+        keep = d <= t
+        nodes, roots = dup.components(a[keep], b[keep])
+        groups = [(nodes[roots == r], np.zeros(0)) for r in np.unique(roots)]  # quadratic, but few groups
+        p, r, implied = scores(groups, planted, n)
+        print(
+            f"{'':<12}   fraction {fraction:.1f}: threshold {t:.4g}, {implied} pairs, precision {p:.3f}, recall {r:.3f}"
+        )
+
+
+def _distance(vectors: np.ndarray, metric: str, i: int, j: int) -> float:
+    x = knn.prepare(vectors[[i, j]], metric)
+    return float(np.linalg.norm(x[0] - x[1])) if metric == "l2" else float(1.0 - x[0] @ x[1])
+
+
+def memory_test(n: int, seed: int) -> None:
+    """n 32-d vectors, 1% of them close copies; grouped through the same core function."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((1000, 32)).astype(np.float32) * 4
+    x = centres[rng.integers(0, len(centres), n)] + rng.standard_normal((n, 32)).astype(np.float32)
+    copies = n // 100
+    originals = rng.choice(n - copies, copies, replace=False)
+    x[n - copies :] = x[originals] + 0.05 * rng.standard_normal((copies, 32)).astype(np.float32)
+    planted = np.stack([originals, np.arange(n - copies, n)], axis=1)
+    index = knn.flat_index(32, "l2")
+    index.add(x)
+    del x
+    before = peak_mb()
+    started = time.perf_counter()
+    grouping = dup.find_groups(index, "l2")
+    seconds = time.perf_counter() - started
+    precision, recall, implied = scores(grouping.groups, planted, n)
+    print(
+        f"{n:,} x 32-d ({copies:,} planted copies): threshold {grouping.threshold:.4g} ({grouping.method}), "
+        f"{len(grouping.groups):,} groups, {implied:,} pairs, precision {precision:.3f}, recall {recall:.3f}"
+    )
+    print(f"time {seconds:.1f} s; peak RSS {peak_mb():,.0f} MB (before grouping: {before:,.0f} MB, the index itself)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", type=int, default=20_000, help="database images (Fashion-MNIST train)")
+    parser.add_argument("--planted", type=int, default=1000, help="planted copies")
+    parser.add_argument("--models", default="pixels,pca,ae", help="kind[:metric],... e.g. pixels,pca,ae,ae:cosine")
+    parser.add_argument("--epochs", type=int, default=2, help="AE/VAE epochs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--alteration", choices=["mixed", "jpeg"], default="mixed", help="planted copies: mixed chain or JPEG only"
+    )
+    parser.add_argument("--memory-test", action="store_true", help="1M 32-d vectors in a flat index instead")
+    parser.add_argument("--vectors", type=int, default=1_000_000, help="with --memory-test")
+    args = parser.parse_args()
+    print(machine(), flush=True)
+    if args.memory_test:
+        memory_test(args.vectors, args.seed)
+        return
+    images, planted = library(args)
+    with tempfile.TemporaryDirectory() as home:
+        made = encoders(args, images, Path(home))
+    for name, (vectors, metric) in made.items():
+        evaluate(name, vectors, metric, planted)
+
+
+if __name__ == "__main__":
+    main()
