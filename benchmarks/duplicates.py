@@ -1,16 +1,19 @@
 """Near-duplicate groups: precision and recall of planted copies, and memory over 1M vectors.
 
-    .venv/bin/python benchmarks/duplicates.py [--db 20000] [--planted 1000] [--models pixels,pca,ae]
+    .venv/bin/python benchmarks/duplicates.py [--db 20000] [--planted 1000] [--models pixels,pca,ae,ae:cosine]
     .venv/bin/python benchmarks/duplicates.py --memory-test [--vectors 1000000]
 
-Planted copies: ``--db`` Fashion-MNIST training images (a seeded choice) plus the mixed alteration
-(:func:`embedsearch.evaluation.metrics.augment`: crop, brightness, noise, JPEG) of ``--planted``
-of them. Each model encodes the library and :func:`embedsearch.core.duplicates.find_groups` groups
-it, exactly as ``embedsearch duplicates`` does with the library's index, at the default
-(calibrated) threshold. Pairs implied by the groups: every two images of one group. Recall: planted
-pairs (original, copy) whose images share a group, over all planted pairs; precision: planted pairs
-found over all implied pairs (so a real near-duplicate pair of the data set counts against it).
-The sweep lines give the same at other fractions of the calibration distance.
+Planted copies: ``--db`` Fashion-MNIST training images (a seeded choice) plus an altered copy of
+``--planted`` of them: the mixed alteration of ``compare``'s near-duplicate test
+(:func:`embedsearch.evaluation.metrics.augment`: crop, brightness, noise, JPEG), and, separately,
+a plain JPEG re-encoding (quality 60). The models are made from the database images only (kept in
+``--home``: the AE is trained once). Each model encodes the library and
+:func:`embedsearch.core.duplicates.find_groups` groups it, exactly as ``embedsearch duplicates``
+does with the library's index, at the default (calibrated) threshold. Pairs implied by the groups:
+every two images of one group. Recall: planted pairs (original, copy) whose images share a group,
+over all planted pairs; precision: planted pairs found over all implied pairs (so a real
+near-duplicate pair of the data set counts against it). The sweep lines give the same at other
+fractions of the calibration distance.
 
 ``--memory-test``: 1M 32-d vectors (a seeded Gaussian mixture, 1% of them close copies of another)
 in a flat FAISS index, grouped by the same function; prints peak RSS (getrusage) and time.
@@ -21,9 +24,9 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import fashion_mnist, machine  # noqa: E402
+from common import OUT, fashion_mnist, machine  # noqa: E402
 from embedsearch.core import duplicates as dup  # noqa: E402
 from embedsearch.core import knn  # noqa: E402
 
@@ -61,16 +64,20 @@ def scores(groups: list[tuple[np.ndarray, np.ndarray]], planted: np.ndarray, n: 
 
 
 def library(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 28, 28, 1) uint8: the database rows, then the planted copies; and the (original, copy) rows."""
-    from embedsearch.evaluation.metrics import augment
-
+    """(N, 28, 28, 1) uint8 database images (a seeded choice) and the rows of those to copy."""
     x, _, what = fashion_mnist("train")
     rng = np.random.default_rng(args.seed)
     db = x[np.sort(rng.choice(len(x), args.db, replace=False))][..., None]
-    originals = np.sort(rng.choice(args.db, args.planted, replace=False))
-    copies = augment(db[originals], args.seed) if args.alteration == "mixed" else jpeg(db[originals])
-    print(f"{what}: {args.db} database images + {args.planted} planted copies ({args.alteration} alteration)")
-    planted = np.stack([originals, args.db + np.arange(args.planted)], axis=1)
+    print(f"{what}: {args.db} database images, {args.planted} of them copied")
+    return db, np.sort(rng.choice(args.db, args.planted, replace=False))
+
+
+def planted_library(db: np.ndarray, originals: np.ndarray, alteration: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The database followed by the altered copies, and the (original, copy) row pairs."""
+    from embedsearch.evaluation.metrics import augment
+
+    copies = augment(db[originals], seed) if alteration == "mixed" else jpeg(db[originals])
+    planted = np.stack([originals, len(db) + np.arange(len(originals))], axis=1)
     return np.concatenate([db, copies]), planted
 
 
@@ -88,24 +95,25 @@ def jpeg(images: np.ndarray, quality: int = 60) -> np.ndarray:
     return out
 
 
-def encoders(args: argparse.Namespace, images: np.ndarray, home: Path) -> dict[str, tuple[np.ndarray, str]]:
-    """name -> (vectors, metric) of each model, made on the library's images in a scratch library."""
+def models(args: argparse.Namespace, db: np.ndarray) -> tuple[Any, list[tuple[str, str]]]:
+    """An Engine on ``--home`` with each kind made from the database (kept there: ``ae`` is reused on
+    the next run), and the (model, metric) pairs to evaluate."""
     from embedsearch.data.images import InputSpec
     from embedsearch.engine import Engine
 
-    spec, out = InputSpec(28, 1), {}
     options = {"pca": {"dim": 32, "seed": 0}, "ae": {"epochs": args.epochs, "latent_dim": 32, "seed": 0}}
     options["vae"] = options["ae"]
-    with Engine(home, create=True) as engine:
-        for name in args.models.split(","):
-            kind, _, metric = name.partition(":")
+    engine = Engine(args.home, create=True)
+    wanted = []
+    for item in args.models.split(","):
+        kind, _, metric = item.partition(":")
+        name = f"{kind}-{args.db}" + (f"-e{args.epochs}" if kind in ("ae", "vae") else "")
+        if engine.store.model(name) is None:
             started = time.perf_counter()
-            model = name.replace(":", "-")
-            info = engine.fit_model(model, kind, images, spec, metric=metric or "l2", options=options.get(kind, {}))
-            vectors = engine.encoder(model).encode(images)
-            print(f"  {name}: made and encoded in {time.perf_counter() - started:.1f} s ({info.dim}-d)", flush=True)
-            out[name] = (vectors, info.metric)
-    return out
+            engine.fit_model(name, kind, db, InputSpec(28, 1), options=options.get(kind, {}))
+            print(f"  made {name} in {time.perf_counter() - started:.1f} s", flush=True)
+        wanted.append((name, metric or "l2"))
+    return engine, wanted
 
 
 def evaluate(name: str, vectors: np.ndarray, metric: str, planted: np.ndarray) -> None:
@@ -131,7 +139,7 @@ def evaluate(name: str, vectors: np.ndarray, metric: str, planted: np.ndarray) -
         groups = [(nodes[roots == r], np.zeros(0)) for r in np.unique(roots)]  # quadratic, but few groups
         p, r, implied = scores(groups, planted, n)
         print(
-            f"{'':<12}   fraction {fraction:.1f}: threshold {t:.4g}, {implied} pairs, precision {p:.3f}, recall {r:.3f}"
+            f"{'':<12}   fraction {fraction:.2f}: threshold {t:.4g}, {implied} pairs, precision {p:.3f}, recall {r:.3f}"
         )
 
 
@@ -168,12 +176,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", type=int, default=20_000, help="database images (Fashion-MNIST train)")
     parser.add_argument("--planted", type=int, default=1000, help="planted copies")
-    parser.add_argument("--models", default="pixels,pca,ae", help="kind[:metric],... e.g. pixels,pca,ae,ae:cosine")
+    parser.add_argument("--models", default="pixels,pca,ae,ae:cosine", help="kind[:metric],...")
     parser.add_argument("--epochs", type=int, default=2, help="AE/VAE epochs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--alteration", choices=["mixed", "jpeg"], default="mixed", help="planted copies: mixed chain or JPEG only"
-    )
+    parser.add_argument("--alterations", default="mixed,jpeg", help="planted copies: mixed chain, JPEG only, or both")
+    parser.add_argument("--home", default=str(OUT / "duplicates-home"), help="library of the models (kept)")
     parser.add_argument("--memory-test", action="store_true", help="1M 32-d vectors in a flat index instead")
     parser.add_argument("--vectors", type=int, default=1_000_000, help="with --memory-test")
     args = parser.parse_args()
@@ -181,11 +188,15 @@ def main() -> None:
     if args.memory_test:
         memory_test(args.vectors, args.seed)
         return
-    images, planted = library(args)
-    with tempfile.TemporaryDirectory() as home:
-        made = encoders(args, images, Path(home))
-    for name, (vectors, metric) in made.items():
-        evaluate(name, vectors, metric, planted)
+    db, originals = library(args)
+    engine, wanted = models(args, db)
+    with engine:
+        for alteration in args.alterations.split(","):
+            images, planted = planted_library(db, originals, alteration, args.seed)
+            print(f"\n{alteration} copies: {len(db)} + {len(originals)} images", flush=True)
+            encoded = {name: engine.encoder(name).encode(images) for name in dict(wanted)}
+            for name, metric in wanted:
+                evaluate(f"{name} {metric}", encoded[name], metric, planted)
 
 
 if __name__ == "__main__":

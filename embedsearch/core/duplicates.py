@@ -37,7 +37,7 @@ EXACT_WORK = 4e11
 NPROBE = 16
 #: Default threshold: this fraction of the median distance to the 10th neighbour (Euclidean scale),
 #: over a seeded sample of the library; see the README ("Near-duplicate groups") for how it was chosen.
-FRACTION = 0.5
+FRACTION = 0.25
 CALIBRATION_K = 10
 CALIBRATION_SAMPLE = 2000
 #: Relative tolerance of a threshold (see :func:`radius`).
