@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -103,6 +104,8 @@ def models(args: argparse.Namespace, db: np.ndarray) -> tuple[Any, list[tuple[st
 
     options = {"pca": {"dim": 32, "seed": 0}, "ae": {"epochs": args.epochs, "latent_dim": 32, "seed": 0}}
     options["vae"] = options["ae"]
+    if args.retrain:
+        shutil.rmtree(args.home, ignore_errors=True)
     engine = Engine(args.home, create=True)
     wanted = []
     for item in args.models.split(","):
@@ -181,6 +184,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--alterations", default="mixed,jpeg", help="planted copies: mixed chain, JPEG only, or both")
     parser.add_argument("--home", default=str(OUT / "duplicates-home"), help="library of the models (kept)")
+    parser.add_argument("--retrain", action="store_true", help="empty --home first: make every model anew")
     parser.add_argument("--memory-test", action="store_true", help="1M 32-d vectors in a flat index instead")
     parser.add_argument("--vectors", type=int, default=1_000_000, help="with --memory-test")
     args = parser.parse_args()
