@@ -167,6 +167,17 @@ def test_engine_finds_planted_copies_and_no_group_for_distinct_images(engine: En
         assert group.images[1].distance == pytest.approx(hit.distance, rel=1e-4)  # query's units
 
 
+def test_a_cosine_model_groups_the_same_copies_in_its_own_units(engine: Engine, tmp_path: Path) -> None:
+    pairs = planted_folder(tmp_path / "planted")
+    engine.index(str(tmp_path / "planted"), "pixels", metric="cosine")
+    report = engine.duplicates("pixels")
+    assert report.metric == "cosine" and report.threshold is not None and report.threshold < 0.05  # 1 - cos
+    assert sorted(map(sorted, path_groups(report))) == sorted(sorted(pair) for pair in pairs)
+    group = report.groups[0]
+    [hit] = [n for n in engine.search_image(group.images[0].id, "pixels", 2) if n.id == group.images[1].id]
+    assert group.images[1].distance == pytest.approx(hit.distance, rel=1e-3, abs=1e-6)
+
+
 def test_threshold_and_k_through_the_engine(engine: Engine, tmp_path: Path) -> None:
     planted_folder(tmp_path / "planted")
     report = engine.duplicates("pixels", data=str(tmp_path / "planted"))

@@ -17,7 +17,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from embedsearch.core.duplicates import Grouping, find_groups
+from embedsearch.core.duplicates import Grouping, check, find_groups
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.models import ModelRegistry
 from embedsearch.core.store import Store
@@ -86,6 +86,7 @@ class DuplicateFinder:
     ) -> DuplicateReport:
         """Groups of ``model``'s images; ``data``: also the exact copies among that folder's files."""
         row = self.registry.model(model)
+        check(row.metric)  # before touching its index: another kind of index may not clone like a flat one
         with self.cache.lock:  # a snapshot: searches and uploads go on while it is grouped
             snapshot = faiss.clone_index(self.cache.index(row).index)
         generated = self.cache.generated()

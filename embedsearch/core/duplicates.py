@@ -58,10 +58,14 @@ class Grouping:
     seconds: float = 0.0
 
 
-# -- metrics: the one place a new kind of index (binary codes, Hamming) plugs in ---------------------
+# -- metrics: where a new kind of index plugs in ------------------------------------------------------
+# Binary codes (Hamming distance, faiss.IndexBinary*) would need: check() to accept their metric,
+# radius() / to_distance() (Hamming radius is the distance itself, an int), _Rows reading uint8
+# codes and _searcher an IndexBinaryIVF; dedup.py clones with faiss.clone_binary_index.
 
 
-def _check(metric: str) -> None:
+def check(metric: str) -> None:
+    """Refuse a metric this module cannot range-search, with one clear line."""
     if metric not in knn.METRICS:
         raise InvalidArgumentError(f"duplicates does not support the metric {metric!r} yet")
 
@@ -71,7 +75,7 @@ def radius(metric: str, threshold: float) -> float:
     floor ``1 - threshold`` for cosine (FAISS keeps scores above it). Inclusive, with a relative
     slack of :data:`SLACK`: a batched range search computes distances in another order than a
     single query does, so a pair exactly at a distance ``query`` showed must not fall out by rounding."""
-    _check(metric)
+    check(metric)
     if metric == "l2":
         return float(threshold * threshold * (1.0 + 2 * SLACK) + 1e-12)
     return float(1.0 - threshold * (1.0 + SLACK) - 1e-7)
@@ -79,7 +83,7 @@ def radius(metric: str, threshold: float) -> float:
 
 def to_distance(metric: str, raw: np.ndarray) -> np.ndarray:
     """FAISS's scores as ``query`` distances (see :func:`embedsearch.core.knn.search`)."""
-    _check(metric)
+    check(metric)
     if metric == "l2":
         return np.sqrt(np.maximum(raw, 0.0)).astype(np.float32)
     return np.clip(1.0 - raw, 0.0, 2.0).astype(np.float32)
@@ -127,7 +131,7 @@ def _searcher(rows: _Rows, metric: str, exact: bool | None, seed: int) -> tuple[
     """The index to search: the flat one, or an IVF copy of it when exact search would take minutes."""
     if exact or (exact is None and float(len(rows)) ** 2 * rows.dim <= EXACT_WORK):
         return rows.index, "exact"
-    _check(metric)
+    check(metric)
     n = len(rows)
     nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
     fmetric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
@@ -251,7 +255,7 @@ def calibrate(index: faiss.Index, metric: str, seed: int = 0, searcher: faiss.In
     """The default threshold: :data:`FRACTION` of the median distance from a seeded sample of stored
     vectors to their 10th nearest other vector, on the Euclidean scale (so cosine's is comparable)."""
     rows = _Rows(index)
-    _check(metric)
+    check(metric)
     if len(rows) < 2:
         return 0.0
     searcher = rows.index if searcher is None else searcher
