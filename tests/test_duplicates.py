@@ -56,6 +56,25 @@ def test_chunked_range_search_gives_the_brute_force_pairs(metric: str, chunk: in
     assert {(6, 7), (13, 14), (0, 299)} <= set(zip(a.tolist(), b.tolist(), strict=True))
 
 
+def test_a_dense_threshold_shrinks_the_chunks_and_keeps_every_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = clustered()
+    index = knn.flat_index(8, "l2")
+    index.add(x)
+    calls: list[int] = []
+    real = faiss.IndexFlat.range_search
+
+    def counted(self: faiss.IndexFlat, queries: np.ndarray, r: float):  # type: ignore[no-untyped-def]
+        calls.append(len(queries))
+        return real(self, queries, r)
+
+    monkeypatch.setattr(faiss.IndexFlat, "range_search", counted)
+    monkeypatch.setattr(dup, "RESULT_BUDGET", 600)  # 2 queries' results at this threshold
+    a, b, _ = dup.range_pairs(index, "l2", 4.0, chunk=64)
+    assert set(zip(a.tolist(), b.tolist(), strict=True)) == brute_pairs(x, "l2", 4.0)
+    # chunks sized from the density met so far: a few queries each, not the 64 asked for
+    assert max(calls) <= 8 and sum(calls) == len(x)
+
+
 def test_range_search_uses_the_index_ids_and_the_query_distance_scale() -> None:
     x = clustered(300, 4)
     index = faiss.IndexIDMap2(knn.flat_index(4, "l2"))

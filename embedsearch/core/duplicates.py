@@ -156,8 +156,8 @@ def range_pairs(
     """Every pair of stored vectors within ``threshold`` of each other: (a, b, distance), a < b ids.
 
     The stored vectors are searched against ``searcher`` (default: ``index`` itself) ``chunk`` at a
-    time; a chunk shrinks when the threshold turns out dense, so no chunk's results outgrow
-    :data:`RESULT_BUDGET`, and more than :data:`MAX_PAIRS` pairs is refused.
+    time; each chunk is sized from the results per query met so far, so that its results stay near
+    :data:`RESULT_BUDGET` however dense the threshold, and more than :data:`MAX_PAIRS` pairs is refused.
     """
     if threshold < 0 or not math.isfinite(threshold):
         raise InvalidArgumentError(f"the threshold must be a distance of 0 or more, not {threshold}")
