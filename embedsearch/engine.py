@@ -20,6 +20,7 @@ import numpy as np
 
 from embedsearch.core.bulk import BulkIndexer
 from embedsearch.core.check import Checker
+from embedsearch.core.dedup import DuplicateFinder, DuplicateReport
 from embedsearch.core.generate import GenerateRequest, Generation, Generator
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.layout import Layout, WriterLock
@@ -77,6 +78,7 @@ class Engine:
         self.bulk = BulkIndexer(self.store, self.cache, self.registry, max_pixels)
         self.generator = Generator(self.registry, self.library, self.search, max_pixels)
         self.checker = Checker(self.store, self.layout, self.cache, self.registry, max_pixels)
+        self.duplicate_finder = DuplicateFinder(self.store, self.cache, self.registry)
         if create:
             self.open(create=True)
 
@@ -225,6 +227,15 @@ class Engine:
 
     def generated_ids(self) -> set[int]:
         return self.cache.generated()
+
+    def duplicates(
+        self, model: str, threshold: float | None = None, k: int | None = None, data: str | None = None, **kwargs: Any
+    ) -> DuplicateReport:
+        """Near-duplicate groups of a model's images (``data``: index that folder first, as :meth:`index`
+        does with ``kwargs``, and add its exact copies); see :mod:`embedsearch.core.dedup`."""
+        if data is not None:
+            self.index(data, model, **kwargs)
+        return self.duplicate_finder.find(model, threshold, k, data)
 
     # -- images -------------------------------------------------------------------------------
     def add_image(

@@ -29,6 +29,7 @@ COMMANDS = [
     "compare",
     "export-images",
     "reconstruct",
+    "duplicates",
 ]
 
 

@@ -526,11 +526,13 @@ def db_upgrade(ctx: click.Context) -> None:
 def _register_commands() -> None:
     """Commands that live in their own modules (imported lazily by their bodies)."""
     from embedsearch.cli.compare import compare, export_images
+    from embedsearch.cli.duplicates import duplicates
     from embedsearch.cli.serve import serve
 
     main.add_command(serve)
     main.add_command(compare)
     main.add_command(export_images, "export-images")
+    main.add_command(duplicates)
 
 
 _register_commands()

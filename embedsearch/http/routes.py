@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import fields
 from pathlib import PurePosixPath
@@ -19,13 +20,16 @@ from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Upload
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool as in_thread
+from starlette.exceptions import HTTPException
 
 from embedsearch.engine import Engine
 from embedsearch.errors import ImageError, NotFoundError
 from embedsearch.http.schemas import (
+    MAX_GROUPS,
     MAX_ID,
     MAX_K,
     Deleted,
+    DuplicatesOut,
     GenerateIn,
     GenerateOut,
     HealthOut,
@@ -263,6 +267,34 @@ def _generate(engine: Engine, body: GenerateIn) -> dict[str, Any]:
         for c in out.candidates
     ]
     return {"model": out.model, "mode": out.mode, "seed": out.seed, "candidates": candidates}
+
+
+#: One duplicates search at a time: it reads the whole index (seconds on a large library).
+_GROUPING = threading.Semaphore(1)
+
+
+@router.get("/duplicates", response_model=DuplicatesOut, tags=["search"])
+async def duplicates(
+    engine: ReadEngine,
+    model: Annotated[str, Query()],
+    threshold: Annotated[float | None, Query(ge=0, le=1e9, description="default: calibrated")] = None,
+    k: Annotated[int | None, Query(ge=1, le=100, description="mutual k-NN instead of a threshold")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_GROUPS, description="groups returned, largest first")] = 100,
+) -> dict[str, Any]:
+    """Groups of near-duplicate indexed images (see ``embedsearch duplicates``); 503 while another runs."""
+    if not _GROUPING.acquire(blocking=False):
+        raise HTTPException(503, "another duplicates search is running; try again shortly", {"Retry-After": "5"})
+    try:
+        report = await in_thread(engine.duplicates, model, threshold, k)
+    finally:
+        _GROUPING.release()
+    out = report.to_dict()
+    groups = [
+        {"group": g.group, "images": [{"id": i.id, "name": PurePosixPath(i.path).name if i.path else None,
+         "distance": i.distance, "url": file_url(i.id)} for i in g.images]}
+        for g in report.groups[:limit]
+    ]  # fmt: skip
+    return {**out, "total_groups": len(report.groups), "groups": groups}
 
 
 # -- the library --------------------------------------------------------------------------------

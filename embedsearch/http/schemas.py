@@ -15,6 +15,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from embedsearch.results import ImageRecord, ModelSummary
 
 MAX_K = 1000
+MAX_GROUPS = 1000  # duplicates: groups in one answer (the largest first)
 MAX_ID = 2**63 - 1  # SQLite integers; a larger id is refused (422) rather than overflowing
 
 
@@ -118,3 +119,28 @@ class GenerateOut(BaseModel):
     mode: str
     seed: int
     candidates: list[CandidateOut]
+
+
+class DuplicateImageOut(BaseModel):
+    id: int
+    name: str | None = Field(description="file name only; the server's folders are not shown")
+    distance: float = Field(description="to the group's first image, in the model's distance")
+    url: str = Field(description="/api/images/{id}/file")
+
+
+class DuplicateGroupOut(BaseModel):
+    group: int
+    images: list[DuplicateImageOut]
+
+
+class DuplicatesOut(BaseModel):
+    model: str
+    metric: str
+    threshold: float | None = Field(description="the distance used (calibrated unless given); null with k")
+    k: int | None
+    calibrated: bool
+    method: str = Field(description="exact (flat range search) or ivf (approximate, large libraries)")
+    vectors: int
+    pairs: int
+    total_groups: int = Field(description="groups found; the first `limit` are returned")
+    groups: list[DuplicateGroupOut]
