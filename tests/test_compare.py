@@ -228,7 +228,11 @@ def test_config_validation() -> None:
     config = CompareConfig(data="x", models=["ae", "pixels"], k=5)
     assert CompareConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     # The training recipe is resolved here, so that the report states what the models were trained with.
-    assert (config.augment, config.consistency, config.temperature) == (["crop", "brightness", "noise"], 30.0, 0.2)
+    assert (config.augment, config.consistency, config.temperature) == (
+        ["jpeg", "crop", "brightness", "blur", "noise"],
+        30.0,
+        0.1,
+    )
     plain = CompareConfig(data="x", augment=["none"])
     assert plain.augment == [] and plain.consistency == 0.0
     with pytest.raises(InvalidArgumentError, match="unknown augmentation"):

@@ -85,10 +85,10 @@ def _command_line(home: str | None, c: CompareConfig, as_json: bool, report: str
     is_flag=False,
     flag_value="default",
     metavar="[LIST]",
-    help="Augmentation of the AE and VAE made here (as train --augment; 'none': off) [crop,brightness,noise].",
+    help="AE/VAE made here: augmentation, as train --augment ('none': off) [jpeg,crop,brightness,blur,noise].",
 )
 @click.option("--consistency", type=click.FloatRange(0), help="InfoNCE weight of the AE and VAE made here [30].")
-@click.option("--temperature", type=click.FloatRange(0, min_open=True), help="InfoNCE temperature [0.2].")
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), help="InfoNCE temperature [0.1].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @click.option("--report", type=click.Path(file_okay=False), help="Write report.md with PNG plots into this folder.")
 @click.pass_context

@@ -221,12 +221,12 @@ def _print_result(result: Any) -> None:
     flag_value="default",
     metavar="[LIST]",
     help="AE/VAE: augment the encoder's input (crop,shift,rotate,flip,brightness,blur,noise,jpeg; "
-    "alone: the default set; 'none': off) [crop,brightness,noise].",
+    "alone: the default set; 'none': off) [jpeg,crop,brightness,blur,noise].",
 )
 @click.option(
     "--consistency", type=click.FloatRange(0), help="AE/VAE: weight of the InfoNCE term between two views [30; 0 off]."
 )
-@click.option("--temperature", type=click.FloatRange(0, min_open=True), help="AE/VAE: InfoNCE temperature [0.2].")
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), help="AE/VAE: InfoNCE temperature [0.1].")
 @click.option("--hash-size", type=click.IntRange(2, 32), help="phash/dhash: side of the bit grid [8: 64 bits].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted AE/VAE training run.")
 @click.option("--replace", is_flag=True, help="Retrain an existing model (its index is emptied).")

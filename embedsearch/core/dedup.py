@@ -88,7 +88,7 @@ class DuplicateFinder:
         row = self.registry.model(model)
         check(row.metric)  # before touching its index: another kind of index may not clone like a flat one
         with self.cache.lock:  # a snapshot: searches and uploads go on while it is grouped
-            snapshot = faiss.clone_index(self.cache.index(row).index)
+            snapshot = faiss.clone_index(self.cache.index(row).index)  # type: ignore[arg-type]  # float, by check()
         generated = self.cache.generated()
         if generated:  # decoder outputs are not files of the library (queries leave them out too)
             snapshot.remove_ids(np.fromiter(generated, dtype=np.int64))  # type: ignore[arg-type]

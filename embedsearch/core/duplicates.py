@@ -22,6 +22,7 @@ import numpy as np
 
 from embedsearch.core import knn
 from embedsearch.errors import InvalidArgumentError
+from embedsearch.results import FLOAT_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,11 @@ class Grouping:
 
 def check(metric: str) -> None:
     """Refuse a metric this module cannot range-search, with one clear line."""
-    if metric not in knn.METRICS:
-        raise InvalidArgumentError(f"duplicates does not support the metric {metric!r} yet")
+    if metric not in FLOAT_METRICS:
+        raise InvalidArgumentError(
+            f"duplicates does not support the metric {metric!r} yet (binary hashes); use a model with "
+            f"{' or '.join(FLOAT_METRICS)} distance, e.g. --model pixels"
+        )
 
 
 def radius(metric: str, threshold: float) -> float:

@@ -13,7 +13,7 @@ from embedsearch.errors import InvalidArgumentError
 #: Every operation, in the order they are applied (flip only ever when asked for).
 OPERATIONS = ("jpeg", "crop", "shift", "rotate", "flip", "brightness", "blur", "noise")
 #: What ``--augment`` without a list turns on (chosen by benchmarks/ablation.py; see the README).
-DEFAULT_AUGMENT = ("crop", "brightness", "noise")
+DEFAULT_AUGMENT = ("jpeg", "crop", "brightness", "blur", "noise")
 
 
 def parse_augment(value: str | Sequence[str] | None) -> list[str]:
@@ -37,4 +37,4 @@ def parse_augment(value: str | Sequence[str] | None) -> list[str]:
 
 #: Weight of the InfoNCE term against the per-image reconstruction loss (summed over pixels).
 DEFAULT_CONSISTENCY = 30.0
-DEFAULT_TEMPERATURE = 0.2
+DEFAULT_TEMPERATURE = 0.1
