@@ -20,6 +20,7 @@ from embedsearch.cli.main import main
 from embedsearch.core import duplicates as dup
 from embedsearch.core import knn
 from embedsearch.core.dedup import DuplicateReport
+from embedsearch.data.synth import make_shapes
 from embedsearch.engine import Engine
 from embedsearch.errors import InvalidArgumentError
 from embedsearch.http.app import create_app
@@ -142,8 +143,31 @@ def test_too_loose_a_threshold_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_unknown_metric_is_one_clear_error() -> None:
-    with pytest.raises(InvalidArgumentError, match="does not support the metric 'hamming' yet"):
-        dup.radius("hamming", 3)
+    with pytest.raises(InvalidArgumentError, match="does not support the metric 'manhattan'"):
+        dup.radius("manhattan", 3)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_binary_codes_pair_up_by_hamming_distance_as_brute_force_does(chunk: int) -> None:
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, size=(200, 8), dtype=np.uint8)  # 64-bit codes
+    for a, b, flips in [(6, 7, 1), (13, 14, 3), (0, 199, 2), (50, 51, 0)]:
+        codes[b] = codes[a]
+        codes[b, : flips // 8 + 1] ^= np.uint8((1 << flips) - 1)  # ``flips`` low bits of byte 0 differ
+    index = knn.id_index(64, "hamming")
+    index.add_with_ids(codes, np.arange(1000, 1200, dtype=np.int64))  # ids are image ids, not rows
+    bits = np.unpackbits(codes[:, None] ^ codes[None], axis=2).sum(-1)  # (N, N) Hamming, fine at this size
+    for threshold in (0, 2, 3, dup.calibrate(index, "hamming")):
+        a, b, d = dup.range_pairs(index, "hamming", threshold, chunk=chunk)
+        i, j = np.nonzero(np.triu(bits <= threshold, 1))
+        assert set(zip(a.tolist(), b.tolist(), strict=True)) == {
+            (1000 + x, 1000 + y) for x, y in zip(i, j, strict=True)
+        }
+        assert np.array_equal(d, bits[a - 1000, b - 1000].astype(np.float32))
+    grouping = dup.find_groups(index, "hamming", threshold=3)
+    assert grouping.method == "exact" and grouping.pairs == 4
+    assert [g[0].tolist() for g in grouping.groups] == [[1000, 1199], [1006, 1007], [1013, 1014], [1050, 1051]]
+    assert [g[1].tolist() for g in grouping.groups] == [[0.0, 2.0], [0.0, 1.0], [0.0, 3.0], [0.0, 0.0]]
 
 
 # -- through the Engine ------------------------------------------------------------------------------
@@ -195,6 +219,22 @@ def test_a_cosine_model_groups_the_same_copies_in_its_own_units(engine: Engine, 
     group = report.groups[0]
     [hit] = [n for n in engine.search_image(group.images[0].id, "pixels", 2) if n.id == group.images[1].id]
     assert group.images[1].distance == pytest.approx(hit.distance, rel=1e-3, abs=1e-6)
+
+
+def test_a_phash_model_finds_jpeg_copies_in_bits(engine: Engine, tmp_path: Path) -> None:
+    pytest.importorskip("imagehash")
+    root = tmp_path / "photos"
+    make_shapes(root, per_class=4, size=32, mode="RGB")
+    originals = sorted(root.rglob("*.png"))[:3]
+    for path in originals:  # a re-saved copy of each: JPEG quality 70
+        Image.open(path).convert("RGB").save(path.with_name(path.stem + "-copy.jpg"), quality=70)
+    report = engine.duplicates("phash", data=str(root))
+    assert report.metric == "hamming" and report.threshold is not None
+    found = [{Path(str(im.path)).stem.removesuffix("-copy") for im in g.images} for g in report.groups]
+    for path in originals:
+        assert {path.stem} in found  # each copy is grouped with its original (and the two alone)
+    for group in report.groups:
+        assert all(float(im.distance).is_integer() for im in group.images)  # bit counts
 
 
 def test_threshold_and_k_through_the_engine(engine: Engine, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from embedsearch.core import knn
 from embedsearch.core.duplicates import Grouping, check, find_groups
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.models import ModelRegistry
@@ -88,10 +89,14 @@ class DuplicateFinder:
         row = self.registry.model(model)
         check(row.metric)  # before touching its index: another kind of index may not clone like a flat one
         with self.cache.lock:  # a snapshot: searches and uploads go on while it is grouped
-            snapshot = faiss.clone_index(self.cache.index(row).index)  # type: ignore[arg-type]  # float, by check()
+            live: Any = self.cache.index(row).index
+            if knn.is_binary(row.metric):  # FAISS cannot clone a binary IDMap2: a round trip through bytes
+                snapshot = knn.deserialize(np.frombuffer(knn.serialize(live, row.metric), np.uint8), row.metric)
+            else:
+                snapshot = faiss.clone_index(live)
         generated = self.cache.generated()
         if generated:  # decoder outputs are not files of the library (queries leave them out too)
-            snapshot.remove_ids(np.fromiter(generated, dtype=np.int64))  # type: ignore[arg-type]
+            snapshot.remove_ids(np.fromiter(generated, dtype=np.int64))
         grouping = find_groups(snapshot, row.metric, threshold, k, seed=seed)
         copies = self._copies(data) if data is not None else []
         report = DuplicateReport(

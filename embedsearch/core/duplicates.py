@@ -16,13 +16,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import faiss
 import numpy as np
 
 from embedsearch.core import knn
 from embedsearch.errors import InvalidArgumentError
-from embedsearch.results import FLOAT_METRICS
+from embedsearch.results import BINARY_METRICS, METRICS
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +60,16 @@ class Grouping:
     seconds: float = 0.0
 
 
-# -- metrics: where a new kind of index plugs in ------------------------------------------------------
-# Binary codes (Hamming distance, faiss.IndexBinary*) would need: check() to accept their metric,
-# radius() / to_distance() (Hamming radius is the distance itself, an int), _Rows reading uint8
-# codes and _searcher an IndexBinaryIVF; dedup.py clones with faiss.clone_binary_index.
+# -- metrics --------------------------------------------------------------------------------------
+# Binary codes (phash, dhash: Hamming distance in faiss.IndexBinary*) are always searched exactly:
+# a binary flat scan is a popcount per byte, fast enough at any library size here.
 
 
 def check(metric: str) -> None:
     """Refuse a metric this module cannot range-search, with one clear line."""
-    if metric not in FLOAT_METRICS:
+    if metric not in METRICS:
         raise InvalidArgumentError(
-            f"duplicates does not support the metric {metric!r} yet (binary hashes); use a model with "
-            f"{' or '.join(FLOAT_METRICS)} distance, e.g. --model pixels"
+            f"duplicates does not support the metric {metric!r}; use one of {', '.join(METRICS)}"
         )
 
 
@@ -82,6 +81,8 @@ def radius(metric: str, threshold: float) -> float:
     check(metric)
     if metric == "l2":
         return float(threshold * threshold * (1.0 + 2 * SLACK) + 1e-12)
+    if metric in BINARY_METRICS:  # FAISS keeps Hamming distances strictly below the radius
+        return float(math.floor(threshold + SLACK) + 1)
     return float(1.0 - threshold * (1.0 + SLACK) - 1e-7)
 
 
@@ -90,50 +91,72 @@ def to_distance(metric: str, raw: np.ndarray) -> np.ndarray:
     check(metric)
     if metric == "l2":
         return np.sqrt(np.maximum(raw, 0.0)).astype(np.float32)
+    if metric in BINARY_METRICS:
+        return raw.astype(np.float32)
     return np.clip(1.0 - raw, 0.0, 2.0).astype(np.float32)
 
 
 def euclidean(metric: str, distance: float) -> float:
-    """A distance on the Euclidean scale (for unit vectors, 1 - cos = |a - b|^2 / 2)."""
-    return distance if metric == "l2" else math.sqrt(2.0 * max(distance, 0.0))
+    """A distance on the Euclidean scale (for unit vectors, 1 - cos = |a - b|^2 / 2); bits stay bits."""
+    return math.sqrt(2.0 * max(distance, 0.0)) if metric == "cosine" else distance
 
 
 def from_euclidean(metric: str, distance: float) -> float:
-    return distance if metric == "l2" else distance * distance / 2.0
+    return distance * distance / 2.0 if metric == "cosine" else distance
+
+
+def _distances(metric: str, vectors: np.ndarray, rep: np.ndarray) -> np.ndarray:
+    """Row-wise distance of ``vectors`` to ``rep`` (same shape), in ``query``'s units."""
+    if metric == "l2":
+        return np.sqrt(np.maximum(((vectors - rep) ** 2).sum(axis=1), 0.0))
+    if metric in BINARY_METRICS:
+        return np.unpackbits(np.bitwise_xor(vectors, rep), axis=1).sum(axis=1).astype(np.float32)
+    return np.clip(1.0 - (vectors * rep).sum(axis=1), 0.0, 2.0)
 
 
 # -- the vectors of an index ---------------------------------------------------------------------
 
 
 class _Rows:
-    """The stored vectors of a flat index (or IDMap2 of one), read in chunks, with their ids."""
+    """The stored vectors of a flat index (or IDMap2 of one), read in chunks, with their ids.
 
-    def __init__(self, index: faiss.Index) -> None:
-        index = faiss.downcast_index(index)
-        if isinstance(index, faiss.IndexIDMap2):
-            self.flat = faiss.downcast_index(index.index)
+    Binary indexes hand out their codes as (N, d // 8) uint8 rows; float ones as (N, d) float32.
+    """
+
+    def __init__(self, given: Any) -> None:
+        self.binary = isinstance(given, faiss.IndexBinary)
+        self.flat: Any
+        self.index: Any
+        index: Any = faiss.downcast_IndexBinary(given) if self.binary else faiss.downcast_index(given)
+        if isinstance(index, (faiss.IndexIDMap2, faiss.IndexBinaryIDMap2)):
+            inner: Any = index.index
+            self.flat = faiss.downcast_IndexBinary(inner) if self.binary else faiss.downcast_index(inner)
             self.ids = faiss.vector_to_array(index.id_map).astype(np.int64)
         else:
             self.flat = index
             self.ids = np.arange(index.ntotal, dtype=np.int64)
         self.index = index
         self.dim = int(index.d)
+        self.width = self.dim // 8 if self.binary else self.dim
+        self.dtype: type[np.generic] = np.uint8 if self.binary else np.float32
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def chunk(self, start: int, stop: int) -> np.ndarray:
-        return np.asarray(self.flat.reconstruct_n(start, stop - start), dtype=np.float32)
+        return np.asarray(self.flat.reconstruct_n(start, stop - start), dtype=self.dtype).reshape(-1, self.width)
 
     def at(self, positions: np.ndarray) -> np.ndarray:
         if not len(positions):
-            return np.zeros((0, self.dim), np.float32)
+            return np.zeros((0, self.width), self.dtype)
+        if self.binary:  # IndexBinaryFlat has no reconstruct_batch
+            return np.stack([self.flat.reconstruct(int(p)) for p in positions]).astype(np.uint8)
         return np.asarray(self.flat.reconstruct_batch(np.ascontiguousarray(positions, dtype=np.int64)), np.float32)
 
 
 def _searcher(rows: _Rows, metric: str, exact: bool | None, seed: int) -> tuple[faiss.Index, str]:
     """The index to search: the flat one, or an IVF copy of it when exact search would take minutes."""
-    if exact or (exact is None and float(len(rows)) ** 2 * rows.dim <= EXACT_WORK):
+    if rows.binary or exact or (exact is None and float(len(rows)) ** 2 * rows.dim <= EXACT_WORK):
         return rows.index, "exact"
     check(metric)
     n = len(rows)
@@ -173,7 +196,7 @@ def range_pairs(
     faiss.omp_set_num_threads(knn.all_threads())
     while start < len(rows):
         stop = min(len(rows), start + step)
-        lims, raw, hit = searcher.range_search(rows.chunk(start, stop), r)
+        lims, raw, hit = searcher.range_search(rows.chunk(start, stop), int(r) if rows.binary else r)
         query = np.repeat(rows.ids[start:stop], np.diff(lims).astype(np.int64))
         keep = hit != query
         a, b = np.minimum(query[keep], hit[keep]), np.maximum(query[keep], hit[keep])
@@ -201,7 +224,7 @@ def knn_pairs(
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for start in range(0, len(rows), chunk):
         stop = min(len(rows), start + chunk)
-        dist, hit = knn.search(searcher, knn.prepare(rows.chunk(start, stop), "l2"), depth, metric)
+        dist, hit = knn.search(searcher, _as_queries(rows, rows.chunk(start, stop)), depth, metric)
         query = np.repeat(rows.ids[start:stop], depth).reshape(-1, depth)
         keep = (hit >= 0) & (hit != query)
         # Self first, then the k nearest others: a row whose self is not ranked keeps only k.
@@ -212,6 +235,11 @@ def knn_pairs(
     forward, backward = a * base + b, b * base + a
     mutual = np.isin(forward, backward) & (a < b)
     return a[mutual], b[mutual], d[mutual]
+
+
+def _as_queries(rows: _Rows, vectors: np.ndarray) -> np.ndarray:
+    """Stored vectors as queries: float32 copies as stored (already unit length for cosine), or codes."""
+    return np.ascontiguousarray(vectors) if rows.binary else knn.prepare(vectors, "l2")
 
 
 def _empty() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -265,7 +293,7 @@ def calibrate(index: faiss.Index, metric: str, seed: int = 0, searcher: faiss.In
     searcher = rows.index if searcher is None else searcher
     k = min(CALIBRATION_K, len(rows) - 1)
     positions = np.sort(np.random.default_rng(seed).choice(len(rows), min(len(rows), CALIBRATION_SAMPLE), False))
-    dist, hit = knn.search(searcher, knn.prepare(rows.at(positions), "l2"), k + 1, metric)
+    dist, hit = knn.search(searcher, _as_queries(rows, rows.at(positions)), k + 1, metric)
     others = np.where(hit == rows.ids[positions][:, None], np.inf, dist)  # self does not count
     kth = np.sort(others, axis=1)[:, k - 1]
     kth = kth[np.isfinite(kth)]
@@ -316,10 +344,7 @@ def _measured(rows: _Rows, metric: str, nodes: np.ndarray, roots: np.ndarray) ->
     positions = order[np.searchsorted(rows.ids, nodes, sorter=order)]
     vectors = rows.at(positions)
     rep = vectors[np.searchsorted(nodes, roots)]
-    if metric == "l2":
-        dist = np.sqrt(np.maximum(((vectors - rep) ** 2).sum(axis=1), 0.0))
-    else:
-        dist = np.clip(1.0 - (vectors * rep).sum(axis=1), 0.0, 2.0)
+    dist = _distances(metric, vectors, rep)
     dist[nodes == roots] = 0.0
     by = np.lexsort((nodes, dist, nodes != roots, roots))  # group, representative first, distance, id
     roots, nodes, dist = roots[by], nodes[by], dist[by].astype(np.float32)
