@@ -1,6 +1,6 @@
 """Near-duplicate groups: precision and recall of planted copies, and memory over 1M vectors.
 
-    .venv/bin/python benchmarks/duplicates.py [--db 20000] [--planted 1000] [--models pixels,pca,ae,ae:cosine]
+    .venv/bin/python benchmarks/duplicates.py [--db 20000] [--planted 1000] [--models pixels,pca,phash,ae,vae] [--epochs 10]
     .venv/bin/python benchmarks/duplicates.py --memory-test [--vectors 1000000]
 
 Planted copies: ``--db`` Fashion-MNIST training images (a seeded choice) plus an altered copy of
@@ -135,12 +135,12 @@ def models(args: argparse.Namespace, db: np.ndarray) -> tuple[Any, list[tuple[st
             started = time.perf_counter()
             engine.fit_model(name, kind, db, InputSpec(28, 1), options=options.get(kind, {}))
             print(f"  made {name} in {time.perf_counter() - started:.1f} s", flush=True)
-        wanted.append((name, metric or "l2"))
+        wanted.append((name, metric or engine.model(name).metric))
     return engine, wanted
 
 
 def evaluate(name: str, vectors: np.ndarray, metric: str, planted: np.ndarray) -> None:
-    index = knn.flat_index(vectors.shape[1], metric)
+    index = knn.flat_index(knn.dim_of(vectors, metric), metric)
     index.add(knn.prepare(vectors, metric))
     n = len(vectors)
     grouping = dup.find_groups(index, metric)
@@ -168,6 +168,8 @@ def evaluate(name: str, vectors: np.ndarray, metric: str, planted: np.ndarray) -
 
 def _distance(vectors: np.ndarray, metric: str, i: int, j: int) -> float:
     x = knn.prepare(vectors[[i, j]], metric)
+    if knn.is_binary(metric):
+        return float(np.unpackbits(x[0] ^ x[1]).sum())
     return float(np.linalg.norm(x[0] - x[1])) if metric == "l2" else float(1.0 - x[0] @ x[1])
 
 
@@ -203,8 +205,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", type=int, default=20_000, help="database images (Fashion-MNIST train)")
     parser.add_argument("--planted", type=int, default=1000, help="planted copies")
-    parser.add_argument("--models", default="pixels,pca,ae,ae:cosine", help="kind[:metric],...")
-    parser.add_argument("--epochs", type=int, default=2, help="AE/VAE epochs")
+    parser.add_argument(
+        "--models", default="pixels,pca,phash,ae,vae", help="kind[:metric],... (default metric: the kind's)"
+    )
+    parser.add_argument("--epochs", type=int, default=10, help="AE/VAE epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--alterations", default="mixed,jpeg", help="planted copies: mixed chain, JPEG only, or both")
     parser.add_argument("--home", default=str(OUT / "duplicates-home"), help="library of the models (kept)")

@@ -326,7 +326,7 @@ class Trainer:
             idx = order[step * size : (step + 1) * size]
             progress = epoch - 1 + step / steps  # in epochs
             beta = self.options.kl_weight(progress)  # ramps within epochs too
-            total, recon, kl, nce = self._step_loss(idx, beta)
+            total, recon, kl, nce = self._step_loss(idx, beta, self.noise_gen, self.augment_gen)
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             self.optimizer.step()
@@ -334,19 +334,21 @@ class Trainer:
         loss, recon, kl, nce = (sums / len(order)).tolist()
         return loss, recon, kl, nce
 
-    def _step_loss(self, idx: torch.Tensor, beta: float) -> tuple[torch.Tensor, ...]:
+    def _step_loss(
+        self, idx: torch.Tensor, beta: float, noise: torch.Generator, augment: torch.Generator
+    ) -> tuple[torch.Tensor, ...]:
         """(total, recon, kl, nce) of one batch: batch means of per-image terms, nce unweighted."""
         x = self.data.batch(idx)  # (B, C, S, S), also the target
         opts = self.options
         if not opts.augment:
-            terms = self.model.loss(x, opts.likelihood, beta, self.noise_gen)
+            terms = self.model.loss(x, opts.likelihood, beta, noise)
             return terms.total, terms.recon, terms.kl, torch.zeros((), device=x.device)
         copies = self.data.batch(idx, jpeg=True) if self.data.jpeg is not None else None
         views = 2 if opts.consistency else 1
         # Both views go through one forward pass (batch norm sees them together), each
         # reconstructing the clean image.
-        inputs = torch.cat([augment_batch(x, opts.augment, self.augment_gen, copies) for _ in range(views)])
-        recon, kl, code = self.model.terms(inputs, x.repeat(views, 1, 1, 1), opts.likelihood, self.noise_gen)
+        inputs = torch.cat([augment_batch(x, opts.augment, augment, copies) for _ in range(views)])
+        recon, kl, code = self.model.terms(inputs, x.repeat(views, 1, 1, 1), opts.likelihood, noise)
         recon, kl = recon.mean(), kl.mean()  # (vB,) -> ()
         nce = (
             info_nce(code[: len(x)], code[len(x) :], opts.temperature)
@@ -357,14 +359,19 @@ class Trainer:
 
     @torch.inference_mode()
     def _val_pass(self, beta: float) -> tuple[float, float, float]:
+        """The training objective on the validation images (with augmentation: on seeded views), so
+        that the best checkpoint is the best at what training optimises, consistency term included."""
         self.model.eval()
-        # The same noise every epoch, so that epochs are compared on equal terms.
-        gen = torch.Generator(device=self.device).manual_seed(self.options.seed + 3)
+        # The same noise and views every epoch, so that epochs are compared on equal terms.
+        noise = torch.Generator(device=self.device).manual_seed(self.options.seed + 3)
+        augment = torch.Generator().manual_seed(self.options.seed + 6)
+        # InfoNCE's value depends on the number of negatives: validate in training-sized batches.
+        size = self.options.batch_size if self.options.consistency else EVAL_BATCH
         sums = torch.zeros(3, device=self.device)
-        for start in range(0, len(self.val_idx), EVAL_BATCH):
-            idx = self.val_idx[start : start + EVAL_BATCH]
-            terms = self.model.loss(self.data.batch(idx), self.options.likelihood, beta, gen)
-            sums += torch.stack((terms.total, terms.recon, terms.kl)) * len(idx)
+        for start in range(0, len(self.val_idx), size):
+            idx = self.val_idx[start : start + size]
+            total, recon, kl, _ = self._step_loss(idx, beta, noise, augment)
+            sums += torch.stack((total, recon, kl)) * len(idx)
         loss, recon, kl = (sums / len(self.val_idx)).tolist()
         return loss, recon, kl
 
