@@ -1,6 +1,6 @@
 """Near-duplicate groups: precision and recall of planted copies, and memory over 1M vectors.
 
-    .venv/bin/python benchmarks/duplicates.py [--db 20000] [--planted 1000] [--models pixels,pca,phash,ae,vae] [--epochs 10]
+    .venv/bin/python benchmarks/duplicates.py [--db 20000] [--planted 1000] [--models pixels,pca,phash,ae,vae]
     .venv/bin/python benchmarks/duplicates.py --memory-test [--vectors 1000000]
 
 Planted copies: ``--db`` Fashion-MNIST training images (a seeded choice) plus an altered copy of
