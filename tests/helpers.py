@@ -145,3 +145,30 @@ def fill_disk(folder: Path, spare: int = 0) -> Path:
                 raise
     os.truncate(filler, max(0, filler.stat().st_size - spare))
     return filler
+
+
+# -- tiny training sets (test_nn, test_augment) ------------------------------------------------------
+
+
+def shapes(n: int, size: int, channels: int, seed: int = 0, binary: bool = False) -> np.ndarray:
+    """(n, size, size, channels) uint8: a bright square or disc on a faint gradient (binary: on black)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = np.zeros((n, size, size, channels), dtype=np.uint8)
+    for i in range(n):
+        r = int(rng.integers(size // 6, size // 3))
+        cy, cx = rng.integers(r, size - r, size=2)
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r if i % 2 else (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+        if not binary:
+            out[i] = (xx * (40 / size)).astype(np.uint8)[..., None]  # faint left-to-right gradient
+        out[i][mask] = 255 if binary else rng.integers(180, 256, size=channels)
+    return out
+
+
+def fit(cls: type, images: np.ndarray, workdir: Path, **options: object) -> Any:
+    """A tiny AE or VAE (``cls``: AEEncoder or VAEEncoder) trained on ``images``: 2 epochs, latent 8."""
+    from embedsearch.data.images import InputSpec  # here: helpers must not import the package's models
+
+    spec = InputSpec(images.shape[1], images.shape[3])
+    settings = {"latent_dim": 8, "epochs": 2, "batch_size": 8, "val_fraction": 0.25, **options}
+    return cls.fit(images, spec, cls.Options(**settings), workdir)

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.test_nn import fit, shapes
 
 from embedsearch.data.images import InputSpec
 from embedsearch.encoders.nn.augment import augment_batch, info_nce, jpeg_pool
@@ -16,6 +15,7 @@ from embedsearch.encoders.nn.models import ModelConfig, build_model
 from embedsearch.encoders.nn.recipe import DEFAULT_AUGMENT, OPERATIONS, parse_augment
 from embedsearch.encoders.nn.train import AEOptions, VAEOptions
 from embedsearch.errors import InvalidArgumentError
+from helpers import fit, shapes
 
 
 @pytest.fixture(autouse=True)

@@ -23,6 +23,7 @@ from embedsearch.encoders.nn.encoder import AEEncoder, VAEEncoder
 from embedsearch.encoders.nn.models import ModelConfig, build_model, kl_divergence, reconstruction_loss, reparameterize
 from embedsearch.encoders.nn.train import AEOptions, Trainer, VAEOptions, train
 from embedsearch.errors import InvalidArgumentError, ModelError
+from helpers import fit, shapes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,27 +33,6 @@ def one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     """These models are tiny: one thread is as fast, and far faster when other jobs share the cores."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-
-
-def shapes(n: int, size: int, channels: int, seed: int = 0, binary: bool = False) -> np.ndarray:
-    """(n, size, size, channels) uint8: a bright square or disc on a faint gradient (binary: on black)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    out = np.zeros((n, size, size, channels), dtype=np.uint8)
-    for i in range(n):
-        r = int(rng.integers(size // 6, size // 3))
-        cy, cx = rng.integers(r, size - r, size=2)
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r if i % 2 else (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
-        if not binary:
-            out[i] = (xx * (40 / size)).astype(np.uint8)[..., None]  # faint left-to-right gradient
-        out[i][mask] = 255 if binary else rng.integers(180, 256, size=channels)
-    return out
-
-
-def fit(cls: type, images: np.ndarray, workdir: Path, **options: object) -> AEEncoder:
-    spec = InputSpec(images.shape[1], images.shape[3])
-    settings = {"latent_dim": 8, "epochs": 2, "batch_size": 8, "val_fraction": 0.25, **options}
-    return cls.fit(images, spec, cls.Options(**settings), workdir)
 
 
 # -- models ------------------------------------------------------------------------------------
