@@ -195,8 +195,12 @@ class Engine:
     # -- indexing and searching ---------------------------------------------------------------
     def index(self, data: str, model: str, **kwargs: Any) -> IndexReport:
         """Bulk-index a folder into a model; see :meth:`BulkIndexer.run`."""
+        return self.index_models(data, [model], **kwargs)[0]
+
+    def index_models(self, data: str, models: list[str], **kwargs: Any) -> list[IndexReport]:
+        """Bulk-index a folder into several models at once, each file read and decoded once; one report each."""
         self._writable(create=True)
-        return self.bulk.run(data, model, **kwargs)
+        return self.bulk.run(data, models, **kwargs)
 
     def query(
         self, images: list[str], model: str, k: int = 10, batch_size: int = 256, include_generated: bool = False

@@ -156,3 +156,43 @@ def test_random_changes_between_runs_keep_every_content_stored_once(
             assert engine.check().ok
             again = engine.index(str(data), "pixels", workers=0)
             assert (again.added, again.updated) == (0, 0)
+
+
+def _vectors(engine: Engine, model: str) -> dict[str, bytes]:
+    """path -> stored vector of every image in a model's index."""
+    ids = engine.store.entry_image_ids(engine.model(model).id)
+    rows = engine.store.images(ids)
+    return {rows[i].path: v for i, v in engine.store.entry_vectors(engine.model(model).id, ids)}
+
+
+def test_several_models_in_one_run_store_what_separate_runs_store(
+    tmp_path: Path, shapes: Path, pillow_decodes: list[tuple[str, tuple[int, int]]]
+) -> None:
+    with Engine(tmp_path / "apart") as apart, Engine(tmp_path / "together") as together:
+        for engine in (apart, together):
+            engine.create_model("grey", "pixels", image_size=16, channels=1)  # a second input spec
+        apart.index(str(shapes), "pixels")
+        apart.index(str(shapes), "grey")
+        pillow_decodes.clear()
+        reports = together.index_models(str(shapes), ["pixels", "grey", "pixels"])
+        files = len(list(shapes.rglob("*.png")))
+        assert len(pillow_decodes) == files  # each file decoded once for both specs
+        assert [r.model for r in reports] == ["pixels", "grey"] and all(r.added == files for r in reports)
+        for model in ("pixels", "grey"):
+            assert _vectors(apart, model) == _vectors(together, model)
+            assert len(together.vector_index(model)) == files
+
+
+def test_a_model_added_to_the_set_is_filled_while_the_others_stay_unchanged(tmp_path: Path, shapes: Path) -> None:
+    with Engine(tmp_path / "home") as engine:
+        engine.index(str(shapes), "pixels")
+        engine.create_model("grey", "pixels", image_size=16, channels=1)
+        files = len(list(shapes.rglob("*.png")))
+        pixels, grey = engine.index_models(str(shapes), ["pixels", "grey"])
+        assert (pixels.added, pixels.unchanged, grey.added, grey.unchanged) == (0, files, files, 0)
+        again = engine.index_models(str(shapes), ["pixels", "grey"])
+        assert all(r.unchanged == files and r.added == 0 for r in again)
+        (shapes / "extra.png").write_bytes(png_bytes(noise_image(99)))
+        pixels, grey = engine.index_models(str(shapes), ["pixels", "grey"])
+        assert pixels.added == grey.added == 1
+        assert len(engine.vector_index("pixels")) == len(engine.vector_index("grey")) == files + 1

@@ -296,3 +296,18 @@ def test_tables_escape_control_characters_and_json_stays_exact(tmp_path: Path, h
 def test_one_line_errors_escape_the_names_in_them(tmp_path: Path) -> None:
     code, out, err = run(tmp_path / "h", "query", "no\nsuch\x1b[2J.png", "--model", "pixels")
     assert code == 1 and err == "Error: no\\nsuch\\x1b[2J.png: no such file or folder\n"
+
+
+def test_index_into_several_models_reports_each(home: Path, shapes: Path) -> None:
+    assert run(home, "index", str(shapes), "--model", "pixels")[0] == 0
+    assert run(home, "train", str(shapes), "--model", "pca", "--dim", "4")[0] == 0
+    code, out, _ = run(home, "index", str(shapes), "--model", "pixels,pca")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and "model 'pixels'" in lines[0] and "unchanged 48" in lines[0]
+    assert "model 'pca'" in lines[1] and "added 48" in lines[1]
+    code, out, _ = run(home, "index", str(shapes), "--all-models", "--json")
+    assert code == 0 and [json.loads(line)["model"] for line in out.splitlines()] == ["pca", "pixels"]  # models order by name
+    for args in ((), ("--model", "pixels", "--all-models"), ("--model", " , ")):
+        code, _, err = run(home, "index", str(shapes), *args)
+        assert code == 2 and "--model" in err and "Traceback" not in err

@@ -81,15 +81,13 @@ def test_sync_catches_up_with_the_database(tmp_path: Path) -> None:
         }
         for i in range(6)
     ]
-    ids = store.write_batch(
-        model.id, images, [], [(im["sha256"], v.tobytes()) for im, v in zip(images, x, strict=False)]
-    )
+    ids = store.write_batch({model.id: [(im["sha256"], v.tobytes()) for im, v in zip(images, x, strict=False)]}, images)
     index = VectorIndex(4)
     assert index.sync(store, model.id) and len(index) == 6
     assert not index.sync(store, model.id)  # nothing new
     # A deletion and a re-encoded vector that the index file never saw:
     store.delete_images([ids[images[0]["sha256"]]])
-    store.write_batch(model.id, [], [], [(ids[images[1]["sha256"]], (x[1] + 10).tobytes())])
+    store.write_batch({model.id: [(ids[images[1]["sha256"]], (x[1] + 10).tobytes())]})
     index.sync(store, model.id)
     assert len(index) == 5
     assert np.allclose(index.reconstruct(ids[images[1]["sha256"]]), x[1] + 10)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from embedsearch.data import ingest
-from embedsearch.data.images import InputSpec, scan
+from embedsearch.data.images import FileInfo, InputSpec, scan
 from helpers import noise_image, png_bytes
 
 SPEC = InputSpec(16, 3)
@@ -27,7 +27,7 @@ def test_pool_decodes_every_file_in_order_like_the_serial_path(tmp_path: Path, m
     monkeypatch.setattr(ingest, "POOL_THRESHOLD", 10)
     monkeypatch.setattr(ingest, "CHUNK", 4)
     monkeypatch.setattr(ingest, "AHEAD", 3)
-    assert ingest.uses_pool(len(files), workers=2) and not ingest.uses_pool(len(files), workers=1)
+    assert ingest.uses_pool(files, workers=2) and not ingest.uses_pool(files, workers=1)
     pooled = list(ingest.decode_all(files, SPEC, workers=2))
     serial = list(ingest.decode_all(files, SPEC, workers=1))
     assert [d.file.path for d in pooled] == [f.path for f in files] == [d.file.path for d in serial]
@@ -36,6 +36,24 @@ def test_pool_decodes_every_file_in_order_like_the_serial_path(tmp_path: Path, m
         assert a.error == b.error
         if a.pixels is not None:
             assert a.meta == b.meta and np.array_equal(a.pixels, b.pixels)
+
+
+def test_one_decode_gives_the_array_of_every_spec_as_separate_decodes_do(tmp_path: Path) -> None:
+    files = folder(tmp_path / "data", 5)
+    grey, colour = InputSpec(8, 1), InputSpec(16, 3)
+    both = list(ingest.decode_all(files, [grey, colour], workers=1))
+    for spec, n in ((grey, 0), (colour, 1)):
+        alone = list(ingest.decode_all(files, spec, workers=1))
+        for a, b in zip(both, alone, strict=True):
+            assert a.views[n].shape == spec.shape and np.array_equal(a.views[n], b.pixels)
+
+
+def test_a_few_large_files_are_decoded_in_the_pool_many_small_ones_too() -> None:
+    photos = [FileInfo(f"/p{i}.jpg", 3 << 20, 0.0, None) for i in range(20)]  # 60 MB: seconds of decoding
+    icons = [FileInfo(f"/i{i}.png", 300, 0.0, None) for i in range(20)]
+    assert ingest.uses_pool(photos, workers=2) and not ingest.uses_pool(icons, workers=2)
+    assert ingest.uses_pool(icons * 100, workers=2)  # 2,000 files
+    assert not ingest.uses_pool(photos[:3], workers=2)  # fewer than two per worker
 
 
 class _RecordingPool:
@@ -63,7 +81,7 @@ def test_no_more_than_ahead_chunks_are_submitted_before_they_are_consumed(
     monkeypatch.setattr(ingest, "AHEAD", 4)
     pool = _RecordingPool()
     consumed = 0
-    for _ in ingest._bounded(pool, files, SPEC, 10**8):  # type: ignore[arg-type]
+    for _ in ingest._bounded(pool, files, (SPEC,), 10**8, 1):  # type: ignore[arg-type]
         consumed += 1
         # Chunks fully or partly consumed, plus at most AHEAD waiting: never the whole folder at once.
         assert pool.submitted <= -(-consumed // 2) + 4

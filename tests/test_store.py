@@ -47,7 +47,7 @@ def test_deleting_an_image_deletes_its_entries(tmp_path: Path) -> None:
         "bytes": 1,
         "mtime": 0.0,
     }
-    ids = store.write_batch(model.id, [image], [], [("0" * 64, b"\0" * 8)])
+    ids = store.write_batch({model.id: [("0" * 64, b"\0" * 8)]}, [image])
     assert store.entry_stamp(model.id) == (1, 1)
     store.delete_images(list(ids.values()))
     assert store.entry_stamp(model.id)[0] == 0
@@ -82,7 +82,7 @@ def test_labels_paths_finds_exactly_the_known_ids(tmp_path: Path, monkeypatch: p
         }
         for i in range(5)
     ]
-    ids = store.write_batch(model.id, images, [], [(im["sha256"], b"\0" * 8) for im in images])
+    ids = store.write_batch({model.id: [(im["sha256"], b"\0" * 8) for im in images]}, images)
     wanted = [ids[f"{1:064d}"], ids[f"{4:064d}"], 999]  # 999: no such image
     expected = {ids[f"{1:064d}"]: ("/1.png", "odd"), ids[f"{4:064d}"]: ("/4.png", None)}
     assert store.labels_paths(wanted) == expected  # SQLite: ids as one JSON parameter

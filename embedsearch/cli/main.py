@@ -92,53 +92,6 @@ def main(ctx: click.Context, home: str, db: str | None, quiet: bool, verbose: bo
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("data", type=click.Path(exists=True))
-@click.option("--model", "model", required=True, help="Model name ('pixels' is created on first use).")
-@click.option(
-    "--metric",
-    type=click.Choice(list(METRICS)),
-    default=None,
-    help="Distance of a model created here (default l2; phash and dhash: hamming).",
-)
-@click.option(
-    "--batch-size", default=2048, show_default=True, type=click.IntRange(1), help="Images per committed batch."
-)
-@click.option("--workers", default=None, type=click.IntRange(0), help="Decoding processes (default: all cores).")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.pass_context
-def index(
-    ctx: click.Context, data: str, model: str, metric: str | None, batch_size: int, workers: int | None, as_json: bool
-) -> None:
-    """Bulk-index every image under DATA (a folder, recursively, or one file).
-
-    Incremental: a second run adds nothing; changed files are re-encoded; identical files are
-    stored once. Files that cannot be used are listed with the reason and never stop the run.
-
-    \b
-    Example:
-      embedsearch index photos/ --model pixels
-    """
-    report = _engine(ctx).index(
-        data,
-        model,
-        metric=metric,
-        batch_size=batch_size,
-        workers=workers,
-        progress=not ctx.obj["quiet"] and sys.stderr.isatty(),
-    )
-    if as_json:
-        _emit(report.to_dict())
-        return
-    for path, reason in report.failed:
-        click.echo(f"failed: {printable(path)}: {printable(reason)}")
-    click.echo(
-        f"{report.scanned} files, model {printable(repr(model))}: added {report.added}, updated {report.updated}, "
-        f"unchanged {report.unchanged}, duplicates {report.duplicates}, failed {len(report.failed)} "
-        f"in {report.seconds:.1f} s ({report.images_per_second:,.0f} images/s)"
-    )
-
-
-@main.command(context_settings=CONTEXT)
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--model", required=True, help="Model whose index to search.")
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Neighbours per query.")
@@ -527,12 +480,14 @@ def _register_commands() -> None:
     """Commands that live in their own modules (imported lazily by their bodies)."""
     from embedsearch.cli.compare import compare, export_images
     from embedsearch.cli.duplicates import duplicates
+    from embedsearch.cli.indexing import index
     from embedsearch.cli.serve import serve
 
     main.add_command(serve)
     main.add_command(compare)
     main.add_command(export_images, "export-images")
     main.add_command(duplicates)
+    main.add_command(index)
 
 
 _register_commands()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.models import ModelRegistry
 from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
-from embedsearch.data.images import infer_spec, scan
+from embedsearch.data.images import InputSpec, infer_spec, scan
 from embedsearch.data.ingest import Decoded, decode_all, plan, uses_pool
 from embedsearch.encoders.base import REGISTRY, Encoder, encoder_class
 from embedsearch.errors import DiskFullError, InvalidArgumentError, UnknownModelError
@@ -31,18 +31,29 @@ log = logging.getLogger(__name__)
 
 
 class _Batch:
-    """Decoded files waiting to be encoded and committed together."""
+    """Decoded files waiting to be encoded and committed together: image rows, and per model what to encode."""
 
-    def __init__(self) -> None:
-        self.pixels: list[np.ndarray] = []
-        self.keys: list[int | str] = []  # image id, or sha256 of an image not stored yet
+    def __init__(self, models: int) -> None:
+        self.keys: list[list[int | str]] = [[] for _ in range(models)]  # image id, or sha256 of a new image
+        self.pixels: list[list[np.ndarray]] = [[] for _ in range(models)]
         self.new_images: list[dict[str, Any]] = []
         self.changed: list[dict[str, Any]] = []
         self.deleted: list[int] = []  # paths whose new content is stored under another path already
         self.touched: list[tuple[int, float]] = []  # same content, new mtime
 
     def __len__(self) -> int:
-        return len(self.pixels)
+        return max(len(keys) for keys in self.keys)
+
+
+@dataclass
+class _Target:
+    """One model a run indexes into: which decoded view it encodes, what its index holds, its report."""
+
+    row: Model
+    encoder: Encoder
+    view: int  # position of the model's input spec among the run's distinct specs
+    indexed: set[int]  # image ids in this model's index, or queued for it in this run
+    report: IndexReport
 
 
 def _ensure_model(registry: ModelRegistry, store: Store, data: str, model: str, metric: str | None) -> None:
@@ -62,7 +73,11 @@ def _ensure_model(registry: ModelRegistry, store: Store, data: str, model: str, 
 
 
 class BulkIndexer:
-    """Indexes a folder into one model, batch by batch, under the writer lock."""
+    """Indexes a folder into one or more models, batch by batch, under the writer lock.
+
+    Each file is read and decoded once for all the models (once per distinct input spec), and each
+    batch's image rows and every model's vectors are committed in one transaction.
+    """
 
     def __init__(self, store: Store, cache: IndexCache, registry: ModelRegistry, max_pixels: int) -> None:
         self.store = store
@@ -73,62 +88,94 @@ class BulkIndexer:
     def run(
         self,
         data: str,
-        model: str,
+        models: list[str],
         *,
         metric: str | None = None,
         batch_size: int = 2048,
         workers: int | None = None,
         progress: bool = False,
-    ) -> IndexReport:
+    ) -> list[IndexReport]:
+        """Index ``data`` into every model of ``models``; one report per model, in that order."""
         started = time.perf_counter()
+        names = list(dict.fromkeys(models))  # each once, in the order given
+        if not names:
+            raise InvalidArgumentError("name at least one model to index into")
         with self.cache.writing():  # decide whether to create the model under the lock: no run may race us
-            _ensure_model(self.registry, self.store, data, model, metric)
-            encoder = self.registry.encoder(model)
-            row = self.registry.model(model)
-            index = self.cache.index(row)  # in step with what other writers committed: we hold the lock
-            known = self.store.known_files(row.id)
+            for name in names:
+                _ensure_model(self.registry, self.store, data, name, metric)
+            targets, specs = self._targets(names)
+            known = self._known(targets)
             work = plan(data, known)
-            report = IndexReport(model, scanned=work.scanned, unchanged=work.unchanged)
-            state = _State(known, self.store.all_shas() if work.todo else {}, set(index.ids().tolist()))
+            for target in targets:
+                target.report.scanned, target.report.unchanged = work.scanned, work.unchanged
+            state = _State(known, self.store.all_shas() if work.todo else {}, targets)
             bar = _progress(len(work.todo), progress)
-            batch = _Batch()
-            sharing = encoder.sharing_cores() if uses_pool(len(work.todo), workers) else nullcontext()
+            batch = _Batch(len(targets))
+            pooled = uses_pool(work.todo, workers)
             try:
-                with sharing:
-                    for item in decode_all(work.todo, encoder.spec, self.max_pixels, workers):
+                with ExitStack() as stack:
+                    for target in targets if pooled else ():
+                        stack.enter_context(target.encoder.sharing_cores())
+                    for item in decode_all(work.todo, specs, self.max_pixels, workers):
                         bar.update(1)
-                        _route(item, state, batch, report)
+                        _route(item, state, batch)
                         if len(batch) + len(batch.touched) >= batch_size:
-                            self._flush(row, encoder, batch, state)
-                            batch = _Batch()
-                    self._flush(row, encoder, batch, state)
+                            self._flush(batch, state)
+                            batch = _Batch(len(targets))
+                    self._flush(batch, state)
             except DiskFullError as exc:
                 raise exc.keeping(_committed(state)) from None
             finally:
                 bar.close()
-        report.seconds = time.perf_counter() - started
-        return report
+        for target in targets:
+            target.report.seconds = time.perf_counter() - started
+        return [target.report for target in targets]
 
-    def _flush(self, row: Model, encoder: Encoder, batch: _Batch, state: _State) -> None:
+    def _targets(self, names: list[str]) -> tuple[list[_Target], list[InputSpec]]:
+        """Each model with its index's ids, and the distinct input specs the files are decoded to."""
+        specs: list[InputSpec] = []
+        targets = []
+        for name in names:
+            encoder, row = self.registry.encoder(name), self.registry.model(name)
+            if encoder.spec not in specs:
+                specs.append(encoder.spec)
+            index = self.cache.index(row)  # in step with what other writers committed: we hold the lock
+            ids = set(index.ids().tolist())
+            targets.append(_Target(row, encoder, specs.index(encoder.spec), ids, IndexReport(name)))
+        return targets, specs
+
+    def _known(self, targets: list[_Target]) -> dict[str, tuple[int, int, float | None, str, bool]]:
+        """The stored files; "indexed" only where every model has the image (else it is read again)."""
+        known = self.store.known_files(targets[0].row.id)
+        if len(targets) == 1:
+            return known
+        return {path: (*v[:4], all(v[0] in t.indexed for t in targets)) for path, v in known.items()}
+
+    def _flush(self, batch: _Batch, state: _State) -> None:
         if not (len(batch) or batch.touched or batch.deleted):
             return
-        empty = np.zeros((0, encoder.code_width), encoder.code_dtype)
-        vectors = encoder.encode(np.stack(batch.pixels)) if len(batch) else empty  # (N, dim) float32, or bits
-        blobs = [v.tobytes() for v in vectors]
+        vectors = [_encode(t.encoder, pixels) for t, pixels in zip(state.targets, batch.pixels, strict=True)]
+        entries = {
+            t.row.id: list(zip(keys, [v.tobytes() for v in vecs], strict=True))
+            for t, keys, vecs in zip(state.targets, batch.keys, vectors, strict=True)
+        }
         new_ids = self.store.write_batch(
-            row.id,
-            batch.new_images,
-            batch.changed,
-            list(zip(batch.keys, blobs, strict=True)),
-            deleted=batch.deleted,
-            touched=batch.touched,
+            entries, batch.new_images, batch.changed, deleted=batch.deleted, touched=batch.touched
         )
         state.shas.update(new_ids)
         state.batches, state.committed = state.batches + 1, state.committed + len(batch)
-        ids = np.array([new_ids[k] if isinstance(k, str) else k for k in batch.keys], dtype=np.int64)
         self.cache.remove_images(batch.deleted)  # deleted rows leave every model's index
-        self.cache.add(row, ids, vectors)
-        state.indexed.update(ids.tolist())
+        for target, keys, vecs in zip(state.targets, batch.keys, vectors, strict=True):
+            ids = np.array([new_ids[k] if isinstance(k, str) else k for k in keys], dtype=np.int64)
+            self.cache.add(target.row, ids, vecs)
+            target.indexed.update(ids.tolist())
+
+
+def _encode(encoder: Encoder, pixels: list[np.ndarray]) -> np.ndarray:
+    """(N, dim) float32, or (N, bytes) uint8 bits, of a batch's images."""
+    if not pixels:
+        return np.zeros((0, encoder.code_width), encoder.code_dtype)
+    return encoder.encode(np.stack(pixels))
 
 
 @dataclass
@@ -137,17 +184,26 @@ class _State:
 
     known: dict[str, tuple[int, int, float | None, str, bool]]  # path -> id, bytes, mtime, sha, indexed
     shas: dict[str, int]  # sha256 -> image id, for every stored image
-    indexed: set[int]  # image ids in this model's index
+    targets: list[_Target]
     seen: dict[str, str] = field(default_factory=dict)  # sha256 -> path, files met in this run
     batches: int = 0  # batches this run committed
     committed: int = 0  # images (new or re-encoded) in them
-    #: sha256 -> (values, pixels) of files met as copies of a stored image: if that image's own
+    #: sha256 -> (values, views) of files met as copies of a stored image: if that image's own
     #: file turns out to have changed later in the run, the copy takes its place.
-    copies: dict[str, tuple[dict[str, Any], np.ndarray]] = field(default_factory=dict)
+    copies: dict[str, tuple[dict[str, Any], list[np.ndarray]]] = field(default_factory=dict)
     path_of: dict[int, str] = field(init=False)  # image id -> path of the stored images
 
     def __post_init__(self) -> None:
         self.path_of = {values[0]: path for path, values in self.known.items()}
+
+    def count(self, what: str, n: int = 1) -> None:
+        """An event about an image (not a model's vector): every model's report counts it."""
+        for target in self.targets:
+            setattr(target.report, what, getattr(target.report, what) + n)
+
+    def forget(self, image_id: int) -> None:
+        for target in self.targets:
+            target.indexed.discard(image_id)
 
 
 def _committed(state: _State) -> str:
@@ -158,22 +214,24 @@ def _committed(state: _State) -> str:
     return f"everything up to batch {state.batches} ({images}) is committed"
 
 
-def _route(item: Decoded, state: _State, batch: _Batch, report: IndexReport) -> None:
+def _route(item: Decoded, state: _State, batch: _Batch) -> None:
     """Decide what one decoded file is: failed, unchanged, duplicate, changed or new."""
-    info, meta, pixels = item.file, item.meta, item.pixels
-    if item.error is not None or meta is None or pixels is None:
-        report.failed.append((info.path, item.error or "unknown error"))
+    info, meta, views = item.file, item.meta, item.views
+    if item.error is not None or meta is None or not views:
+        for target in state.targets:
+            target.report.failed.append((info.path, item.error or "unknown error"))
         log.warning("skipped %s: %s", info.path, item.error)
         return
     old = state.known.get(info.path)
     if old is not None and old[3] == meta.sha256:  # same content, only touched
         state.seen.setdefault(meta.sha256, info.path)
         batch.touched.append((old[0], info.mtime))
-        if old[0] in state.indexed:
-            report.unchanged += 1
-        else:
-            _queue(batch, state, old[0], pixels)
-            report.added += 1
+        for target in state.targets:
+            if old[0] in target.indexed:
+                target.report.unchanged += 1
+            else:
+                target.report.added += 1
+        _queue(batch, state, old[0], views, missing_only=True)
         return
     values = {
         "path": info.path,
@@ -189,82 +247,79 @@ def _route(item: Decoded, state: _State, batch: _Batch, report: IndexReport) -> 
     first = state.seen.setdefault(meta.sha256, info.path)
     stored = state.shas.get(meta.sha256)
     if first != info.path or stored is not None:
-        _duplicate(pixels, values, stored, first, old, state, batch, report)
-    elif old is None:
+        _duplicate(views, values, stored, first, old, state, batch)
+    elif old is None or _moved_to_copy(old, state, batch):
+        # New, or the row went to a copy of its old content: either way this file is a new image.
         batch.new_images.append(values)
-        _queue(batch, state, meta.sha256, pixels)
-        report.added += 1
-    elif _moved_to_copy(old, state, batch, report):
-        batch.new_images.append(values)  # the row went to a copy of its old content: this file is new
-        _queue(batch, state, meta.sha256, pixels)
-        report.added += 1
+        _queue(batch, state, meta.sha256, views)
+        state.count("added")
     else:  # new content at a known path: its row is rewritten and re-encoded
-        _rewrite(batch, state, old[0], values, pixels)
+        _rewrite(batch, state, old[0], values, views)
         state.shas.pop(old[3], None)  # its old content is gone: a later copy of it is new, not a duplicate
         state.shas[meta.sha256] = old[0]
-        report.updated += 1
+        state.count("updated")
 
 
 def _duplicate(
-    pixels: np.ndarray,
+    views: list[np.ndarray],
     values: dict[str, Any],
     stored: int | None,
     first: str,
     old: tuple[int, int, float | None, str, bool] | None,
     state: _State,
     batch: _Batch,
-    report: IndexReport,
 ) -> None:
     """A file whose content is stored already, or was met earlier in this run."""
-    if old is not None and not _moved_to_copy(old, state, batch, report):
+    if old is not None and not _moved_to_copy(old, state, batch):
         # First, as the stored image may take over this path below (rows are deleted, then rewritten).
         batch.deleted.append(old[0])  # this path's old content is nowhere else: its row goes
-        state.indexed.discard(old[0])
+        state.forget(old[0])
         state.shas.pop(old[3], None)
         state.path_of.pop(old[0], None)
     was_at = state.path_of.get(stored) if stored is not None else None  # None: stored in this run
     if stored is not None and was_at is not None and not os.path.exists(was_at):
         # The stored image's file is gone (renamed or moved): the image follows its content here.
         log.info("%s: the stored image of %s, whose file is gone", values["path"], was_at)
-        _rewrite(batch, state, stored, values, pixels)
-        report.updated += 1
+        _rewrite(batch, state, stored, values, views)
+        state.count("updated")
         return
-    report.duplicates += 1
+    state.count("duplicates")
     log.info("%s: same content as %s", values["path"], first if first != values["path"] else "a stored image")
     if stored is not None:
         # If the stored image's own file turns out to have changed later in the run, this copy
         # takes its place (a swap of two files' contents, say).
-        state.copies.setdefault(values["sha256"], (values, pixels))
-        if stored not in state.indexed:
-            _queue(batch, state, stored, pixels)  # stored elsewhere, not yet in this model's index
+        state.copies.setdefault(values["sha256"], (values, views))
+        _queue(batch, state, stored, views, missing_only=True)  # stored elsewhere, maybe not in every index
 
 
-def _moved_to_copy(
-    old: tuple[int, int, float | None, str, bool], state: _State, batch: _Batch, report: IndexReport
-) -> bool:
+def _moved_to_copy(old: tuple[int, int, float | None, str, bool], state: _State, batch: _Batch) -> bool:
     """A known path lost its content: if a copy of that content was met earlier in the run, the
     stored image moves to the copy's path (re-encoded, as its row is rewritten) and True is returned."""
     copy = state.copies.pop(old[3], None)
     if copy is None:
         return False
     _rewrite(batch, state, old[0], *copy)
-    report.duplicates -= 1  # the copy is now the stored image itself
-    report.updated += 1
+    state.count("duplicates", -1)  # the copy is now the stored image itself
+    state.count("updated")
     return True
 
 
-def _rewrite(batch: _Batch, state: _State, image_id: int, values: dict[str, Any], pixels: np.ndarray) -> None:
+def _rewrite(batch: _Batch, state: _State, image_id: int, values: dict[str, Any], views: list[np.ndarray]) -> None:
     """The stored image ``image_id`` is now the file ``values`` describes: its row is rewritten and re-encoded."""
     batch.changed.append({"id": image_id, **values})
-    _queue(batch, state, image_id, pixels)
+    _queue(batch, state, image_id, views)
     state.path_of[image_id] = values["path"]
 
 
-def _queue(batch: _Batch, state: _State, key: int | str, pixels: np.ndarray) -> None:
-    batch.keys.append(key)
-    batch.pixels.append(pixels)
-    if isinstance(key, int):
-        state.indexed.add(key)  # queued counts as indexed: never queue one image twice
+def _queue(batch: _Batch, state: _State, key: int | str, views: list[np.ndarray], missing_only: bool = False) -> None:
+    """Queue an image for encoding by every model (``missing_only``: by those whose index lacks it)."""
+    for n, target in enumerate(state.targets):
+        if isinstance(key, int):
+            if missing_only and key in target.indexed:
+                continue
+            target.indexed.add(key)  # queued counts as indexed: never queue one image twice
+        batch.keys[n].append(key)
+        batch.pixels[n].append(views[target.view])
 
 
 def _progress(total: int, enabled: bool) -> Any:

@@ -171,7 +171,7 @@ class Checker:
         encoder = self.registry.encoder(model.name)
         unreadable: list[int] = []
         for part in encode_batches(self.store, encoder, ids, self.max_pixels):
-            self.store.write_batch(model.id, [], [], part.entries)
+            self.store.write_batch({model.id: part.entries})
             unreadable += part.unreadable
         self.cache.rebuild(model)  # saved when the check's writing block ends
         return unreadable

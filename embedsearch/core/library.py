@@ -84,16 +84,15 @@ class ImageLibrary:
                 "mtime": None,
             }
             image_id = existing
-            for model, encoder in targets:
-                if image_id is not None and image_id in self.store.entry_ids_of(model.id, [image_id]):
-                    continue
-                vector = encoder.encode(pixels_of[encoder.spec][None])  # (1, dim)
-                key: int | str = image_id if image_id is not None else meta.sha256
-                new = self.store.write_batch(
-                    model.id, [values] if image_id is None else [], [], [(key, vector[0].tobytes())]
-                )
+            key: int | str = existing if existing is not None else meta.sha256
+            lacking = [(m, e) for m, e in targets if existing is None or not self.store.entry_ids_of(m.id, [existing])]
+            vectors = [encoder.encode(pixels_of[encoder.spec][None]) for _, encoder in lacking]  # (1, dim) each
+            if lacking:  # the image and every model's vector in one transaction
+                entries = {m.id: [(key, v[0].tobytes())] for (m, _), v in zip(lacking, vectors, strict=True)}
+                new = self.store.write_batch(entries, [values] if existing is None else [])
                 image_id = new.get(meta.sha256, image_id)
-                self.cache.add(model, np.array([image_id], dtype=np.int64), vector)
+                for (model, _), vector in zip(lacking, vectors, strict=True):
+                    self.cache.add(model, np.array([image_id], dtype=np.int64), vector)
         if image_id is None:  # every target model had it already
             raise InvalidArgumentError("nothing was indexed")
         return Added(image_id, existing is None, meta.sha256)
@@ -226,7 +225,7 @@ class ImageLibrary:
                     }
                 )
             entries = [(d, vectors[i].tobytes()) for d, i in first.items()]
-            ids = self.store.write_batch(model.id, rows, [], list(entries))
+            ids = self.store.write_batch({model.id: entries}, rows)
             new = np.array([ids[d] for d in first], dtype=np.int64)
             self.cache.add(model, new, vectors[list(first.values())])
             self.cache.mark_generated(new.tolist())

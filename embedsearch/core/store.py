@@ -15,7 +15,7 @@ import os
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache, partial
 from pathlib import Path
@@ -430,17 +430,17 @@ class Store:
     # -- entries ------------------------------------------------------------------------------
     def write_batch(
         self,
-        model_id: int,
-        new_images: list[dict[str, Any]],
-        changed: list[dict[str, Any]],
-        entries: list[tuple[int | str, bytes]],
+        entries: Mapping[int, Sequence[tuple[int | str, bytes]]],
+        new_images: Sequence[dict[str, Any]] = (),
+        changed: Sequence[dict[str, Any]] = (),
         deleted: Sequence[int] = (),
         touched: Sequence[tuple[int, float]] = (),
     ) -> dict[str, int]:
         """Commit one batch: insert new images, update changed ones, (re)write their entries.
 
-        ``entries`` name their image by id or, for a new image, by sha256. Returns sha -> id of
-        the new images. Everything happens in one transaction, so a kill leaves all or nothing.
+        ``entries`` maps a model id to (image, vector) pairs, the image named by id or, for a new
+        image, by sha256. Returns sha -> id of the new images. Everything happens in one
+        transaction, so a kill leaves all or nothing.
         """
         with self.session() as s:
             ids: dict[str, int] = {}
@@ -458,15 +458,19 @@ class Store:
             if new_images:
                 # Core inserts (Table, not the ORM class): the ORM's per-row bookkeeping costs more
                 # than SQLite itself at thousands of rows per batch.
-                rows = s.execute(insert(cast(Table, Image.__table__)).returning(Image.sha256, Image.id), new_images)
-                ids = dict(rows.all())
-            resolved = [(ids[key] if isinstance(key, str) else key, vec) for key, vec in entries]
-            s.execute(
-                delete(IndexEntry).where(
-                    IndexEntry.model_id == model_id, IndexEntry.image_id.in_([i for i, _ in resolved])
+                rows = s.execute(
+                    insert(cast(Table, Image.__table__)).returning(Image.sha256, Image.id), list(new_images)
                 )
-            )
-            if resolved:
+                ids = dict(rows.all())
+            for model_id, pairs in entries.items():
+                resolved = [(ids[key] if isinstance(key, str) else key, vec) for key, vec in pairs]
+                if not resolved:
+                    continue
+                s.execute(
+                    delete(IndexEntry).where(
+                        IndexEntry.model_id == model_id, IndexEntry.image_id.in_([i for i, _ in resolved])
+                    )
+                )
                 s.execute(
                     insert(cast(Table, IndexEntry.__table__)),
                     [{"model_id": model_id, "image_id": i, "vector": v} for i, v in resolved],

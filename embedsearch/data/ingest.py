@@ -13,19 +13,28 @@ import os
 import signal
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.pool import AsyncResult, Pool
 
 import numpy as np
 
-from embedsearch.data.images import DEFAULT_MAX_PIXELS, FileInfo, ImageMeta, InputSpec, decode_file, scan
+from embedsearch.data.images import (
+    DEFAULT_MAX_PIXELS,
+    FileInfo,
+    ImageMeta,
+    InputSpec,
+    decode_bytes_for,
+    read_bytes,
+    scan,
+)
 from embedsearch.errors import ImageError
 
 log = logging.getLogger(__name__)
 
-#: Below this many files a process pool costs more to start than it saves.
+#: Below this many files (and POOL_BYTES of them) a process pool costs more to start than it saves.
 POOL_THRESHOLD = 1500
+POOL_BYTES = 32 << 20
 #: Files per pool task, and how many tasks may be decoded ahead of the consumer: enough to keep the
 #: workers busy while the parent encodes and commits a batch, and a bound on memory (Pool.imap would
 #: decode a whole folder ahead of a slower consumer: 12 GB for a million 64x64 RGB images).
@@ -35,12 +44,17 @@ AHEAD = 32
 
 @dataclass
 class Decoded:
-    """One file after reading: either ``meta`` and ``pixels`` (S, S, C) uint8, or an error."""
+    """One file after reading: either ``meta`` and one ``(S, S, C)`` uint8 array per input spec, or an error."""
 
     file: FileInfo
     meta: ImageMeta | None = None
-    pixels: np.ndarray | None = None
+    views: list[np.ndarray] = field(default_factory=list)
     error: str | None = None
+
+    @property
+    def pixels(self) -> np.ndarray | None:
+        """The array of the first (or only) spec."""
+        return self.views[0] if self.views else None
 
 
 @dataclass
@@ -65,35 +79,41 @@ def plan(root: str, known: dict[str, tuple[int, int, float | None, str, bool]]) 
     return out
 
 
-def _decode(job: tuple[FileInfo, InputSpec, int]) -> Decoded:
-    info, spec, max_pixels = job
+Specs = tuple[InputSpec, ...]
+
+
+def _decode(info: FileInfo, specs: Specs, max_pixels: int) -> Decoded:
     if info.size < 0:
         return Decoded(info, error="cannot read file (not a regular file, or a broken or looping symlink)")
     try:
-        meta, pixels = decode_file(info.path, spec, max_pixels)
+        meta, views = decode_bytes_for(read_bytes(info.path), list(specs), info.path, max_pixels)
     except ImageError as exc:
         return Decoded(info, error=exc.reason)
-    return Decoded(info, meta, pixels)
+    return Decoded(info, meta, views)
 
 
-def _decode_chunk(files: list[FileInfo], spec: InputSpec, max_pixels: int) -> list[Decoded]:
-    return [_decode((f, spec, max_pixels)) for f in files]
+def _decode_chunk(files: list[FileInfo], specs: Specs, max_pixels: int) -> list[Decoded]:
+    return [_decode(f, specs, max_pixels) for f in files]
 
 
 def decode_all(
-    files: list[FileInfo], spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None
+    files: list[FileInfo],
+    specs: InputSpec | Sequence[InputSpec],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
 ) -> Iterator[Decoded]:
-    """Decode ``files`` in order, in a process pool when there are many."""
+    """Decode ``files`` in order, each once for all ``specs``, in a process pool when there is much work."""
+    specs = (specs,) if isinstance(specs, InputSpec) else tuple(specs)
     workers = workers if workers is not None else (os.cpu_count() or 1)
-    if not uses_pool(len(files), workers):
-        yield from (_decode((f, spec, max_pixels)) for f in files)
+    if not uses_pool(files, workers):
+        yield from (_decode(f, specs, max_pixels) for f in files)
         return
     # fork on Linux: fast, and it does not re-run the caller's __main__ module (spawn does, which
     # breaks scripts without an ``if __name__ == "__main__"`` guard). The children only run Pillow
     # and hashlib, never torch or OpenMP, so a parent with torch's threads forks safely.
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with ctx.Pool(workers, initializer=_worker_setup, initargs=(os.getpid(),)) as pool:
-        yield from _bounded(pool, files, spec, max_pixels)
+        yield from _bounded(pool, files, specs, max_pixels, workers)
 
 
 def _worker_setup(parent: int) -> None:
@@ -111,22 +131,31 @@ def _worker_setup(parent: int) -> None:
             os._exit(1)
 
 
-def uses_pool(count: int, workers: int | None = None) -> bool:
-    """Whether :func:`decode_all` decodes ``count`` files in worker processes."""
+def uses_pool(files: list[FileInfo], workers: int | None = None) -> bool:
+    """Whether :func:`decode_all` decodes ``files`` in worker processes: many small files, or a few
+    large ones (a hundred 12-megapixel photos take seconds each to read and decode)."""
     workers = workers if workers is not None else (os.cpu_count() or 1)
-    return workers > 1 and count >= POOL_THRESHOLD
+    if workers <= 1 or len(files) < 2 * workers:
+        return False
+    return len(files) >= POOL_THRESHOLD or sum(max(f.size, 0) for f in files) >= POOL_BYTES
 
 
-def _bounded(pool: Pool, files: list[FileInfo], spec: InputSpec, max_pixels: int) -> Iterator[Decoded]:
+def _bounded(pool: Pool, files: list[FileInfo], specs: Specs, max_pixels: int, workers: int) -> Iterator[Decoded]:
     """Results in order, with at most AHEAD chunks submitted but not yet consumed."""
-    chunks = (files[i : i + CHUNK] for i in range(0, len(files), CHUNK))
+    size = _chunk_size(files, workers)
+    chunks = (files[i : i + size] for i in range(0, len(files), size))
     pending: deque[AsyncResult[list[Decoded]]] = deque()
     for part in chunks:
-        pending.append(pool.apply_async(_decode_chunk, (part, spec, max_pixels)))
+        pending.append(pool.apply_async(_decode_chunk, (part, specs, max_pixels)))
         if len(pending) >= AHEAD:
             yield from pending.popleft().get()
     while pending:
         yield from pending.popleft().get()
+
+
+def _chunk_size(files: list[FileInfo], workers: int) -> int:
+    """CHUNK files per task, fewer for large files: each worker gets several tasks to balance."""
+    return max(1, min(CHUNK, len(files) // (4 * workers)))
 
 
 def load_folder(

@@ -1,0 +1,98 @@
+"""The ``index`` command: parse, call :meth:`Engine.index_models`, render. The main group registers it."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import click
+
+from embedsearch.cli.context import CONTEXT, printable
+from embedsearch.cli.context import emit as _emit
+from embedsearch.cli.context import engine as _engine
+from embedsearch.results import METRICS
+
+if TYPE_CHECKING:
+    from embedsearch.engine import Engine
+
+
+@click.command("index", context_settings=CONTEXT)
+@click.argument("data", type=click.Path(exists=True))
+@click.option(
+    "--model",
+    "model",
+    default=None,
+    help="Model name, or several separated by commas ('pixels' is created on first use).",
+)
+@click.option("--all-models", is_flag=True, help="Index into every model of the library.")
+@click.option(
+    "--metric",
+    type=click.Choice(list(METRICS)),
+    default=None,
+    help="Distance of a model created here (default l2; phash and dhash: hamming).",
+)
+@click.option(
+    "--batch-size", default=2048, show_default=True, type=click.IntRange(1), help="Images per committed batch."
+)
+@click.option("--workers", default=None, type=click.IntRange(0), help="Decoding processes (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (one object per model).")
+@click.pass_context
+def index(
+    ctx: click.Context,
+    data: str,
+    model: str | None,
+    all_models: bool,
+    metric: str | None,
+    batch_size: int,
+    workers: int | None,
+    as_json: bool,
+) -> None:
+    """Bulk-index every image under DATA (a folder, recursively, or one file).
+
+    Incremental: a second run adds nothing; changed files are re-encoded; identical files are
+    stored once. Files that cannot be used are listed with the reason and never stop the run.
+    With several models (``--model a,b`` or ``--all-models``) each file is read and decoded once
+    for all of them.
+
+    \b
+    Example:
+      embedsearch index photos/ --model pixels
+      embedsearch index photos/ --model pixels,vae
+    """
+    engine = _engine(ctx)
+    names = _index_models(engine, model, all_models)
+    reports = engine.index_models(
+        data,
+        names,
+        metric=metric,
+        batch_size=batch_size,
+        workers=workers,
+        progress=not ctx.obj["quiet"] and sys.stderr.isatty(),
+    )
+    if as_json:
+        for report in reports:
+            _emit(report.to_dict())
+        return
+    for path, reason in reports[0].failed:
+        click.echo(f"failed: {printable(path)}: {printable(reason)}")
+    for report in reports:
+        click.echo(
+            f"{report.scanned} files, model {printable(repr(report.model))}: added {report.added}, "
+            f"updated {report.updated}, unchanged {report.unchanged}, duplicates {report.duplicates}, "
+            f"failed {len(report.failed)} in {report.seconds:.1f} s ({report.images_per_second:,.0f} images/s)"
+        )
+
+
+def _index_models(engine: Engine, model: str | None, all_models: bool) -> list[str]:
+    """The models ``index`` writes to: ``--model a,b,c`` or ``--all-models`` (exactly one of them)."""
+    if (model is None) == (not all_models):
+        raise click.UsageError("name the models with --model NAME[,NAME...] or pass --all-models (one of the two)")
+    if all_models:
+        names = [m.name for m in engine.models()]
+        if not names:
+            raise click.UsageError("the library has no models yet; name one with --model (e.g. --model pixels)")
+        return names
+    names = [n.strip() for n in (model or "").split(",") if n.strip()]
+    if not names:
+        raise click.UsageError("--model needs at least one model name")
+    return names
