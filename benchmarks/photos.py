@@ -116,7 +116,7 @@ def index_rate(data: str, models: str, home: Path, vae: Path | None) -> tuple[fl
         shutil.copytree(vae, home, dirs_exist_ok=True)
     with Engine(home) as engine:
         t0 = time.perf_counter()
-        reports = [engine.index(data, m) for m in models.split(",")]  # BASELINE
+        reports = engine.index_models(data, models.split(","))
         seconds = time.perf_counter() - t0
     n = reports[0].added + reports[0].unchanged
     summary = ", ".join(f"{r.model}: {r.added} added" for r in reports)

@@ -21,7 +21,7 @@ from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.models import ModelRegistry
 from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
-from embedsearch.data.images import InputSpec, infer_spec, scan
+from embedsearch.data.images import FileInfo, InputSpec, infer_spec, scan
 from embedsearch.data.ingest import Decoded, decode_all, plan, uses_pool
 from embedsearch.encoders.base import REGISTRY, Encoder, encoder_class
 from embedsearch.errors import DiskFullError, InvalidArgumentError, UnknownModelError
@@ -56,7 +56,9 @@ class _Target:
     report: IndexReport
 
 
-def _ensure_model(registry: ModelRegistry, store: Store, data: str, model: str, metric: str | None) -> None:
+def _ensure_model(
+    registry: ModelRegistry, store: Store, data: str, files: list[FileInfo], model: str, metric: str | None
+) -> None:
     """``--model pixels`` on a library without it creates it from the data (pixels needs no training)."""
     existing = store.model(model)
     if existing is not None:
@@ -66,7 +68,7 @@ def _ensure_model(registry: ModelRegistry, store: Store, data: str, model: str, 
             )
         return
     if model in REGISTRY and not encoder_class(model).needs_training:
-        spec = infer_spec([f.path for f in scan(data) if f.size >= 0])
+        spec = infer_spec([f.path for f in files if f.size >= 0])
         registry.create_model(model, model, data, image_size=spec.image_size, channels=spec.channels, metric=metric)
         return
     raise UnknownModelError(model, [m.name for m in store.models()])
@@ -101,11 +103,12 @@ class BulkIndexer:
         if not names:
             raise InvalidArgumentError("name at least one model to index into")
         with self.cache.writing():  # decide whether to create the model under the lock: no run may race us
+            files = list(scan(data))
             for name in names:
-                _ensure_model(self.registry, self.store, data, name, metric)
+                _ensure_model(self.registry, self.store, data, files, name, metric)
             targets, specs = self._targets(names)
             known = self._known(targets)
-            work = plan(data, known)
+            work = plan(files, known)
             for target in targets:
                 target.report.scanned, target.report.unchanged = work.scanned, work.unchanged
             state = _State(known, self.store.all_shas() if work.todo else {}, targets)

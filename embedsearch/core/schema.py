@@ -37,8 +37,14 @@ def encode_name(name: str) -> str:
     digits, U+FDD0 itself is doubled, every other character stays: so valid names are stored as they
     are, and prefixes stay prefixes (``remove FOLDER`` matches by prefix).
     """
-    if not any(c == _ESC or "\ud800" <= c <= "\udfff" for c in name):
+    if name.isascii():  # the common case, checked in C: a bulk run stores thousands of names per batch
         return name
+    if _ESC not in name:
+        try:
+            name.encode("utf-8")  # lone surrogates do not encode
+            return name
+        except UnicodeEncodeError:
+            pass
     return "".join(_ESC * 2 if c == _ESC else f"{_ESC}{ord(c):04x}" if "\ud800" <= c <= "\udfff" else c for c in name)
 
 

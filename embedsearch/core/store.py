@@ -33,7 +33,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import CursorResult, make_url
+from sqlalchemy.engine import Connection, CursorResult, make_url
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -466,15 +466,14 @@ class Store:
                 resolved = [(ids[key] if isinstance(key, str) else key, vec) for key, vec in pairs]
                 if not resolved:
                     continue
-                s.execute(
-                    delete(IndexEntry).where(
-                        IndexEntry.model_id == model_id, IndexEntry.image_id.in_([i for i, _ in resolved])
-                    )
-                )
-                s.execute(
-                    insert(cast(Table, IndexEntry.__table__)),
-                    [{"model_id": model_id, "image_id": i, "vector": v} for i, v in resolved],
-                )
+                known = [
+                    image_id
+                    for (key, _), (image_id, _) in zip(pairs, resolved, strict=True)
+                    if not isinstance(key, str)
+                ]
+                if known:  # a new image has no entries to replace
+                    s.execute(delete(IndexEntry).where(IndexEntry.model_id == model_id, IndexEntry.image_id.in_(known)))
+                _insert_entries(s.connection(), [(model_id, i, v) for i, v in resolved])
             return ids
 
     def all_shas(self) -> dict[str, int]:
@@ -545,3 +544,24 @@ class Store:
         """(id, path, sha256) of every image."""
         with self.session() as s:
             return [(int(i), p, h) for i, p, h in s.execute(select(Image.id, Image.path, Image.sha256))]
+
+
+#: Positional markers of the DB-API paramstyles :func:`_insert_entries` can write by hand.
+_MARKS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
+
+
+def _insert_entries(conn: Connection, rows: list[tuple[int, int, bytes]]) -> None:
+    """INSERT (model_id, image_id, vector) rows with the driver's own executemany.
+
+    Measured on a bulk run of 20k 784-d vectors: SQLAlchemy's per-row parameter processing cost 3x
+    what SQLite itself spent inserting; these three columns need none of it (ints and bytes).
+    """
+    mark = _MARKS.get(conn.dialect.paramstyle)
+    table = cast(Table, IndexEntry.__table__)
+    if mark is None:  # a driver with named or numeric markers: the portable way
+        conn.execute(insert(table), [{"model_id": m, "image_id": i, "vector": v} for m, i, v in rows])
+        return
+    quote = conn.dialect.identifier_preparer
+    columns = ", ".join(quote.quote(c) for c in ("model_id", "image_id", "vector"))
+    sql = f"INSERT INTO {quote.format_table(table)} ({columns}) VALUES ({mark}, {mark}, {mark})"
+    conn.exec_driver_sql(sql, rows)  # a list of tuples: executemany

@@ -28,6 +28,8 @@ EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif"
 DEFAULT_MAX_PIXELS = 50_000_000
 #: ``train`` infers the input size from the data but never beyond this.
 MAX_INFERRED_SIZE = 64
+#: ... from the headers of at most this many files.
+INFER_SAMPLE = 2000
 #: What Pillow's many decoders raise on damaged input (each plug-in has its own habits).
 _DECODE_ERRORS = (
     OSError,
@@ -296,11 +298,14 @@ def _grey_palette(im: Image.Image) -> bool:
 
 
 def infer_spec(paths: list[str], image_size: int | None = None, channels: int | None = None) -> InputSpec:
-    """Most common longer side (capped at 64) and grey only if every image is grey (headers only)."""
+    """Most common longer side (capped at 64) and grey only if every image is grey (headers only, of at
+    most INFER_SAMPLE files spread evenly over ``paths``)."""
     if image_size is not None and channels is not None:
         return InputSpec(image_size, channels)
     if not paths:
         raise DataError("no images to infer the input size and channels from")
+    if len(paths) > INFER_SAMPLE:  # evenly spread over the folder: the headers of a million files take minutes
+        paths = paths[:: -(-len(paths) // INFER_SAMPLE)]
     sizes: Counter[int] = Counter()
     all_grey = True
     for path in paths:

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.pool import AsyncResult, Pool
 
@@ -66,10 +66,10 @@ class Plan:
     scanned: int = 0
 
 
-def plan(root: str, known: dict[str, tuple[int, int, float | None, str, bool]]) -> Plan:
+def plan(files: Iterable[FileInfo], known: dict[str, tuple[int, int, float | None, str, bool]]) -> Plan:
     """Compare a scan with ``known`` (path -> id, bytes, mtime, sha, indexed) from the store."""
     out = Plan()
-    for info in scan(root):
+    for info in files:
         out.scanned += 1
         old = known.get(info.path)
         if old is not None and old[4] and old[1] == info.size and old[2] == info.mtime:
