@@ -136,6 +136,10 @@ def index(
         f"unchanged {report.unchanged}, duplicates {report.duplicates}, failed {len(report.failed)} "
         f"in {report.seconds:.1f} s ({report.images_per_second:,.0f} images/s)"
     )
+    if report.skipped_endings:
+        from embedsearch.data.images import skipped_text
+
+        click.echo(skipped_text(report.skipped_endings))
 
 
 @main.command(context_settings=CONTEXT)

@@ -88,7 +88,9 @@ class BulkIndexer:
             index = self.cache.index(row)  # in step with what other writers committed: we hold the lock
             known = self.store.known_files(row.id)
             work = plan(data, known)
-            report = IndexReport(model, scanned=work.scanned, unchanged=work.unchanged)
+            report = IndexReport(
+                model, scanned=work.scanned, unchanged=work.unchanged, skipped_endings=dict(work.skipped)
+            )
             state = _State(known, self.store.all_shas() if work.todo else {}, set(index.ids().tolist()))
             bar = _progress(len(work.todo), progress)
             batch = _Batch()

@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import signal
 import sys
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.pool import AsyncResult, Pool
@@ -50,12 +50,13 @@ class Plan:
     todo: list[FileInfo] = field(default_factory=list)
     unchanged: int = 0
     scanned: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)  # image files of unreadable formats, by ending
 
 
 def plan(root: str, known: dict[str, tuple[int, int, float | None, str, bool]]) -> Plan:
     """Compare a scan with ``known`` (path -> id, bytes, mtime, sha, indexed) from the store."""
     out = Plan()
-    for info in scan(root):
+    for info in scan(root, out.skipped):
         out.scanned += 1
         old = known.get(info.path)
         if old is not None and old[4] and old[1] == info.size and old[2] == info.mtime:
