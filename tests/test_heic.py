@@ -139,6 +139,15 @@ def test_scan_and_index_pick_up_heic_heif_and_avif(tmp_path: Path, engine: Engin
     assert formats >= {"PNG", "HEIF"}
 
 
+@needs_heif
+@pytest.mark.parametrize("fmt", ["HEIF", pytest.param("AVIF", marks=needs_avif)])
+def test_a_heic_or_avif_upload_is_stored_and_served_with_its_type(indexed: Engine, fmt: str) -> None:
+    data = encoded(noise_image(13, 32), fmt)
+    added = indexed.add_image(data, name=f"phone.{fmt.lower()}")
+    assert added.created and indexed.image(added.id).format == fmt
+    assert indexed.image_bytes(added.id) == (data, {"HEIF": "image/heif", "AVIF": "image/avif"}[fmt])
+
+
 def test_without_the_plugin_the_summary_counts_heic_with_the_install_hint(
     tmp_path: Path, home: Path, without_heif: None
 ) -> None:
