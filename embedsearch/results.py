@@ -92,7 +92,8 @@ class Added:
 
 @dataclass
 class IndexReport:
-    """What a bulk run did. ``failed`` lists (path, reason) for every file that was skipped."""
+    """What a bulk run did. ``failed`` lists (path, reason) for every file that was skipped;
+    ``skipped_endings`` counts, by ending, the image files of formats that cannot be read here."""
 
     model: str
     scanned: int = 0
@@ -102,6 +103,7 @@ class IndexReport:
     duplicates: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    skipped_endings: dict[str, int] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -116,6 +118,7 @@ class IndexReport:
             "unchanged": self.unchanged,
             "duplicates": self.duplicates,
             "failed": [{"path": p, "reason": r} for p, r in self.failed],
+            "skipped_endings": dict(self.skipped_endings),
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 1),
         }

@@ -307,7 +307,7 @@ def test_index_into_several_models_reports_each(home: Path, shapes: Path) -> Non
     assert len(lines) == 2 and "model 'pixels'" in lines[0] and "unchanged 48" in lines[0]
     assert "model 'pca'" in lines[1] and "added 48" in lines[1]
     code, out, _ = run(home, "index", str(shapes), "--all-models", "--json")
-    assert code == 0 and [json.loads(line)["model"] for line in out.splitlines()] == ["pca", "pixels"]  # models order by name
+    assert code == 0 and [json.loads(line)["model"] for line in out.splitlines()] == ["pca", "pixels"]  # by name
     for args in ((), ("--model", "pixels", "--all-models"), ("--model", " , ")):
         code, _, err = run(home, "index", str(shapes), *args)
         assert code == 2 and "--model" in err and "Traceback" not in err

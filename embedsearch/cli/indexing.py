@@ -81,6 +81,10 @@ def index(
             f"updated {report.updated}, unchanged {report.unchanged}, duplicates {report.duplicates}, "
             f"failed {len(report.failed)} in {report.seconds:.1f} s ({report.images_per_second:,.0f} images/s)"
         )
+    if reports[0].skipped_endings:
+        from embedsearch.data.images import skipped_text
+
+        click.echo(skipped_text(reports[0].skipped_endings))
 
 
 def _index_models(engine: Engine, model: str | None, all_models: bool) -> list[str]:

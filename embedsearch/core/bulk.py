@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,7 +104,8 @@ class BulkIndexer:
         if not names:
             raise InvalidArgumentError("name at least one model to index into")
         with self.cache.writing():  # decide whether to create the model under the lock: no run may race us
-            files = list(scan(data))
+            skipped: Counter[str] = Counter()  # image files of formats not read here, by ending
+            files = list(scan(data, skipped))
             for name in names:
                 _ensure_model(self.registry, self.store, data, files, name, metric)
             targets, specs = self._targets(names)
@@ -111,6 +113,7 @@ class BulkIndexer:
             work = plan(files, known)
             for target in targets:
                 target.report.scanned, target.report.unchanged = work.scanned, work.unchanged
+                target.report.skipped_endings = dict(skipped)
             state = _State(known, self.store.all_shas() if work.todo else {}, targets)
             bar = _progress(len(work.todo), progress)
             batch = _Batch(len(targets))

@@ -34,6 +34,8 @@ FORMATS = {  # Pillow format -> (file ending, content type)
     "GIF": (".gif", "image/gif"),
     "BMP": (".bmp", "image/bmp"),
     "TIFF": (".tif", "image/tiff"),
+    "HEIF": (".heic", "image/heif"),  # read only with the heic extra (pillow-heif)
+    "AVIF": (".avif", "image/avif"),  # read only by a Pillow built with libavif
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import logging
 import os
@@ -10,8 +11,9 @@ import stat
 import struct
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +24,26 @@ from embedsearch.errors import DataError, ImageError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
-#: File endings a folder scan picks up (case-insensitive). The content decides the decoder.
+#: File endings a folder scan always picks up (case-insensitive). The content decides the decoder.
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+#: Endings read only when their decoder is installed: HEIF through pillow-heif, AVIF through a Pillow
+#: built with libavif. Without it a scan counts them, with what to install (see :func:`skipped_text`).
+_HEIF_ENDINGS = frozenset({".heic", ".heif", ".hif"})
+_AVIF_ENDINGS = frozenset({".avif"})
+#: Image files a scan cannot use but counts by ending, so that a photo folder's RAW, HEIC or PSD files
+#: are never left out without a word. Other files (sidecars .xmp/.json/.txt, videos) are not images:
+#: they are passed over quietly.
+UNREADABLE_ENDINGS = (
+    _HEIF_ENDINGS
+    | _AVIF_ENDINGS
+    | frozenset(
+        {".cr2", ".cr3", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".dng", ".orf", ".rw2", ".raf", ".pef", ".srw", ".raw"}
+        | {".jxl", ".svg", ".psd"}
+    )
+)
+#: What makes each group of endings readable (Pillow reads AVIF itself when built with libavif, as
+#: its recent wheels are; pillow-heif 1.x left AVIF to Pillow).
+_INSTALL_HINTS = {_HEIF_ENDINGS: "pip install 'embedsearch[heic]'", _AVIF_ENDINGS: "pip install -U pillow"}
 #: Images with more pixels than this are refused before decoding (decompression-bomb guard).
 DEFAULT_MAX_PIXELS = 50_000_000
 #: ``train`` infers the input size from the data but never beyond this.
@@ -85,12 +105,59 @@ class ImageMeta:
     bytes: int
 
 
-def scan(root: str | os.PathLike[str]) -> Iterator[FileInfo]:
+@cache
+def _register_plugins() -> frozenset[str]:
+    """Register the optional decoders once (on first use, never at import) -> the endings they add."""
+    from PIL import features
+
+    endings: set[str] = set()
+    # By name: an optional extra, so that mypy passes with or without it. A wheel whose C library
+    # cannot load raises its ImportError only when the opener is registered.
+    try:
+        importlib.import_module("pillow_heif").register_heif_opener()
+    except ImportError as exc:
+        log.debug("HEIC/HEIF files are not read: %s", exc)
+    else:
+        endings |= _HEIF_ENDINGS
+    if "avif" in features.modules and features.check_module("avif"):  # a Pillow built with libavif
+        endings |= _AVIF_ENDINGS
+    return frozenset(endings)
+
+
+def readable_endings() -> frozenset[str]:
+    """Every ending a scan picks up here: the built-in ones and those of the installed plug-ins."""
+    return EXTENSIONS | _register_plugins()
+
+
+def skipped_text(counts: Mapping[str, int]) -> str:
+    """One line for a scan's unreadable image files, e.g. "skipped 3 files with unsupported endings: .heic x3
+    (pip install 'embedsearch[heic]' to read them)"."""
+    total = sum(counts.values())
+    parts = ", ".join(f"{ending} x{n}" for ending, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    hints = []
+    for endings, command in _INSTALL_HINTS.items():
+        if covered := sorted(endings & counts.keys()):
+            hints.append(f"{command} to read {'them' if len(covered) == len(counts) else '/'.join(covered)}")
+    tail = f" ({'; '.join(hints)})" if hints else ""
+    return f"skipped {total} file{'s' if total != 1 else ''} with unsupported endings: {parts}{tail}"
+
+
+def _hint(name: str) -> str:
+    """What to install for a file named like a format whose plug-in is missing ("" if nothing helps)."""
+    ending = os.path.splitext(name)[1].lower()
+    if ending in readable_endings():
+        return ""
+    return next((f"; {command} to read {ending}" for group, command in _INSTALL_HINTS.items() if ending in group), "")
+
+
+def scan(root: str | os.PathLike[str], skipped: Counter[str] | None = None) -> Iterator[FileInfo]:
     """Yield every image-named file under ``root`` (or ``root`` itself if it is a file).
 
     Hidden files and folders are skipped; symlinked folders are not followed (no loops), symlinked
-    files are. Label = name of the first-level subfolder under ``root``, if any.
+    files are. Label = name of the first-level subfolder under ``root``, if any. Image files of a
+    format that cannot be read here (:data:`UNREADABLE_ENDINGS`) are counted by ending in ``skipped``.
     """
+    endings = readable_endings()
     root_path = Path(root)
     if root_path.is_file():
         st = root_path.stat()
@@ -111,10 +178,12 @@ def scan(root: str | os.PathLike[str]) -> Iterator[FileInfo]:
             try:
                 if entry.is_dir(follow_symlinks=False):
                     yield from walk(entry.path, label if label is not None else entry.name)
-                elif os.path.splitext(entry.name)[1].lower() in EXTENSIONS:
+                elif (ending := os.path.splitext(entry.name)[1].lower()) in endings:
                     st = entry.stat()
                     regular = stat.S_ISREG(st.st_mode)  # a FIFO or device would block or never end
                     yield FileInfo(entry.path, st.st_size if regular else -1, st.st_mtime, label)
+                elif ending in UNREADABLE_ENDINGS and skipped is not None:
+                    skipped[ending] += 1
             except OSError:
                 # A dangling or looping symlink: report it like any unreadable file.
                 yield FileInfo(entry.path, -1, 0.0, label)
@@ -149,13 +218,14 @@ def _header(data: bytes, name: str, max_pixels: int) -> Image.Image:
     """Open lazily (the header only) and refuse images over the pixel limit before anything is decoded."""
     if not data:
         raise ImageError(name, "empty file")
+    _register_plugins()
     with warnings.catch_warnings():
         # Our own limit below is the one that counts; Pillow's warning would only be noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             im = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
-            raise ImageError(name, "not an image (or not a supported format)") from None
+            raise ImageError(name, "not an image (or not a supported format)" + _hint(name)) from None
         except Image.DecompressionBombError:
             raise ImageError(name, f"more than {max_pixels} pixels (decompression bomb?)") from None
         except _DECODE_ERRORS as exc:
@@ -248,6 +318,7 @@ def header_pixels(data: bytes) -> int:
     quick = _probe_png(data[:32])
     if quick is not None:
         return quick[0] * quick[1]
+    _register_plugins()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -281,6 +352,7 @@ def probe(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, bo
         raise ImageError(path, "cannot read file") from None
     if quick is not None:
         return quick
+    _register_plugins()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
