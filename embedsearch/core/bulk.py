@@ -26,6 +26,7 @@ from embedsearch.data.images import FileInfo, InputSpec, infer_spec, scan
 from embedsearch.data.ingest import Decoded, decode_all, plan, uses_pool
 from embedsearch.encoders.base import REGISTRY, Encoder, encoder_class
 from embedsearch.errors import DiskFullError, InvalidArgumentError, UnknownModelError
+from embedsearch.progress import bar
 from embedsearch.results import IndexReport
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class BulkIndexer:
                 target.report.scanned, target.report.unchanged = work.scanned, work.unchanged
                 target.report.skipped_endings = dict(skipped)
             state = _State(known, self.store.all_shas() if work.todo else {}, targets)
-            bar = _progress(len(work.todo), progress)
+            progress_bar = _Progress(len(work.todo), progress)
             batch = _Batch(len(targets))
             pooled = uses_pool(work.todo, workers)
             try:
@@ -123,8 +124,8 @@ class BulkIndexer:
                     for target in targets if pooled else ():
                         stack.enter_context(target.encoder.sharing_cores())
                     for item in decode_all(work.todo, specs, self.max_pixels, workers):
-                        bar.update(1)
                         _route(item, state, batch)
+                        progress_bar.update(targets[0].report)
                         if len(batch) + len(batch.touched) >= batch_size:
                             self._flush(batch, state)
                             batch = _Batch(len(targets))
@@ -132,7 +133,7 @@ class BulkIndexer:
             except DiskFullError as exc:
                 raise exc.keeping(_committed(state)) from None
             finally:
-                bar.close()
+                progress_bar.close()
         for target in targets:
             target.report.seconds = time.perf_counter() - started
         return [target.report for target in targets]
@@ -226,7 +227,7 @@ def _route(item: Decoded, state: _State, batch: _Batch) -> None:
     if item.error is not None or meta is None or not views:
         for target in state.targets:
             target.report.failed.append((info.path, item.error or "unknown error"))
-        log.warning("skipped %s: %s", info.path, item.error)
+        log.debug("skipped %s: %s", info.path, item.error)  # listed after the run; a line here would break the bar
         return
     old = state.known.get(info.path)
     if old is not None and old[3] == meta.sha256:  # same content, only touched
@@ -290,7 +291,7 @@ def _duplicate(
         state.count("updated")
         return
     state.count("duplicates")
-    log.info("%s: same content as %s", values["path"], first if first != values["path"] else "a stored image")
+    log.debug("%s: same content as %s", values["path"], first if first != values["path"] else "a stored image")
     if stored is not None:
         # If the stored image's own file turns out to have changed later in the run, this copy
         # takes its place (a swap of two files' contents, say).
@@ -328,7 +329,19 @@ def _queue(batch: _Batch, state: _State, key: int | str, views: list[np.ndarray]
         batch.pixels[n].append(views[target.view])
 
 
-def _progress(total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
+class _Progress:
+    """The run's bar, with duplicates and failures counted on it (the CLI lists the failures after it)."""
 
-    return tqdm(total=total, unit="img", disable=not enabled or total == 0, leave=False, dynamic_ncols=True)
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = bar(total, "indexing", enabled=enabled)
+        self.shown = (0, 0)
+
+    def update(self, report: IndexReport) -> None:
+        self.bar.update(1)
+        counts = (report.duplicates, len(report.failed))
+        if counts != self.shown:  # set_postfix redraws: only when a count changed
+            self.shown = counts
+            self.bar.set_postfix(duplicates=counts[0], failed=counts[1], refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -29,6 +29,7 @@ from embedsearch.data.images import (
     scan,
 )
 from embedsearch.errors import ImageError
+from embedsearch.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +167,15 @@ def load_folder(
     images: list[np.ndarray] = []
     labels: list[str | None] = []
     failed: list[tuple[str, str]] = []
+    progress = bar(len(files), "decoding")  # a large folder takes minutes before training can start
     for item in decode_all(files, spec, max_pixels):
+        progress.update(1)
         if item.error is not None:
             failed.append((item.file.path, item.error))
         else:
             assert item.pixels is not None  # no error: decoded
             images.append(item.pixels)
             labels.append(item.file.label)
+    progress.close()
     stacked = np.stack(images) if images else np.zeros((0, *spec.shape), np.uint8)
     return stacked, labels, failed

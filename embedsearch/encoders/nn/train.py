@@ -38,6 +38,7 @@ from embedsearch.encoders.nn.models import (
 )
 from embedsearch.encoders.nn.recipe import DEFAULT_AUGMENT, DEFAULT_CONSISTENCY, DEFAULT_TEMPERATURE, parse_augment
 from embedsearch.errors import InvalidArgumentError, ModelError
+from embedsearch.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +323,7 @@ class Trainer:
         size = self.options.batch_size
         steps = math.ceil(len(order) / size)
         sums = torch.zeros(4, device=self.device)  # per-image sums of (total, recon, kl, nce)
+        epoch_bar = bar(steps, f"epoch {epoch}/{self.options.epochs}", unit="batch")
         for step in range(steps):
             idx = order[step * size : (step + 1) * size]
             progress = epoch - 1 + step / steps  # in epochs
@@ -331,6 +333,8 @@ class Trainer:
             total.backward()
             self.optimizer.step()
             sums += torch.stack((total, recon, kl, nce)).detach() * len(idx)
+            epoch_bar.update(1)
+        epoch_bar.close()
         loss, recon, kl, nce = (sums / len(order)).tolist()
         return loss, recon, kl, nce
 
