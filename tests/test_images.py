@@ -197,6 +197,35 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_dct_scale_with_nearly_the_same_vec
     assert np.linalg.norm(v - ref) / np.linalg.norm(ref) < 0.02
 
 
+def test_draft_decoded_photos_retrieve_the_same_neighbours_as_fully_decoded_ones(pillow_decodes) -> None:
+    """Tolerance: every query's 3 nearest neighbours (L2 on the 32x32 RGB pixels: the other shots of its
+    scene) are the same set, and no vector moves by more than 2 % of its length. Beyond those, images of
+    other scenes are near-ties that may swap (measured: 5-NN sets overlap 80 %)."""
+    spec = InputSpec(32, 3)
+    drafted, full = [], []
+    for seed in range(24):  # 6 scenes x 4 noisy shots each, photo-sized, half of them portrait
+        scene = noise_image(seed // 4, 6).resize(
+            (1600, 1200) if seed // 4 % 2 else (1200, 1600), Image.Resampling.BICUBIC
+        )
+        shot = np.asarray(scene, np.float32) + np.random.default_rng(seed).normal(0, 12, (*scene.size[::-1], 3))
+        data = png_bytes(Image.fromarray(np.clip(shot, 0, 255).astype(np.uint8)), "JPEG", quality=90)
+        drafted.append(decode_bytes(data, spec)[1])
+        whole = Image.open(io.BytesIO(data))
+        whole.load()
+        full.append(to_array(whole, spec))
+    assert {size for _, size in pillow_decodes[::2]} == {(200, 150), (150, 200)}  # 1/8 DCT scale
+    a, b = to_unit_float(np.stack(drafted)), to_unit_float(np.stack(full))  # (24, 3072) each
+    assert (np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)).max() < 0.02
+
+    def neighbours(x: np.ndarray, k: int) -> list[set[int]]:
+        d = ((x[:, None] - x[None]) ** 2).sum(-1)
+        return [set(row) for row in np.argsort(d, axis=1, kind="stable")[:, 1 : k + 1].tolist()]
+
+    assert (
+        neighbours(a, 3) == neighbours(b, 3) == [{i for i in range(q - q % 4, q - q % 4 + 4)} - {q} for q in range(24)]
+    )
+
+
 def test_a_jpeg_for_a_grey_model_is_decoded_as_luma_and_small(pillow_decodes) -> None:
     data = photo(3000, 3000, quality=90)
     _, arr = decode_bytes(data, InputSpec(32, 1))
