@@ -45,6 +45,7 @@ class ModelSummary:
     channels: int
     vectors: int
     created_at: str
+    fit: str = "pad"  # the resize policy (embedsearch.data.resize.FITS)
 
 
 @dataclass

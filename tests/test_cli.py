@@ -13,6 +13,8 @@ from PIL import Image
 
 from embedsearch.cli.main import main
 from embedsearch.data.synth import SHAPES
+from embedsearch.engine import Engine
+from helpers import noise_image, png_bytes
 
 COMMANDS = [
     "index",
@@ -72,8 +74,8 @@ def test_index_query_info_remove_end_to_end(tmp_path: Path, home: Path, shapes: 
     assert code == 0 and "removed 6" in out
     code, out, _ = run(home, "models")
     header, *rows = out.splitlines()
-    assert code == 0 and header.split() == ["model", "kind", "input", "dim", "metric", "vectors"]
-    assert [row.split() for row in rows] == [["pixels", "pixels", "32x32x3", "3072", "l2", "42"]]
+    assert code == 0 and header.split() == ["model", "kind", "input", "fit", "dim", "metric", "vectors"]
+    assert [row.split() for row in rows] == [["pixels", "pixels", "32x32x3", "pad", "3072", "l2", "42"]]
 
 
 def table_rows(out: str) -> list[dict[str, str]]:
@@ -86,7 +88,7 @@ def table_rows(out: str) -> list[dict[str, str]]:
 
 def test_train_pca_then_query_table(home: Path, shapes: Path) -> None:
     code, out, _ = run(home, "train", str(shapes), "--model", "pca", "--dim", "8", "--image-size", "16")
-    assert code == 0 and "16x16x3 -> 8-d" in out
+    assert code == 0 and "16x16x3 pad -> 8-d" in out
     run(home, "index", str(shapes), "--model", "pca")
     probe = sorted((shapes / "star").iterdir())[0]
     code, out, _ = run(home, "query", str(probe), "--model", "pca", "-k", "2")
@@ -311,3 +313,23 @@ def test_index_into_several_models_reports_each(home: Path, shapes: Path) -> Non
     for args in ((), ("--model", "pixels", "--all-models"), ("--model", " , ")):
         code, _, err = run(home, "index", str(shapes), *args)
         assert code == 2 and "--model" in err and "Traceback" not in err
+
+
+def test_fit_is_fixed_when_a_model_is_made_and_used_by_every_path(home: Path, tmp_path: Path) -> None:
+    data = tmp_path / "wide"
+    data.mkdir()
+    for i in range(6):
+        (data / f"{i}.png").write_bytes(png_bytes(noise_image(i, 16).resize((48, 16))))
+    assert run(home, "index", str(data), "--model", "pixels", "--fit", "crop")[0] == 0
+    assert run(home, "train", str(data), "--model", "pca", "--dim", "3", "--fit", "crop")[0] == 0
+    code, out, _ = run(home, "models", "--json")
+    assert code == 0 and {m["name"]: m["fit"] for m in json.loads(out)} == {"pca": "crop", "pixels": "crop"}
+    with Engine(home) as engine:  # reopened: the spec comes back from the store
+        assert engine.encoder("pca").spec.fit == "crop" and engine.encoder("pixels").spec.fit == "crop"
+        assert (engine.encoder("pixels").spec.image_size, engine.model("pca").config["fit"]) == (48, "crop")
+    code, out, _ = run(home, "query", str(data / "3.png"), "--model", "pixels", "-k", "1", "--json")
+    assert code == 0 and json.loads(out)["results"][0]["distance"] == 0.0  # the query is cropped the same way
+    code, _, err = run(home, "index", str(data), "--model", "pixels", "--fit", "pad")
+    assert code != 0 and "--fit crop" in err and "Traceback" not in err
+    code, _, err = run(home, "train", str(data), "--model", "pca", "--name", "p2", "--fit", "bogus")
+    assert code == 2 and "bogus" in err

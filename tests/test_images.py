@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from embedsearch.data.images import InputSpec, decode_bytes, decode_bytes_for, header_pixels, infer_spec, scan, to_array
 from embedsearch.encoders.classic import to_unit_float
-from embedsearch.errors import DataError, ImageError
+from embedsearch.errors import DataError, ImageError, InvalidArgumentError
 from helpers import noise_image, png_bytes
 
 GREY28 = InputSpec(28, 1)
@@ -291,3 +291,40 @@ def test_header_pixels_reads_the_header_only(pillow_decodes) -> None:
     assert header_pixels(bomb_png(100_000, 100_000)) == 10**10
     assert header_pixels(photo(300, 200)) == 60_000
     assert header_pixels(b"not an image") == 0 and pillow_decodes == []
+
+
+def _bands(width: int, height: int) -> bytes:
+    """Three equal bands along the longer side: red, green, blue (the centre is green)."""
+    arr = np.zeros((height, width, 3), np.uint8)
+    if width >= height:
+        for i in range(3):
+            arr[:, i * width // 3 : (i + 1) * width // 3, i] = 255
+    else:
+        for i in range(3):
+            arr[i * height // 3 : (i + 1) * height // 3, :, i] = 255
+    return png_bytes(Image.fromarray(arr))
+
+
+@pytest.mark.parametrize("width, height", [(300, 100), (100, 300), (2400, 800)])
+def test_crop_keeps_the_centre_of_a_wide_or_tall_picture_and_pad_keeps_it_all(width: int, height: int) -> None:
+    data = _bands(width, height)
+    _, crop = decode_bytes(data, InputSpec(12, 3, "crop"))
+    assert (np.abs(crop[2:-2, 2:-2].astype(int) - [0, 255, 0]) <= 8).all()  # the green centre only (Lanczos ringing)
+    _, pad = decode_bytes(data, InputSpec(12, 3, "pad"))
+    assert (pad == 255).all(axis=-1).any()  # the white letterbox
+    assert pad[..., 0].max() == 255 and pad[..., 2].max() == 255  # red and blue bands are in
+
+
+def test_crop_takes_the_centre_of_the_upright_photo() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored wide, shown tall: the bands run top to bottom once upright
+    arr = np.zeros((100, 300, 3), np.uint8)
+    arr[:, :100, 0], arr[:, 100:200, 1], arr[:, 200:, 2] = 255, 255, 255
+    data = png_bytes(Image.fromarray(arr), "JPEG", quality=95, exif=exif)
+    _, crop = decode_bytes(data, InputSpec(12, 3, "crop"))
+    assert (np.abs(crop[2:-2, 2:-2].astype(int) - [0, 255, 0]) < 40).all()
+
+
+def test_an_unknown_fit_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError, match="unknown fit 'stretch'"):
+        InputSpec(16, 3, "stretch")

@@ -32,6 +32,12 @@ if TYPE_CHECKING:
     help="Distance of a model created here (default l2; phash and dhash: hamming).",
 )
 @click.option(
+    "--fit",
+    type=click.Choice(["pad", "crop"]),
+    default=None,
+    help="Resize policy of a model created here (pixels): pad or crop [pad].",
+)
+@click.option(
     "--batch-size", default=2048, show_default=True, type=click.IntRange(1), help="Images per committed batch."
 )
 @click.option("--workers", default=None, type=click.IntRange(0), help="Decoding processes (default: all cores).")
@@ -43,6 +49,7 @@ def index(
     model: str | None,
     all_models: bool,
     metric: str | None,
+    fit: str | None,
     batch_size: int,
     workers: int | None,
     as_json: bool,
@@ -65,6 +72,7 @@ def index(
         data,
         names,
         metric=metric,
+        fit=fit,
         batch_size=batch_size,
         workers=workers,
         progress=not ctx.obj["quiet"] and sys.stderr.isatty(),

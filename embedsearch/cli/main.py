@@ -155,6 +155,12 @@ def _print_result(result: Any) -> None:
 @click.option("--image-size", type=click.IntRange(4, 1024), help="Input side in pixels (default: from DATA, <= 64).")
 @click.option("--channels", type=click.Choice(["1", "3"]), help="1 grey or 3 RGB (default: grey if all DATA is).")
 @click.option(
+    "--fit",
+    type=click.Choice(["pad", "crop"]),
+    default=None,
+    help="Resize policy, fixed for the model: pad (whole picture on white) or crop (centred square) [pad].",
+)
+@click.option(
     "--metric", type=click.Choice(list(METRICS)), help="Distance [ae/vae: cosine; phash/dhash: hamming; else l2]."
 )
 @click.option("--dim", type=click.IntRange(1), help="PCA: number of components [32].")
@@ -191,6 +197,7 @@ def train(
     name: str | None,
     image_size: int | None,
     channels: str | None,
+    fit: str | None,
     metric: str | None,
     resume: bool,
     replace: bool,
@@ -204,6 +211,7 @@ def train(
       embedsearch train photos/ --model vae --name vae32 --epochs 10
       embedsearch train photos/ --model ae --augment crop,noise,jpeg --consistency 10
       embedsearch train photos/ --model phash --hash-size 16
+      embedsearch train photos/ --model vae --image-size 64 --fit crop
     """
     options = {key: value for key, value in options.items() if value is not None}
     info = _engine(ctx).create_model(
@@ -216,9 +224,10 @@ def train(
         options=options,
         resume=resume,
         replace=replace,
+        fit=fit or "pad",
     )
     click.echo(
-        f"model {info.name!r} ({info.kind}, {info.image_size}x{info.image_size}x{info.channels} -> "
+        f"model {info.name!r} ({info.kind}, {info.image_size}x{info.image_size}x{info.channels} {info.fit} -> "
         f"{info.dim}-d, {info.metric}) is ready; index with: embedsearch index DATA --model {info.name}"
     )
 
@@ -263,11 +272,12 @@ def info(ctx: click.Context, as_json: bool) -> None:
 
 
 def _print_models(models: list[dict[str, Any]]) -> None:
-    click.echo(f"{'model':<16} {'kind':<7} {'input':<10} {'dim':>6} {'metric':<7} {'vectors':>8}")
+    click.echo(f"{'model':<16} {'kind':<7} {'input':<10} {'fit':<4} {'dim':>6} {'metric':<7} {'vectors':>8}")
     for m in models:
         shape = f"{m['image_size']}x{m['image_size']}x{m['channels']}"
         click.echo(
-            f"{printable(m['name']):<16} {m['kind']:<7} {shape:<10} {m['dim']:>6} {m['metric']:<7} {m['vectors']:>8}"
+            f"{printable(m['name']):<16} {m['kind']:<7} {shape:<10} {m.get('fit', 'pad'):<4} {m['dim']:>6} "
+            f"{m['metric']:<7} {m['vectors']:>8}"
         )
 
 

@@ -59,7 +59,13 @@ class _Target:
 
 
 def _ensure_model(
-    registry: ModelRegistry, store: Store, data: str, files: list[FileInfo], model: str, metric: str | None
+    registry: ModelRegistry,
+    store: Store,
+    data: str,
+    files: list[FileInfo],
+    model: str,
+    metric: str | None,
+    fit: str | None,
 ) -> None:
     """``--model pixels`` on a library without it creates it from the data (pixels needs no training)."""
     existing = store.model(model)
@@ -68,10 +74,15 @@ def _ensure_model(
             raise InvalidArgumentError(
                 f"model {model!r} was made with --metric {existing.metric}; create another model for {metric}"
             )
+        made = existing.config.get("fit", "pad")
+        if fit is not None and fit != made:
+            raise InvalidArgumentError(f"model {model!r} was made with --fit {made}; create another model for {fit}")
         return
     if model in REGISTRY and not encoder_class(model).needs_training:
         spec = infer_spec([f.path for f in files if f.size >= 0])
-        registry.create_model(model, model, data, image_size=spec.image_size, channels=spec.channels, metric=metric)
+        registry.create_model(
+            model, model, data, image_size=spec.image_size, channels=spec.channels, metric=metric, fit=fit or "pad"
+        )
         return
     raise UnknownModelError(model, [m.name for m in store.models()])
 
@@ -95,6 +106,7 @@ class BulkIndexer:
         models: list[str],
         *,
         metric: str | None = None,
+        fit: str | None = None,
         batch_size: int = 2048,
         workers: int | None = None,
         progress: bool = False,
@@ -108,7 +120,7 @@ class BulkIndexer:
             skipped: Counter[str] = Counter()  # image files of formats not read here, by ending
             files = list(scan(data, skipped))
             for name in names:
-                _ensure_model(self.registry, self.store, data, files, name, metric)
+                _ensure_model(self.registry, self.store, data, files, name, metric, fit)
             targets, specs = self._targets(names)
             known = self._known(targets)
             work = plan(files, known)

@@ -62,9 +62,15 @@ def model_info(m: Model, vectors: int) -> ModelInfo:
         m.channels,
         vectors,
         m.created_at.isoformat(timespec="seconds"),
-        m.checkpoint_path,
-        m.config,
+        fit=spec_of(m).fit,
+        checkpoint=m.checkpoint_path,
+        config=m.config,
     )
+
+
+def spec_of(m: Model) -> InputSpec:
+    """A model's input. The fit is recorded in its config (models made before it existed: pad)."""
+    return InputSpec(m.image_size, m.channels, m.config.get("fit", "pad"))
 
 
 def _same(a: Model, b: Model) -> bool:
@@ -133,7 +139,7 @@ class ModelRegistry:
                     "(modified or corrupt); retrain the model"
                 )
         options = cls.Options.from_dict(model.config.get("options", {}))
-        spec = InputSpec(model.image_size, model.channels)
+        spec = spec_of(model)
         # The weights' own folder: models/<name>/v-<time>/ (older libraries: models/<name>/ itself).
         folder = self.layout.model_dir(name)
         if model.checkpoint_path:
@@ -154,21 +160,24 @@ class ModelRegistry:
         options: dict[str, Any] | None = None,
         resume: bool = False,
         replace: bool = False,
+        fit: str = "pad",
     ) -> ModelInfo:
         """Make (train) a named model from ``data`` (a folder or an IDX images file) and register it.
 
-        ``metric`` None: the kind's default (l2; hamming for the binary hashes).
+        ``metric`` None: the kind's default (l2; hamming for the binary hashes). ``fit``: the resize
+        policy, pad or crop, fixed for the model's life (training, index and queries all use it).
         """
         cls = encoder_class(kind)
         cls.Options.from_dict(options or {})  # refuse bad options before reading any data
         cls.choose_metric(metric)
         check_model_name(name)
         if image_size is not None and channels is not None:
-            spec = InputSpec(image_size, channels)
+            spec = InputSpec(image_size, channels, fit)
         elif data is None:
             raise DataError(f"model kind {kind!r} needs DATA (or --image-size and --channels)")
         else:
-            spec = data_spec(data, image_size, channels)
+            inferred = data_spec(data, image_size, channels)
+            spec = InputSpec(inferred.image_size, inferred.channels, fit)
         images = np.zeros((0, *spec.shape), np.uint8)
         if cls.needs_training:
             if data is None:
@@ -304,6 +313,7 @@ class ModelRegistry:
             "kind": encoder.kind,
             "image_size": encoder.spec.image_size,
             "channels": encoder.spec.channels,
+            "fit": encoder.spec.fit,
             "dim": encoder.dim,
             "metric": metric,
             "options": encoder.options.to_dict(),

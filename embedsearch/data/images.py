@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from embedsearch.data.resize import QUARTER_TURNS, TRANSPOSE, draft, prepared, white_point
+from embedsearch.data.resize import FITS, QUARTER_TURNS, TRANSPOSE, draft, draft_size, prepared, white_point
 from embedsearch.errors import DataError, ImageError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
@@ -69,12 +69,16 @@ _GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What an encoder takes: square ``image_size`` pixels with 1 (grey) or 3 (RGB) channels."""
+    """What an encoder takes: square ``image_size`` pixels with 1 (grey) or 3 (RGB) channels, made by
+    the resize policy ``fit`` (:data:`embedsearch.data.resize.FITS`: pad or crop)."""
 
     image_size: int
     channels: int
+    fit: str = "pad"
 
     def __post_init__(self) -> None:
+        if self.fit not in FITS:
+            raise InvalidArgumentError(f"unknown fit {self.fit!r}; choose one of {', '.join(FITS)}")
         if self.channels not in (1, 3):
             raise InvalidArgumentError(f"channels must be 1 or 3, not {self.channels}")
         if not 1 <= self.image_size <= 1024:
@@ -252,7 +256,7 @@ def _load(im: Image.Image, name: str, max_pixels: int) -> Image.Transpose | None
 
 def to_array(im: Image.Image, spec: InputSpec) -> np.ndarray:
     """A decoded (upright) image as a ``(S, S, C)`` uint8 array following the resize policy."""
-    return prepared(im, spec.image_size, spec.channels, None, white_point(im)).reshape(spec.shape)
+    return prepared(im, spec.image_size, spec.channels, None, white_point(im), spec.fit).reshape(spec.shape)
 
 
 def to_pil(image: np.ndarray) -> Image.Image:
@@ -280,7 +284,9 @@ def decode_bytes_for(
         raise InvalidArgumentError("decoding needs at least one input spec")
     im = _header(data, name, max_pixels)
     fmt, mode, (width, height) = (im.format or "unknown").upper(), im.mode, im.size
-    drafted = draft(im, max(s.image_size for s in specs), all(s.channels == 1 for s in specs))
+    drafted = draft(
+        im, max(draft_size(im.size, s.image_size, s.fit) for s in specs), all(s.channels == 1 for s in specs)
+    )
     turn = _load(im, name, max_pixels)
     if not drafted:
         width, height = im.size
@@ -289,7 +295,8 @@ def decode_bytes_for(
     meta = ImageMeta(sha256(data), width, height, fmt, mode, len(data))
     try:
         white = white_point(im)
-        return meta, [prepared(im, spec.image_size, spec.channels, turn, white).reshape(spec.shape) for spec in specs]
+        views = [prepared(im, s.image_size, s.channels, turn, white, s.fit).reshape(s.shape) for s in specs]
+        return meta, views
     except _DECODE_ERRORS as exc:
         raise ImageError(name, f"cannot convert ({exc})") from None
 

@@ -53,6 +53,12 @@ _CORNERS: dict[Image.Transpose, Callable[[float, float, int, int], tuple[float, 
 QUARTER_TURNS = frozenset({TRANSPOSE[5], TRANSPOSE[6], TRANSPOSE[7], TRANSPOSE[8]})
 
 
+def draft_size(size: tuple[int, int], target: int, fit: str) -> int:
+    """The longer side a ``size`` image is scaled to by ``fit``: pad scales the longer side to the target,
+    crop the shorter one (so the longer side ends up larger)."""
+    return target if fit == "pad" else -(-target * max(size) // max(1, min(size)))
+
+
 def draft(im: Image.Image, size: int, grey: bool) -> bool:
     """JPEG: let libjpeg decode at the smallest DCT scale (1/2, 1/4 or 1/8) that keeps the longer side
     at least REDUCING_GAP x the largest input, so a 16-megapixel photo never exists at full size.
@@ -92,13 +98,14 @@ def _reducible(im: Image.Image, channels: int) -> str | None:
     return "I" if im.mode.startswith("I;16") else ""  # reduce refuses 16-bit
 
 
-def _fit(width: float, height: float, size: int) -> tuple[int, int]:
-    """The size an image of ``width`` x ``height`` is resized to: its longer side becomes ``size``."""
-    scale = size / max(width, height)
+def _fit(width: float, height: float, size: int, fit: str = "pad") -> tuple[int, int]:
+    """The size an image of ``width`` x ``height`` is resized to: its longer side (pad) or its shorter
+    side (crop) becomes ``size``."""
+    scale = size / (max(width, height) if fit == "pad" else min(width, height))
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _shrink(im: Image.Image, size: int, channels: int) -> tuple[Image.Image, Box]:
+def _shrink(im: Image.Image, size: int, channels: int, fit: str = "pad") -> tuple[Image.Image, Box]:
     """Average whole blocks down (Image.reduce) while each side stays >= REDUCING_GAP x its final size.
 
     Exactly what Pillow's reducing_gap does inside the final resize, done first so that every
@@ -107,7 +114,7 @@ def _shrink(im: Image.Image, size: int, channels: int) -> tuple[Image.Image, Box
     palette to RGB, the premultiplied copy of RGBA) are made a band of rows at a time: never a
     second full-size copy. Bands are whole blocks high, so the result equals one reduce.
     """
-    final = _fit(im.width, im.height, size)
+    final = _fit(im.width, im.height, size, fit)
     fx, fy = (max(1, int(side / new / REDUCING_GAP)) for side, new in zip(im.size, final, strict=True))
     mode = _reducible(im, channels)
     if (fx, fy) == (1, 1) or mode == "":
@@ -144,7 +151,19 @@ def _to_mode(im: Image.Image, channels: int, white: float | None) -> Image.Image
     return im if im.mode == target else im.convert(target)
 
 
+def _crop_square(im: Image.Image, size: int, box: Box | None = None) -> Image.Image:
+    """The crop policy: the centred square of the (upright) picture, scaled to ``size``."""
+    x0, y0, x1, y1 = box or (0.0, 0.0, float(im.width), float(im.height))
+    side = min(x1 - x0, y1 - y0)
+    left, top = x0 + (x1 - x0 - side) / 2, y0 + (y1 - y0 - side) / 2
+    square = (left, top, left + side, top + side)
+    if im.size == (size, size) and square == (0, 0, size, size):
+        return im
+    return im.resize((size, size), Image.Resampling.LANCZOS, box=square, reducing_gap=float(REDUCING_GAP))
+
+
 def _fit_square(im: Image.Image, size: int, box: Box | None = None) -> Image.Image:
+    """The pad policy: the whole picture, its longer side scaled to ``size``, centred on white."""
     box = box or (0.0, 0.0, float(im.width), float(im.height))
     if im.size == (size, size) and box == (0, 0, size, size):
         return im
@@ -157,9 +176,13 @@ def _fit_square(im: Image.Image, size: int, box: Box | None = None) -> Image.Ima
     return canvas
 
 
+#: The resize policies a model can be made with (its InputSpec's ``fit``).
+FITS: dict[str, Callable[[Image.Image, int, Box | None], Image.Image]] = {"pad": _fit_square, "crop": _crop_square}
+
+
 def prepared(
-    im: Image.Image, size: int, channels: int, turn: Image.Transpose | None, white: float | None
+    im: Image.Image, size: int, channels: int, turn: Image.Transpose | None, white: float | None, fit: str = "pad"
 ) -> np.ndarray:
     """A decoded image at its own size -> ``(S, S)`` or ``(S, S, 3)`` uint8: shrink, turn upright, convert, fit."""
-    small, box = _turn(*_shrink(im, size, channels), turn)
-    return np.asarray(_fit_square(_to_mode(small, channels, white), size, box), dtype=np.uint8)
+    small, box = _turn(*_shrink(im, size, channels, fit), turn)
+    return np.asarray(FITS[fit](_to_mode(small, channels, white), size, box), dtype=np.uint8)
