@@ -48,7 +48,7 @@ def test_a_photo_gets_a_small_webp_of_256_px_cached_by_its_sha256(
     assert (picture.format, picture.size, thumb.media_type) == ("WEBP", (256, 192), "image/webp")
     assert len(thumb.data) < 40_000  # the original is ~730 kB
     assert thumb.sha256 == engine.image(photos["wide.jpg"]).sha256
-    assert ("JPEG", (1000, 750)) in pillow_decodes  # drafted to 1/2, never decoded at 2000x1500
+    assert ("JPEG", (500, 375)) in pillow_decodes  # drafted to 1/4, never decoded at 2000x1500
     cached = engine.home / "thumbs" / thumb.sha256[:2] / f"{thumb.sha256}-256.webp"
     assert cached.read_bytes() == thumb.data
     assert max(_picture(engine.thumbnail(photos["wide.jpg"], 128).data).size) == 128
@@ -124,7 +124,7 @@ def test_grid_tiles_decode_photos_at_a_reduced_scale(
 ) -> None:
     tile = image_tile(engine.image(photos["turned.jpg"]).path, "a photo", size=96)
     assert tile.image is not None and tile.image.size == (72, 96)  # upright, fitted to the tile
-    assert pillow_decodes == [("JPEG", (500, 375))]  # 1/4 scale, not 2000x1500
+    assert pillow_decodes == [("JPEG", (250, 188))]  # 1/8 scale, not 2000x1500
 
 
 # -- HTTP ---------------------------------------------------------------------------------------------
