@@ -23,7 +23,7 @@ from embedsearch.core.check import Checker
 from embedsearch.core.dedup import DuplicateFinder, DuplicateReport
 from embedsearch.core.generate import GenerateRequest, Generation, Generator
 from embedsearch.core.index_cache import IndexCache
-from embedsearch.core.layout import Layout, WriterLock
+from embedsearch.core.layout import THUMBS, Layout, WriterLock
 from embedsearch.core.library import ImageLibrary
 from embedsearch.core.models import ModelRegistry
 from embedsearch.core.schema import Model
@@ -307,5 +307,6 @@ class Engine:
             "database": disk_size(db) + disk_size(db.with_name(db.name + "-wal")),
             "indexes": disk_size(self.home / "indexes"),
             "models": disk_size(self.home / "models"),
+            "thumbnails": disk_size(self.home / THUMBS),
         }
         return LibraryInfo(str(self.home), self.db_url, self.store.counts()["images"], self.models(), disk)
