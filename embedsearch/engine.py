@@ -5,7 +5,7 @@ service receives its collaborators here (composition); none of them imports this
 
     store ── layout, writer lock
       └─ IndexCache (the one owner of index state)
-           └─ ModelRegistry ── Search ── ImageLibrary ── BulkIndexer, Generator, Checker
+           └─ ModelRegistry ── Search ── ImageLibrary ── BulkIndexer, Generator, Checker, Thumbnails
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from embedsearch.core.check import Checker
 from embedsearch.core.dedup import DuplicateFinder, DuplicateReport
 from embedsearch.core.generate import GenerateRequest, Generation, Generator
 from embedsearch.core.index_cache import IndexCache
-from embedsearch.core.layout import Layout, WriterLock
+from embedsearch.core.layout import THUMBS, Layout, WriterLock
 from embedsearch.core.library import ImageLibrary
 from embedsearch.core.models import ModelRegistry
 from embedsearch.core.schema import Model
 from embedsearch.core.search import Search
 from embedsearch.core.store import Store
+from embedsearch.core.thumbs import DEFAULT_SIZE, Thumbnails
 from embedsearch.core.vectors import VectorIndex
 from embedsearch.data.images import DEFAULT_MAX_PIXELS, InputSpec
 from embedsearch.encoders.base import Encoder
@@ -43,6 +44,7 @@ from embedsearch.results import (
     ModelInfo,
     Neighbour,
     QueryResult,
+    Thumbnail,
 )
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ class Engine:
         self.generator = Generator(self.registry, self.library, self.search, max_pixels)
         self.checker = Checker(self.store, self.layout, self.cache, self.registry, max_pixels)
         self.duplicate_finder = DuplicateFinder(self.store, self.cache, self.registry)
+        self.thumbs = Thumbnails(self.library, self.layout, max_pixels)
         if create:
             self.open(create=True)
 
@@ -258,6 +261,10 @@ class Engine:
         """An image's bytes, verified against its recorded size and sha256; see ImageLibrary.image_bytes."""
         return self.library.image_bytes(image_id)
 
+    def thumbnail(self, image_id: int, size: int = DEFAULT_SIZE) -> Thumbnail:
+        """A small WebP of an image (cached in HOME/thumbs by content hash); see embedsearch.core.thumbs."""
+        return self.thumbs.thumbnail(image_id, size)
+
     def delete_image(self, image_id: int) -> None:
         self._writable()
         self.library.delete_image(image_id)
@@ -304,5 +311,6 @@ class Engine:
             "database": disk_size(db) + disk_size(db.with_name(db.name + "-wal")),
             "indexes": disk_size(self.home / "indexes"),
             "models": disk_size(self.home / "models"),
+            "thumbnails": disk_size(self.home / THUMBS),
         }
         return LibraryInfo(str(self.home), self.db_url, self.store.counts()["images"], self.models(), disk)

@@ -91,6 +91,25 @@ class Added:
     sha256: str
 
 
+@dataclass(frozen=True)
+class Thumbnail:
+    """A small picture of an image, and which content it shows (``sha256``: the stored bytes it was made from)."""
+
+    data: bytes
+    media_type: str
+    sha256: str
+    size: int  # the size asked for: the longer side is at most this
+
+    @property
+    def etag(self) -> str:
+        return self.etag_of(self.sha256, self.size)
+
+    @staticmethod
+    def etag_of(sha256: str, size: int) -> str:
+        """The HTTP entity tag of the thumbnail of ``sha256`` at ``size``: it names the content."""
+        return f'"{sha256}-{size}"'
+
+
 @dataclass
 class IndexReport:
     """What a bulk run did. ``failed`` lists (path, reason) for every file that was skipped;

@@ -172,3 +172,58 @@ def fit(cls: type, images: np.ndarray, workdir: Path, **options: object) -> Any:
     spec = InputSpec(images.shape[1], images.shape[3])
     settings = {"latent_dim": 8, "epochs": 2, "batch_size": 8, "val_fraction": 0.25, **options}
     return cls.fit(images, spec, cls.Options(**settings), workdir)
+
+
+def photo_jpeg(seed: int, size: tuple[int, int] = (2000, 1500), orientation: int | None = None) -> bytes:
+    """A photo-like JPEG (quality 90): a smooth colour field, detail at every scale down to about 1/100
+    of the width (what a thumbnail still shows), and sensor-like noise; fast to make.
+
+    The noise is one 256-pixel tile repeated: it costs the encoder and decoder what noise costs, at a
+    fraction of the time to generate it. ``orientation``: an EXIF orientation tag to record.
+    """
+    rng = np.random.default_rng(seed)
+    width, height = size
+    pixels = np.zeros((height, width, 3), np.int16)
+    for cells, amplitude in ((4, 255), (24, 90), (120, 50)):  # coarse colour field, shapes, texture
+        field = rng.integers(0, amplitude + 1, (max(1, cells * height // width), cells, 3), dtype=np.uint8)
+        pixels += np.asarray(Image.fromarray(field).resize(size, Image.Resampling.BICUBIC), np.int16)
+    tile = rng.integers(-12, 13, (256, 256, 3), dtype=np.int16)
+    pixels += np.tile(tile, (-(-height // 256), -(-width // 256), 1))[:height, :width]
+    pixels = np.clip(pixels - 90, 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    return png_bytes(Image.fromarray(pixels), "JPEG", quality=90, exif=exif.tobytes())
+
+
+#: True once every tile of both result columns has its picture (the browser test and benchmarks/thumbs.py).
+TILES_PAINTED = """n => {
+  const imgs = [...document.querySelectorAll('.result img')];
+  if (imgs.length < n || !imgs.every(i => i.complete && i.naturalWidth > 0)) return false;
+  window.__painted = window.__painted || performance.now();
+  return true;
+}"""
+
+
+def results_page_costs(page: Any, url: str, query: Path, k: int) -> tuple[int, float, list[str]]:
+    """Open the page on ``url`` (a fresh Playwright page), search with ``query`` through it for ``k``
+    results per column, and wait until every tile (2 k) has painted: (response bytes of the page load
+    and the search, headers included; seconds from choosing the file to the last tile painted; the
+    tiles' image URLs). With one model, both columns show the same ``k`` images: ``k`` thumbnails.
+
+    Bytes are what the browser fetched from the service (the page's own blob: preview is no transfer).
+    """
+    responses: list[Any] = []
+    page.on("requestfinished", lambda request: responses.append(request))
+    page.goto(url)
+    page.locator("body[data-ready=true]").wait_for()
+    page.fill("#k", str(k))
+    page.evaluate("() => { window.__chosen = performance.now(); }")
+    page.set_input_files("#file", str(query))
+    page.wait_for_function(TILES_PAINTED, arg=2 * k, polling="raf")
+    seconds = page.evaluate("() => (window.__painted - window.__chosen) / 1000")
+    page.wait_for_load_state("networkidle")  # the last requestfinished events are in
+    sizes = [r.sizes() for r in responses if r.url.startswith(url)]
+    transferred = sum(s["responseBodySize"] + s["responseHeadersSize"] for s in sizes)
+    sources = page.eval_on_selector_all(".result img", "imgs => imgs.map(i => i.getAttribute('src'))")
+    return transferred, seconds, sources

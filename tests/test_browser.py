@@ -2,7 +2,8 @@
 
 Uploads an image through the page, waits for the AE and VAE columns, asks the VAE for candidates,
 clicks a result, and saves screenshots to tests/artifacts/ for a person to look at (desktop and a
-390x844 phone window). Skips only when /usr/bin/chromium is missing (CI installs it).
+390x844 phone window); over a library of photo-sized JPEGs, counts what a results page of 16 tiles
+transfers. Skips only when /usr/bin/chromium is missing (CI installs it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 from embedsearch.engine import Engine
 from embedsearch.http.app import create_app
-from helpers import live_server
+from helpers import live_server, photo_jpeg, results_page_costs
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -29,6 +30,10 @@ ARGS = [
     "--disable-sync",
 ]
 K = 8  # the page's default number of results per column
+TILES = 16  # photos on one results page (both columns show the same 16 when there is one model)
+PHOTOS = TILES + 2  # the query, and more than TILES others
+#: What a results page of 16 photo tiles (page, models, upload, two searches, the tiles) may transfer.
+PAGE_BUDGET = 1_000_000
 
 pytestmark = [
     pytest.mark.slow,
@@ -146,3 +151,28 @@ def test_api_docs_render_offline(site: Site, browser: Any) -> None:
     page, problems = open_page(browser, site.url + "/docs", 1280, 900, ready=".opblock")
     assert "/api/search" in page.inner_text("body")
     assert not problems, problems
+
+
+@pytest.fixture(scope="module")
+def photo_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """A service over 2000x1500 photo-like JPEGs (~0.8 MB each) indexed with pixels (both columns)."""
+    data = tmp_path_factory.mktemp("photos")
+    for i in range(PHOTOS):
+        (data / f"photo-{i:02d}.jpg").write_bytes(photo_jpeg(i, orientation=6 if i % 5 == 4 else None))
+    with Engine(tmp_path_factory.mktemp("photo-library") / "home") as engine:
+        engine.index(str(data), "pixels", workers=0)
+        with live_server(create_app(engine)) as url:
+            yield Site(url, url, data)
+
+
+def test_a_results_page_of_16_photos_transfers_under_1_mb_of_thumbnails(photo_site: Site, browser: Any) -> None:
+    """The tiles are thumbnails, not the originals (16 x 0.8 MB); the paint time is printed, not asserted."""
+    for run in ("thumbnails made now", "thumbnails cached"):
+        context = browser.new_context(viewport={"width": 1280, "height": 900})  # an empty browser cache
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        sent, seconds, sources = results_page_costs(page, photo_site.url, photo_site.data / "photo-03.jpg", TILES)
+        print(f"\nresults page of {len(set(sources))} photos ({run}): {sent / 1e3:.0f} kB, painted in {seconds:.2f} s")
+        assert len(set(sources)) == TILES and all(re.fullmatch(r"/api/images/\d+/thumb", s) for s in sources)
+        assert sent <= PAGE_BUDGET
+        context.close()

@@ -8,12 +8,14 @@
 
 ``repair`` mends what can be mended from what is stored: it rebuilds index files from the database,
 re-encodes vectors that are damaged or missing, moves stored files no row names to ``lost+found/``,
-and says what it did (``dry_run``: what it would do). It deletes no image row and no file. A
+and says what it did (``dry_run``: what it would do). It deletes no image row and no file but
+cached thumbnails of content no image has any more (``thumbs/`` is a cache, never a problem). A
 checkpoint that does not match cannot be mended here: the model must be retrained.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,7 +26,7 @@ import numpy as np
 
 from embedsearch.core import knn
 from embedsearch.core.index_cache import IndexCache
-from embedsearch.core.layout import OWNED, Layout
+from embedsearch.core.layout import OWNED, THUMBS, Layout
 from embedsearch.core.models import ModelRegistry
 from embedsearch.core.reencode import encode_batches
 from embedsearch.core.schema import Model
@@ -69,6 +71,7 @@ class Checker:
             for model in self.store.models():
                 self._check_model(model, report, plan)
             self._check_images(report, plan)
+            self._check_thumbnails(report, plan)
         if plan is not None and not dry_run and report.repaired:  # ok only if a fresh check finds nothing left
             again = self.check()
             report.ok, report.problems, report.notes = again.ok, again.problems, again.notes
@@ -210,6 +213,20 @@ class Checker:
             if plan is not None:
                 plan.do(f"moved {file} (no image row names it) to {LOST}/", partial(self._keep, file))
 
+    def _check_thumbnails(self, report: CheckReport, plan: _Plan | None) -> None:
+        """Cached thumbnails of content no image has (and left-over temporary files): a note, removed by repair."""
+        folder = self.layout.home / THUMBS
+        if not folder.is_dir():
+            return
+        shas = {digest for _, _, digest in self.store.image_paths()}
+        unused = [f for f in folder.glob("*/*") if f.is_file() and f.name.split("-")[0] not in shas]
+        if not unused:
+            return
+        report.notes.append(f"{len(unused)} cached thumbnails show no image of the library any more")
+        if plan is not None:
+            plan.do(f"removed {len(unused)} cached thumbnails of images no longer in the library",
+                    partial(_remove_files, unused))  # fmt: skip
+
     def _plan_reindex(self, ids: list[int], plan: _Plan) -> None:
         models = self.store.models()
         if not models:
@@ -228,6 +245,13 @@ class Checker:
                 f"model {model.name!r}: {len(unreadable)} images could not be read to encode them "
                 f"(e.g. image {unreadable[0]}); they are kept: remove them with 'embedsearch remove'"
             )
+
+
+def _remove_files(files: list[Path]) -> None:
+    for file in files:
+        file.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # only if empty: a thumbnail may be being made beside it
+            file.parent.rmdir()
 
 
 class _Plan:

@@ -3,7 +3,8 @@
 A library home holds ``library.db`` (metadata, unless ``--db`` names another database),
 ``indexes/<model>.faiss`` (+ ``.faiss.json``, a cache of the model's vectors), ``models/<name>/``
 (config.json and weights), ``uploads/`` and ``generated/`` (files the library itself stored, named
-by content hash) and ``library.lock``. Writers hold that lock; readers never wait for it.
+by content hash), ``thumbs/`` (a cache of small pictures, named by content hash and size; see
+:mod:`embedsearch.core.thumbs`) and ``library.lock``. Writers hold that lock; readers never wait for it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 LOCK_TIMEOUT = 600.0
 #: Folders of files the library wrote itself; everything else belongs to the user.
 OWNED = ("uploads", "generated")
+#: The thumbnail cache: ``thumbs/<sha[:2]>/<sha>-<size>.webp``, rebuilt on demand, never the only copy.
+THUMBS = "thumbs"
 FORMATS = {  # Pillow format -> (file ending, content type)
     "PNG": (".png", "image/png"),
     "JPEG": (".jpg", "image/jpeg"),
@@ -61,6 +64,17 @@ class Layout:
 
     def stored_path(self, sha256: str, fmt: str, folder: str = "uploads") -> Path:
         return self.home / folder / sha256[:2] / f"{sha256}{FORMATS.get(fmt, ('.img', ''))[0]}"
+
+    def thumb_path(self, sha256: str, size: int) -> Path:
+        return self.home / THUMBS / sha256[:2] / f"{sha256}-{size}.webp"
+
+    def delete_thumbnails(self, sha256: str) -> None:
+        """Delete the cached thumbnails of one content hash (every size), and their folder if empty."""
+        folder = self.home / THUMBS / sha256[:2]
+        with contextlib.suppress(OSError):  # a cache: what is left here, 'check --repair' removes
+            for file in folder.glob(f"{sha256}-*.webp") if folder.is_dir() else []:
+                file.unlink(missing_ok=True)
+            folder.rmdir()  # only if empty
 
     def owns(self, path: str | Path) -> bool:
         """True for files the library itself wrote (uploads, generated images), never user folders."""

@@ -181,7 +181,7 @@ class ImageLibrary:
             return self._delete(sorted(self.store.generated_ids()))
 
     def _delete(self, ids: list[int]) -> int:
-        """Rows, vectors and stored files of ``ids``, all under the writer lock."""
+        """Rows, vectors, stored files and cached thumbnails of ``ids``, all under the writer lock."""
         with self.cache.writing():
             records = self.store.images(ids)
             removed = self.store.delete_images(ids)
@@ -189,6 +189,7 @@ class ImageLibrary:
             for row in records.values():
                 if row.path:
                     self.layout.delete_stored(row.path)
+                self.layout.delete_thumbnails(row.sha256)  # sha256 is unique: no other image shows these
         return removed
 
     def add_generated(self, model_name: str, images: list[NewImage]) -> list[int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from embedsearch.data.resize import FITS, QUARTER_TURNS, TRANSPOSE, draft, draft_size, prepared, white_point
+from embedsearch.data.resize import FITS, QUARTER_TURNS, TRANSPOSE, draft, draft_size, fitted, prepared, white_point
 from embedsearch.errors import DataError, ImageError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
@@ -313,11 +313,36 @@ def decode_file(path: str, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS
     return decode_bytes(read_bytes(path), spec, path, max_pixels)
 
 
-def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """An image file decoded and oriented, in its own mode (used for grids and thumbnails)."""
+def load_image(
+    path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None
+) -> Image.Image:
+    """An image file decoded and oriented, in its own mode; with ``max_side``, shrunk as
+    :func:`shrunk_image` does (grid tiles: a 12-megapixel JPEG is never decoded at full size)."""
+    if max_side is not None:
+        return shrunk_image(read_bytes(str(path)), max_side, str(path), max_pixels)
     im = _header(read_bytes(str(path)), str(path), max_pixels)
     turn = _load(im, str(path), max_pixels)
     return im if turn is None else im.transpose(turn)
+
+
+def shrunk_image(
+    data: bytes, max_side: int, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Bytes of an image file -> upright, in L (grey) or RGB on white, its longer side at most ``max_side``.
+
+    The pixel limit and EXIF orientation apply as for decoding; a JPEG is decoded at a reduced DCT
+    scale (:func:`~embedsearch.data.resize.draft`) and nothing is ever enlarged. Raises ImageError.
+    """
+    im = _header(data, name, max_pixels)
+    # A picture to look at needs less headroom over its size than a model's input: the DCT scale
+    # keeps 1.5 x max_side (a 12 MP photo to 256 px: 1/8, where 3 x would take 1/4 and 40 % longer).
+    draft(im, max(1, max_side // 2), grey=False)
+    turn = _load(im, name, max_pixels)
+    try:
+        channels = 1 if im.mode in _GREY_MODES and "transparency" not in im.info else 3
+        return fitted(im, max_side, channels, turn, white_point(im))
+    except _DECODE_ERRORS as exc:
+        raise ImageError(name, f"cannot convert ({exc})") from None
 
 
 def header_pixels(data: bytes) -> int:

@@ -186,3 +186,15 @@ def prepared(
     """A decoded image at its own size -> ``(S, S)`` or ``(S, S, 3)`` uint8: shrink, turn upright, convert, fit."""
     small, box = _turn(*_shrink(im, size, channels, fit), turn)
     return np.asarray(FITS[fit](_to_mode(small, channels, white), size, box), dtype=np.uint8)
+
+
+def fitted(im: Image.Image, size: int, channels: int, turn: Image.Transpose | None, white: float | None) -> Image.Image:
+    """A decoded image -> upright L or RGB with its longer side at most ``size``, aspect kept, never
+    enlarged, no canvas (thumbnails and grid tiles): the same shrink, turn and conversion as :func:`prepared`."""
+    small, box = _turn(*_shrink(im, size, channels), turn)
+    small = _to_mode(small, channels, white)
+    width, height = box[2] - box[0], box[3] - box[1]
+    new = _fit(width, height, size) if max(width, height) > size else (max(1, round(width)), max(1, round(height)))
+    if new == small.size and box == (0.0, 0.0, float(small.width), float(small.height)):
+        return small
+    return small.resize(new, Image.Resampling.LANCZOS, box=box, reducing_gap=float(REDUCING_GAP))

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool as in_thread
 from starlette.exceptions import HTTPException
 
+from embedsearch.core.thumbs import SIZES as THUMB_SIZES
 from embedsearch.engine import Engine
 from embedsearch.errors import ImageError, NotFoundError
 from embedsearch.http.schemas import (
@@ -42,6 +44,7 @@ from embedsearch.http.schemas import (
 )
 from embedsearch.http.security import public_text
 from embedsearch.http.state import Service
+from embedsearch.results import Thumbnail
 from embedsearch.version import __version__
 
 if TYPE_CHECKING:
@@ -94,9 +97,20 @@ def file_url(image_id: int) -> str:
     return f"/api/images/{image_id}/file"
 
 
+def thumb_url(image_id: int) -> str:
+    return f"/api/images/{image_id}/thumb"
+
+
 def hits(neighbours: list[Neighbour]) -> list[dict[str, Any]]:
     return [
-        {"rank": n.rank, "id": n.id, "label": n.label, "distance": n.distance, "url": file_url(n.id)}
+        {
+            "rank": n.rank,
+            "id": n.id,
+            "label": n.label,
+            "distance": n.distance,
+            "url": file_url(n.id),
+            "thumb": thumb_url(n.id),
+        }
         for n in neighbours
     ]
 
@@ -183,6 +197,60 @@ async def get_image_file(image_id: ImageId, engine: ReadEngine) -> Response:
     """The image's bytes as they were indexed (404 if the file changed since), with their content type."""
     data, content_type = await in_thread(engine.image_bytes, image_id)
     return Response(data, media_type=content_type)
+
+
+def _thumb_size(size: int) -> int:
+    if size not in THUMB_SIZES:
+        raise ValueError(f"size must be one of {', '.join(map(str, THUMB_SIZES))}")
+    return size
+
+
+#: A year: the longest max-age caches honour. Only for a URL that names the content (``?v=``).
+_IMMUTABLE = "private, max-age=31536000, immutable"
+
+
+@router.get(
+    "/images/{image_id}/thumb",
+    response_class=Response,
+    tags=["images"],
+    responses={
+        200: {"content": {"image/webp": {}, "image/*": {}}, "description": "the thumbnail"},
+        304: {"description": "the thumbnail named in If-None-Match is still this image's"},
+    },
+)
+async def get_image_thumb(
+    image_id: ImageId,
+    engine: ReadEngine,
+    request: Request,
+    size: Annotated[
+        int, Query(description="longer side at most this: 128, 256 or 512"), AfterValidator(_thumb_size)
+    ] = 256,
+    v: Annotated[str | None, Query(max_length=64, description="the image's sha256 (or a prefix)")] = None,
+) -> Response:
+    """A small WebP of the image (an image already that small: itself), made from its bytes as they
+    were indexed (404 if the file changed since and none was made before) and cached by content hash.
+
+    ETag names the content; revalidation (If-None-Match) is answered 304 without reading the file.
+    An image id keeps its number when a changed file is indexed again, so the plain URL must be
+    revalidated (``no-cache``); with ``?v=`` naming the image's sha256 (8+ hex digits) it is immutable.
+    """
+    found, etag = await in_thread(_thumbnail, engine, image_id, size, request.headers.get("if-none-match"))
+    versioned = v is not None and len(v) >= 8 and etag.strip('"').startswith(v.lower())
+    headers = {"ETag": etag, "Cache-Control": _IMMUTABLE if versioned else "private, no-cache"}
+    if found is None:
+        return Response(status_code=304, headers=headers)
+    return Response(found.data, media_type=found.media_type, headers=headers)
+
+
+def _thumbnail(engine: Engine, image_id: int, size: int, if_none_match: str | None) -> tuple[Thumbnail | None, str]:
+    """The thumbnail and its ETag; None (304) when If-None-Match names it, known from the record alone."""
+    if if_none_match:
+        etag = Thumbnail.etag_of(engine.image(image_id).sha256, size)
+        asked = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+        if etag in asked or "*" in asked:
+            return None, etag
+    found = engine.thumbnail(image_id, size)
+    return found, found.etag
 
 
 @router.delete("/images/{image_id}", response_model=Deleted, tags=["images"])
@@ -291,7 +359,7 @@ async def duplicates(
     out = report.to_dict()
     groups = [
         {"group": g.group, "images": [{"id": i.id, "name": PurePosixPath(i.path).name if i.path else None,
-         "distance": i.distance, "url": file_url(i.id)} for i in g.images]}
+         "distance": i.distance, "url": file_url(i.id), "thumb": thumb_url(i.id)} for i in g.images]}
         for g in report.groups[:limit]
     ]  # fmt: skip
     return {**out, "total_groups": len(report.groups), "groups": groups}

@@ -25,6 +25,7 @@ class Hit(BaseModel):
     label: str | None
     distance: float
     url: str = Field(description="/api/images/{id}/file")
+    thumb: str = Field(description="/api/images/{id}/thumb: a 256 px WebP, for result tiles")
 
 
 class SearchOut(BaseModel):
@@ -126,6 +127,7 @@ class DuplicateImageOut(BaseModel):
     name: str | None = Field(description="file name only; the server's folders are not shown")
     distance: float = Field(description="to the group's first image, in the model's distance")
     url: str = Field(description="/api/images/{id}/file")
+    thumb: str = Field(description="/api/images/{id}/thumb")
 
 
 class DuplicateGroupOut(BaseModel):

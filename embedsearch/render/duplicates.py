@@ -21,7 +21,10 @@ def duplicates_grid(groups: list[DuplicateGroup], out: Path, tile_size: int = 96
     rows, titles = [], []
     for group in groups[:MAX_ROWS]:
         shown = group.images[:MAX_COLUMNS]
-        row = [image_tile(im.path, f"id {im.id}" if r == 0 else f"{im.distance:.3f}") for r, im in enumerate(shown)]
+        row = [
+            image_tile(im.path, f"id {im.id}" if r == 0 else f"{im.distance:.3f}", tile_size)
+            for r, im in enumerate(shown)
+        ]
         if len(group.images) > len(shown):
             row.append(Tile(None, f"+{len(group.images) - len(shown)} more"))
         rows.append(row)

@@ -17,11 +17,13 @@ if TYPE_CHECKING:
     from embedsearch.results import QueryResult
 
 
-def image_tile(path: str | None, caption: str) -> Tile:
+def image_tile(path: str | None, caption: str, size: int = 96) -> Tile:
+    """A file as a grid cell of ``size`` pixels, decoded at no more than that (a JPEG at a DCT scale:
+    a 12-megapixel photo costs a few milliseconds, not a full decode)."""
     if path is None:
         return Tile(None, caption)
     try:
-        return Tile(load_image(path), caption)
+        return Tile(load_image(path, max_side=size), caption)
     except ImageError:
         return Tile(None, f"{caption} (unreadable)")
 
@@ -30,8 +32,8 @@ def query_grid(results: list[QueryResult], out: Path, tile_size: int = 96) -> Pa
     """One row per query: the query image, then each neighbour captioned '#rank distance'."""
     rows = []
     for result in results:
-        row = [image_tile(result.query, "query")]
-        row += [image_tile(n.path, f"#{n.rank} {n.distance:.3f}") for n in result.results]
+        row = [image_tile(result.query, "query", tile_size)]
+        row += [image_tile(n.path, f"#{n.rank} {n.distance:.3f}", tile_size) for n in result.results]
         rows.append(row)
     return save_grid(rows, out, tile_size=tile_size, row_titles=[Path(r.query).name for r in results])
 

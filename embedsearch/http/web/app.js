@@ -49,6 +49,8 @@ function showError(message) {
 // The header shows what the page is doing, else what the library holds.
 function setStatus(text) { $("#status").textContent = text || state.summary; }
 
+// Tiles show /api/images/{id}/thumb (256 px WebP, or the image itself when it is that small), never
+// the original: 16 photo tiles are a few hundred kB, not tens of MB.
 function thumb(url, alt) {
   const img = el("img", { src: url, alt: alt || "", loading: "lazy", decoding: "async" });
   img.addEventListener("load", () => img.classList.toggle("pixelated", img.naturalWidth <= 96));
@@ -102,7 +104,8 @@ async function useFile(file) {
   try {
     const { images } = await api("/api/images", { method: "POST", body: form });
     const added = images[0];
-    setQuery({ id: added.id, url: `/api/images/${added.id}/file`, name: file.name, created: added.created });
+    // The preview is the browser's own copy of the file: nothing is downloaded again.
+    setQuery({ id: added.id, url: localUrl, name: file.name, created: added.created });
   } catch (err) {
     if (err.status !== 401) { setStatus(""); showError(err.message); return; }
     $("#token-row").hidden = false; // reads are open: search by the bytes, without storing them
@@ -167,8 +170,8 @@ function hitCard(hit, extraClass = "") {
     el("span", { class: "distance", title: "distance" }, hit.distance.toFixed(3)));
   return el("button", {
     type: "button", class: `hit ${extraClass}`, title: `#${hit.id} — search from this image`,
-    onclick: () => setQuery({ id: hit.id, url: hit.url, name: `${hit.label || "image"} #${hit.id}` }),
-  }, thumb(hit.url, hit.label), caption);
+    onclick: () => setQuery({ id: hit.id, url: hit.thumb, name: `${hit.label || "image"} #${hit.id}` }),
+  }, thumb(hit.thumb, hit.label), caption);
 }
 
 function renderResults(list, results) {
