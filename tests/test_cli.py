@@ -333,3 +333,10 @@ def test_fit_is_fixed_when_a_model_is_made_and_used_by_every_path(home: Path, tm
     assert code != 0 and "--fit crop" in err and "Traceback" not in err
     code, _, err = run(home, "train", str(data), "--model", "pca", "--name", "p2", "--fit", "bogus")
     assert code == 2 and "bogus" in err
+
+
+def test_the_cli_offers_every_resize_policy_the_library_has() -> None:
+    from embedsearch.cli.context import FITS
+    from embedsearch.data.resize import FITS as LIBRARY_FITS
+
+    assert FITS == list(LIBRARY_FITS)

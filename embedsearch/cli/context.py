@@ -19,6 +19,13 @@ if TYPE_CHECKING:
     from embedsearch.engine import Engine
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+#: The resize policies (embedsearch.data.resize.FITS), literal so that --help needs no imports.
+FITS = ["pad", "crop"]
+
+
+def fit_option(help_text: str) -> Any:
+    """``--fit pad|crop``: the resize policy of a model made by the command."""
+    return click.option("--fit", type=click.Choice(FITS), default=None, help=help_text)
 
 
 def settings(ctx: click.Context) -> dict[str, Any]:

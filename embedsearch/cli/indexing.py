@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from embedsearch.cli.context import CONTEXT, printable
+from embedsearch.cli.context import CONTEXT, fit_option, printable
 from embedsearch.cli.context import emit as _emit
 from embedsearch.cli.context import engine as _engine
 from embedsearch.results import METRICS
@@ -31,12 +31,7 @@ if TYPE_CHECKING:
     default=None,
     help="Distance of a model created here (default l2; phash and dhash: hamming).",
 )
-@click.option(
-    "--fit",
-    type=click.Choice(["pad", "crop"]),
-    default=None,
-    help="Resize policy of a model created here (pixels): pad or crop [pad].",
-)
+@fit_option("Resize policy of a model created here (pixels): pad or crop [pad].")
 @click.option(
     "--batch-size", default=2048, show_default=True, type=click.IntRange(1), help="Images per committed batch."
 )

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from embedsearch.cli.context import CONTEXT, PrintableFormatter, printable
+from embedsearch.cli.context import CONTEXT, PrintableFormatter, fit_option, printable
 from embedsearch.cli.context import emit as _emit
 from embedsearch.cli.context import engine as _engine
 from embedsearch.errors import EmbedSearchError, from_os_error
@@ -154,12 +154,7 @@ def _print_result(result: Any) -> None:
 @click.option("--name", help="Name to register it under (default: the kind).")
 @click.option("--image-size", type=click.IntRange(4, 1024), help="Input side in pixels (default: from DATA, <= 64).")
 @click.option("--channels", type=click.Choice(["1", "3"]), help="1 grey or 3 RGB (default: grey if all DATA is).")
-@click.option(
-    "--fit",
-    type=click.Choice(["pad", "crop"]),
-    default=None,
-    help="Resize policy, fixed for the model: pad (whole picture on white) or crop (centred square) [pad].",
-)
+@fit_option("Resize policy, fixed for the model: pad (whole picture on white) or crop (centred square) [pad].")
 @click.option(
     "--metric", type=click.Choice(list(METRICS)), help="Distance [ae/vae: cosine; phash/dhash: hamming; else l2]."
 )
