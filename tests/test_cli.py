@@ -339,4 +339,4 @@ def test_the_cli_offers_every_resize_policy_the_library_has() -> None:
     from embedsearch.cli.context import FITS
     from embedsearch.data.resize import FITS as LIBRARY_FITS
 
-    assert FITS == list(LIBRARY_FITS)
+    assert list(LIBRARY_FITS) == FITS
