@@ -331,8 +331,13 @@ def test_fit_is_fixed_when_a_model_is_made_and_used_by_every_path(home: Path, tm
     assert code == 0 and json.loads(out)["results"][0]["distance"] == 0.0  # the query is cropped the same way
     code, _, err = run(home, "index", str(data), "--model", "pixels", "--fit", "pad")
     assert code != 0 and "--fit crop" in err and "Traceback" not in err
-    code, _, err = run(home, "train", str(data), "--model", "pca", "--name", "p2", "--fit", "bogus")
-    assert code == 2 and "bogus" in err
+    for command in (("train", str(data), "--model", "pca", "--name", "p2"), ("index", str(data), "--model", "p3")):
+        code, _, err = run(home, *command, "--fit", "bogus")
+        errors = [line for line in err.splitlines() if line.startswith("Error")]
+        assert code == 2 and errors == ["Error: Invalid value for '--fit': 'bogus' is not one of 'pad', 'crop'."]
+        assert "Traceback" not in err
+    with Engine(home) as engine:
+        assert engine.store.model("pixels").fit == "crop" and engine.store.model("p2") is None  # type: ignore[union-attr]
 
 
 def test_the_cli_offers_every_resize_policy_the_library_has() -> None:

@@ -280,9 +280,11 @@ def test_shrinking_first_gives_the_pixels_of_a_full_size_resize(mode: str) -> No
 
 def test_one_decode_serves_every_input_spec(pillow_decodes) -> None:
     data = photo(1200, 600, "PNG")
-    specs = [InputSpec(28, 1), InputSpec(64, 3), InputSpec(16, 3)]
+    specs = [InputSpec(28, 1), InputSpec(64, 3), InputSpec(16, 3), InputSpec(16, 3, "crop")]
+    assert len(set(specs)) == 4  # the same size and channels with another fit is another input
     meta, arrays = decode_bytes_for(data, specs, "x.png")
     assert len(pillow_decodes) == 1 and [a.shape for a in arrays] == [s.shape for s in specs]
+    assert not (arrays[2] == arrays[3]).all()
     for spec, arr in zip(specs, arrays, strict=True):
         assert (arr == decode_bytes(data, spec)[1]).all()
 
@@ -328,3 +330,25 @@ def test_crop_takes_the_centre_of_the_upright_photo() -> None:
 def test_an_unknown_fit_is_refused() -> None:
     with pytest.raises(InvalidArgumentError, match="unknown fit 'stretch'"):
         InputSpec(16, 3, "stretch")
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_large_jpeg_is_cropped_from_a_reduced_dct_scale_like_from_its_full_decode(
+    pillow_decodes, orientation: int
+) -> None:
+    """Crop scales by the shorter side, so the draft keeps that one >= 3 x the input: still 1/8 here."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = photo(4000, 3000, quality=90, exif=exif)
+    _, arr = decode_bytes(data, InputSpec(28, 3, "crop"))
+    assert pillow_decodes == [("JPEG", (500, 375))]  # 375 >= 3 x 28
+    full = Image.open(io.BytesIO(data))
+    full.load()
+    upright = ImageOps.exif_transpose(full)
+    side = min(upright.size)
+    left, top = (upright.width - side) // 2, (upright.height - side) // 2
+    reference = np.asarray(
+        upright.crop((left, top, left + side, top + side)).resize((28, 28), Image.Resampling.LANCZOS)
+    )
+    diff = np.abs(arr.astype(int) - reference.astype(int))
+    assert diff.mean() < 1.5 and diff.max() <= 20, (diff.mean(), diff.max())

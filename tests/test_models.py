@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from filelock import FileLock
+from PIL import Image
 
 from embedsearch.cli.main import main
 from embedsearch.core import models as models_module
+from embedsearch.data.images import InputSpec
 from embedsearch.encoders.classic import PCAEncoder
 from embedsearch.engine import Engine
 from embedsearch.errors import InvalidArgumentError, LockedError
+from helpers import noise_image, png_bytes
 
 
 def _nearest(engine: Engine, shapes: Path, model: str) -> list[int]:
@@ -97,3 +100,37 @@ def test_train_replace_killed_at_any_moment_leaves_one_working_model(library_hom
             assert report.ok, (delay, report.problems)
             assert engine.model("pca").dim in (6, 8) and engine.info().images == images
             assert engine.encoder("pca").dim == engine.model("pca").dim
+
+
+def _framed(centre: int, sides: int) -> bytes:
+    """A 48x16 picture: a 16x16 noise square (seed ``centre``) between two others (seeds from ``sides``)."""
+    im = Image.new("RGB", (48, 16))
+    for x, seed in ((0, sides), (16, centre), (32, sides + 1000)):
+        im.paste(noise_image(seed), (x, 0))
+    return png_bytes(im)
+
+
+def test_a_crop_model_keeps_its_fit_through_the_store_and_every_input_is_cropped(home: Path, tmp_path: Path) -> None:
+    """Made by the Python API, reopened: its folder images, uploads, byte queries and the re-encoding of
+    a replace all see only the centre; a pad model of the same size beside it sees the whole picture."""
+    data = tmp_path / "framed"
+    data.mkdir()
+    for i in range(4):
+        (data / f"{i}.png").write_bytes(_framed(i, 100 + i))
+    with Engine(home) as engine:
+        info = engine.create_model("crop", "pixels", image_size=16, channels=3, fit="crop")
+        assert (info.fit, engine.create_model("pad", "pixels", image_size=16, channels=3).fit) == ("crop", "pad")
+        engine.index_models(str(data), ["crop", "pad"])
+    with Engine(home) as engine:  # the spec comes back from the model's row
+        assert engine.store.model("crop").fit == "crop"  # type: ignore[union-attr]
+        assert engine.encoder("crop").spec == InputSpec(16, 3, "crop") != engine.encoder("pad").spec
+        assert [m.fit for m in engine.info().models] == ["crop", "pad"]
+        same_centre = _framed(2, 999)
+        assert engine.search_bytes(same_centre, "crop", k=1)[0].distance == 0.0
+        assert engine.search_bytes(same_centre, "pad", k=1)[0].distance > 0.0
+        added = engine.add_image(_framed(7, 300))  # an upload: decoded once, cropped for one model only
+        hit = engine.search_bytes(_framed(7, 301), "crop", k=1)[0]
+        assert (hit.id, hit.distance) == (added.id, 0.0)
+        engine.create_model("crop", "pixels", image_size=16, channels=3, fit="crop", replace=True)
+        hit = engine.search_bytes(_framed(7, 302), "crop", k=1)[0]  # the held images, encoded again
+        assert (hit.id, hit.distance) == (added.id, 0.0)

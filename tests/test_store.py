@@ -123,3 +123,37 @@ def test_opening_a_library_at_the_newest_schema_takes_no_migration_lock(tmp_path
     (tmp_path / "lib.db.migrate.lock").unlink()
     Store(url).close()
     assert not (tmp_path / "lib.db.migrate.lock").exists()
+
+
+def test_upgrading_a_library_from_before_the_fit_keeps_its_models_as_they_were(tmp_path: Path) -> None:
+    """Migration 0003: models of the previous head read as pad; a config that says crop (recorded
+    there by builds before the column) becomes the column's crop; downgrade drops the column again."""
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from embedsearch.core.store import make_engine
+
+    url = f"sqlite:///{tmp_path / 'lib.db'}"
+    old = create_engine(url)
+    with old.begin() as conn:
+        command.upgrade(alembic_config(conn), "0002")
+        for name, config in (("old", "{}"), ("cropped", '{"fit": "crop"}'), ("nulled", "null")):
+            conn.execute(
+                text(
+                    "INSERT INTO models (name, kind, config, dim, metric, image_size, channels, created_at) "
+                    "VALUES (:name, 'pixels', :config, 12, 'l2', 2, 3, '2026-12-01 00:00:00')"
+                ),
+                {"name": name, "config": config},
+            )
+    old.dispose()
+    store = Store(url)  # opening a library at an older revision upgrades it
+    assert {m.name: m.fit for m in store.models()} == {"cropped": "crop", "nulled": "pad", "old": "pad"}
+    assert (
+        store.add_model(name="new", kind="pixels", config={}, dim=2, metric="l2", image_size=1, channels=1).fit == "pad"
+    )
+    store.close()
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0002")
+    assert "fit" not in {c["name"] for c in inspect(engine).get_columns("models")}
+    engine.dispose()

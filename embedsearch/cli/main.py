@@ -271,7 +271,7 @@ def _print_models(models: list[dict[str, Any]]) -> None:
     for m in models:
         shape = f"{m['image_size']}x{m['image_size']}x{m['channels']}"
         click.echo(
-            f"{printable(m['name']):<16} {m['kind']:<7} {shape:<10} {m.get('fit', 'pad'):<4} {m['dim']:>6} "
+            f"{printable(m['name']):<16} {m['kind']:<7} {shape:<10} {m['fit']:<4} {m['dim']:>6} "
             f"{m['metric']:<7} {m['vectors']:>8}"
         )
 

@@ -74,7 +74,7 @@ def _ensure_model(
             raise InvalidArgumentError(
                 f"model {model!r} was made with --metric {existing.metric}; create another model for {metric}"
             )
-        made = existing.config.get("fit", "pad")
+        made = existing.fit
         if fit is not None and fit != made:
             raise InvalidArgumentError(f"model {model!r} was made with --fit {made}; create another model for {fit}")
         return

@@ -69,8 +69,8 @@ def model_info(m: Model, vectors: int) -> ModelInfo:
 
 
 def spec_of(m: Model) -> InputSpec:
-    """A model's input. The fit is recorded in its config (models made before it existed: pad)."""
-    return InputSpec(m.image_size, m.channels, m.config.get("fit", "pad"))
+    """A model's input, from its row (models made before the fit existed were migrated as pad)."""
+    return InputSpec(m.image_size, m.channels, m.fit)
 
 
 def _same(a: Model, b: Model) -> bool:
@@ -274,6 +274,7 @@ class ModelRegistry:
                 metric=metric,
                 image_size=encoder.spec.image_size,
                 channels=encoder.spec.channels,
+                fit=encoder.spec.fit,
                 checkpoint_path=str(weights.relative_to(self.layout.home)) if weights else None,
                 checkpoint_sha256=file_sha256(weights) if weights else None,
             )

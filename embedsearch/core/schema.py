@@ -118,6 +118,9 @@ class Model(Base):
     metric: Mapped[str] = mapped_column(String(8))
     image_size: Mapped[int] = mapped_column(Integer)
     channels: Mapped[int] = mapped_column(Integer)
+    # The resize policy (embedsearch.data.resize.FITS), the third part of the input spec beside
+    # image_size and channels; validated by InputSpec, not by the database (the policies are code).
+    fit: Mapped[str] = mapped_column(String(16), default="pad", server_default="pad")
     checkpoint_path: Mapped[str | None] = mapped_column(String)
     checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)

@@ -1,9 +1,11 @@
 """The resize policy, from a decoded image of any size and mode to a model's input, in bounded memory.
 
-The policy (the one used everywhere: index, query, train): the image is scaled so that its longer
-side equals the model's ``image_size`` (Lanczos, aspect ratio kept), then centred on a white square
-canvas. Nothing is cropped, so a wide panorama stays a panorama. Transparency is composited on white
-first; grey models get Pillow's ITU-R 601-2 luma, colour models RGB.
+The policy is the model's (:data:`FITS`, fixed when it is made, used everywhere: index, query,
+train). ``pad``: the image is scaled so that its longer side equals the model's ``image_size``
+(Lanczos, aspect ratio kept), then centred on a white square canvas; nothing is cropped, so a wide
+panorama stays a panorama. ``crop``: scaled so that its shorter side equals it, and the centred
+square of the upright picture kept (photos: no letterbox to tell portraits from landscapes).
+Transparency is composited on white first; grey models get Pillow's ITU-R 601-2 luma, colour models RGB.
 
 Memory: a hostile upload can be a tiny file that decodes to tens of megapixels. A JPEG is decoded at a
 reduced DCT scale (:func:`draft`); every other format is decoded at full size (Pillow cannot do

@@ -201,12 +201,13 @@ def prepare_model(engine: Any, name: str, kind: str | None, data: Data) -> tuple
     if kind is None:
         model = engine.model(name)
         log.info(
-            "using the library's model %r (%s, %dx%dx%d, %s) as it is",
+            "using the library's model %r (%s, %dx%dx%d %s, %s) as it is",
             name,
             model.kind,
             model.image_size,
             model.image_size,
             model.channels,
+            model.fit,
             model.metric,
         )
         return engine.encoder(name), model.metric, None
