@@ -62,7 +62,7 @@ def model_info(m: Model, vectors: int) -> ModelInfo:
         m.channels,
         vectors,
         m.created_at.isoformat(timespec="seconds"),
-        fit=spec_of(m).fit,
+        fit=m.fit,
         checkpoint=m.checkpoint_path,
         config=m.config,
     )
