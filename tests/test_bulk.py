@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -196,3 +198,54 @@ def test_a_model_added_to_the_set_is_filled_while_the_others_stay_unchanged(tmp_
         pixels, grey = engine.index_models(str(shapes), ["pixels", "grey"])
         assert pixels.added == grey.added == 1
         assert len(engine.vector_index("pixels")) == len(engine.vector_index("grey")) == files + 1
+
+
+@pytest.mark.parametrize("where", ["commit", "route"])
+def test_a_run_that_fails_part_way_leaves_the_index_in_step_with_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A run that fails part-way ("commit": the third batch's transaction; "route": the run's own
+    thread at file 25, after a slow second commit) keeps the batches it committed, in the index as
+    in the database (the saved file agrees with it on reopening), and a rerun indexes the rest
+    exactly once."""
+    from embedsearch.core import bulk
+    from embedsearch.core.store import Store
+    from embedsearch.errors import StoreError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(50):
+        (data / f"{i:02d}.png").write_bytes(png_bytes(noise_image(i, 8)))
+    calls = []
+    real_write, real_route = Store.write_batch, bulk._route
+
+    def write(self: Store, *args: Any, **kwargs: Any) -> dict[str, int]:
+        calls.append("write")
+        if where == "commit" and calls.count("write") == 3:
+            raise StoreError("the database is gone")
+        if where == "route" and calls.count("write") == 2:
+            time.sleep(0.3)  # a slow commit just before the failure
+        return real_write(self, *args, **kwargs)
+
+    def route(*args: Any) -> None:
+        calls.append("route")
+        if where == "route" and calls.count("route") == 25:
+            raise StoreError("a file went wrong")
+        real_route(*args)
+
+    home = tmp_path / "home"
+    with Engine(home) as engine:
+        monkeypatch.setattr(Store, "write_batch", write)
+        monkeypatch.setattr(bulk, "_route", route)
+        with pytest.raises(StoreError):
+            engine.index(str(data), "pixels", batch_size=10)
+        monkeypatch.setattr(Store, "write_batch", real_write)
+        monkeypatch.setattr(bulk, "_route", real_route)
+        stored = sorted(engine.store.entry_image_ids(engine.model("pixels").id))
+        assert len(stored) == 20  # batches 1 and 2
+        assert sorted(engine.vector_index("pixels").ids().tolist()) == stored
+    with Engine(home) as engine:  # the saved file, reopened: in step with the database
+        assert sorted(engine.vector_index("pixels").ids().tolist()) == stored
+        report = engine.index(str(data), "pixels", batch_size=10)
+        assert (report.added, report.unchanged) == (30, 20)
+        assert engine.check().ok

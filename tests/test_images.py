@@ -352,3 +352,17 @@ def test_a_large_jpeg_is_cropped_from_a_reduced_dct_scale_like_from_its_full_dec
     )
     diff = np.abs(arr.astype(int) - reference.astype(int))
     assert diff.mean() < 1.5 and diff.max() <= 20, (diff.mean(), diff.max())
+
+
+def test_read_bytes_returns_the_whole_file_and_refuses_what_is_not_a_file(tmp_path: Path) -> None:
+    from embedsearch.data.images import read_bytes
+
+    for size in (0, 1, 4096, 3 << 20):
+        path = tmp_path / f"{size}.bin"
+        content = os.urandom(size)
+        path.write_bytes(content)
+        assert read_bytes(str(path)) == content
+    with pytest.raises(ImageError, match="not a regular file"):
+        read_bytes(str(tmp_path))
+    with pytest.raises(ImageError, match="cannot read file"):
+        read_bytes(str(tmp_path / "missing.png"))

@@ -186,6 +186,9 @@ def prepared(
     im: Image.Image, size: int, channels: int, turn: Image.Transpose | None, white: float | None, fit: str = "pad"
 ) -> np.ndarray:
     """A decoded image at its own size -> ``(S, S)`` or ``(S, S, 3)`` uint8: shrink, turn upright, convert, fit."""
+    if turn is None and white is None and im.size == (size, size) and im.mode == ("L" if channels == 1 else "RGB"):
+        # Already what the model takes (a folder of 28x28 PNGs): every step below would be a no-op.
+        return np.asarray(im, dtype=np.uint8)
     small, box = _turn(*_shrink(im, size, channels, fit), turn)
     return np.asarray(FITS[fit](_to_mode(small, channels, white), size, box), dtype=np.uint8)
 
