@@ -11,6 +11,18 @@ One family, each fixture building on the one before (helpers that tests call are
   (labelled ``upload``, in both models): 49 images.
 * ``library_home``: the same library built and closed; its home path (for the CLI, or to reopen).
 
+Both metadata stores, for the modules that run on each (``pytestmark = pytest.mark.usefixtures("database")``):
+
+* ``postgres_server``: the URL of a PostgreSQL server for the whole session:
+  ``EMBEDSEARCH_TEST_POSTGRES`` if set, else a cluster started in a temporary folder (Debian's
+  postgresql package). Without one the PostgreSQL tests skip, saying why; with
+  ``EMBEDSEARCH_REQUIRE_POSTGRES=1`` (as ``.ci/run`` sets) they fail instead.
+* ``database``: "sqlite" (each home's own library.db) or a new, empty PostgreSQL database, exported
+  as ``EMBEDSEARCH_DB`` so that every engine and CLI subprocess of the test uses it; its value is
+  the URL (None for SQLite).
+* ``new_database``: makes another empty database on the same store, for a test with several
+  libraries: its URL, or None for SQLite (each home has its own library.db).
+
 A trained library, built once per module that asks for it (training is the slow part):
 
 * ``trained_data``: 8 shape classes x 6, 28x28 grey; read it, do not change it.
@@ -20,8 +32,11 @@ A trained library, built once per module that asks for it (training is the slow 
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Iterator
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +44,8 @@ import pytest
 from embedsearch.data.synth import make_shapes
 from embedsearch.engine import Engine
 from embedsearch.results import CheckReport
-from helpers import noise_image, png_bytes
+from helpers import PostgresUnavailable, admin_sql, database_url, noise_image, png_bytes
+from helpers import postgres_server as postgres_server_at
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +71,61 @@ def repair_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
         return report
 
     monkeypatch.setattr(Checker, "check", checked)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    given = os.environ.get("EMBEDSEARCH_TEST_POSTGRES")
+    if given:
+        yield given
+        return
+    # Not under pytest's temporary folder: that is root's alone (0700), where the postgres user cannot go.
+    folder = Path(tempfile.mkdtemp(prefix="embedsearch-test-pg-"))
+    try:
+        with postgres_server_at(folder) as url:
+            yield url
+    except PostgresUnavailable as exc:
+        if os.environ.get("EMBEDSEARCH_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL is required here (EMBEDSEARCH_REQUIRE_POSTGRES=1) but: {exc}")
+        pytest.skip(f"no PostgreSQL server: {exc}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str | None]:
+    if request.param == "sqlite":
+        monkeypatch.delenv("EMBEDSEARCH_DB", raising=False)
+        yield None
+        return
+    server = request.getfixturevalue("postgres_server")
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    admin_sql(server, f'CREATE DATABASE "{name}"')
+    url = database_url(server, name)
+    monkeypatch.setenv("EMBEDSEARCH_DB", url)
+    try:
+        yield url
+    finally:
+        admin_sql(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def new_database(database: str | None, request: pytest.FixtureRequest) -> Iterator[Callable[[], str | None]]:
+    if database is None:
+        yield lambda: None
+        return
+    server = request.getfixturevalue("postgres_server")
+    made: list[str] = []
+
+    def make() -> str:
+        made.append(f"test_{uuid.uuid4().hex[:16]}")
+        admin_sql(server, f'CREATE DATABASE "{made[-1]}"')
+        return database_url(server, made[-1])
+
+    try:
+        yield make
+    finally:
+        admin_sql(server, *(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in made))
 
 
 #: Options of the AE and VAE of ``trained``: tiny and quick, latent 8.

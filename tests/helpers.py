@@ -227,3 +227,72 @@ def results_page_costs(page: Any, url: str, query: Path, k: int) -> tuple[int, f
     transferred = sum(s["responseBodySize"] + s["responseHeadersSize"] for s in sizes)
     sources = page.eval_on_selector_all(".result img", "imgs => imgs.map(i => i.getAttribute('src'))")
     return transferred, seconds, sources
+
+
+class PostgresUnavailable(Exception):  # noqa: N818  (a reason to skip, not an error of the product)
+    """Why no PostgreSQL server could be started for the tests."""
+
+
+@contextmanager
+def postgres_server(folder: Path) -> Iterator[str]:
+    """A throw-away PostgreSQL cluster in ``folder`` on a Unix socket there (no TCP port), its URL.
+
+    Debian's server binaries (package postgresql); initdb refuses to run as root, so as root the
+    cluster belongs to the postgres user and runs through runuser. fsync is off: the data is thrown
+    away, and crash tests kill our processes, never the server. Raises PostgresUnavailable.
+    """
+    import glob
+    import shutil
+    import subprocess
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(Path(p).parts[-3]))
+    pg_ctl = found[-1] if found else shutil.which("pg_ctl")
+    if pg_ctl is None:
+        raise PostgresUnavailable("no PostgreSQL server binaries (Debian: apt-get install postgresql)")
+    bindir = Path(pg_ctl).parent
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None:
+            raise PostgresUnavailable("running as root without runuser: cannot start initdb as postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(folder, "postgres")
+    folder.chmod(0o700)
+    data, log = folder / "data", folder / "server.log"
+
+    def run(*cmd: str) -> None:
+        done = subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise PostgresUnavailable(f"{Path(cmd[0]).name} failed: {tail[0]}")
+
+    run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8")
+    options = f"-k {folder} -c listen_addresses='' -c fsync=off -c max_connections=200"
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start")
+    try:
+        yield f"postgresql+psycopg://postgres@/postgres?host={folder}"
+    finally:
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+            timeout=120,
+        )
+
+
+def database_url(server: str, name: str) -> str:
+    """The URL of database ``name`` on the server of ``server`` (a URL)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(server).set(database=name).render_as_string(hide_password=False)
+
+
+def admin_sql(server: str, *statements: str) -> None:
+    """Run statements outside a transaction (CREATE / DROP DATABASE) on the server's own database."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(server, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            for statement in statements:
+                conn.execute(text(statement))
+    finally:
+        engine.dispose()

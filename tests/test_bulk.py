@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ from hypothesis import strategies as st
 from embedsearch.engine import Engine
 from embedsearch.results import QueryResult
 from helpers import noise_image, png_bytes
+
+#: Every test here runs on both metadata stores (conftest.py: ``database``).
+pytestmark = pytest.mark.usefixtures("database")
 
 
 @pytest.mark.parametrize("original, copy", [("a.png", "b.png"), ("b.png", "a.png")])
@@ -131,7 +135,7 @@ EXAMPLES = int(os.environ.get("BULK_EXAMPLES", "40"))
 )
 @pytest.mark.slow
 def test_random_changes_between_runs_keep_every_content_stored_once(
-    tmp_path_factory: pytest.TempPathFactory, steps: list
+    tmp_path_factory: pytest.TempPathFactory, new_database: Callable[[], str | None], steps: list
 ) -> None:
     root = tmp_path_factory.mktemp("changes")
     data = root / "data"
@@ -139,7 +143,7 @@ def test_random_changes_between_runs_keep_every_content_stored_once(
     clock = [1_000_000]
     for i, name in enumerate(NAMES[:3]):
         _apply(data, ("write", name, i), clock)
-    with Engine(root / "home") as engine:
+    with Engine(root / "home", db=new_database()) as engine:  # a new library per example
         engine.index(str(data), "pixels", workers=0)
         for ops, batch_size in steps:
             for op in ops:
@@ -168,9 +172,15 @@ def _vectors(engine: Engine, model: str) -> dict[str, bytes]:
 
 
 def test_several_models_in_one_run_store_what_separate_runs_store(
-    tmp_path: Path, shapes: Path, pillow_decodes: list[tuple[str, tuple[int, int]]]
+    tmp_path: Path,
+    shapes: Path,
+    pillow_decodes: list[tuple[str, tuple[int, int]]],
+    new_database: Callable[[], str | None],
 ) -> None:
-    with Engine(tmp_path / "apart") as apart, Engine(tmp_path / "together") as together:
+    with (
+        Engine(tmp_path / "apart", db=new_database()) as apart,
+        Engine(tmp_path / "together", db=new_database()) as together,
+    ):
         for engine in (apart, together):
             engine.create_model("grey", "pixels", image_size=16, channels=1)  # a second input spec
         apart.index(str(shapes), "pixels")

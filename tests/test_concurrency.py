@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from PIL import Image
 from embedsearch.core.vectors import VectorIndex
 from embedsearch.engine import Engine
 
-pytestmark = pytest.mark.slow
+#: Every test here runs on both metadata stores (conftest.py: ``database``).
+pytestmark = [pytest.mark.usefixtures("database"), pytest.mark.slow]
 
 WAITING = "another process is writing to"
 
@@ -158,23 +160,28 @@ def test_index_run_that_waited_to_create_the_model_keeps_what_another_run_indexe
     assert_consistent(home, {p.read_bytes() for p in a + b})
 
 
-def _open_library(home: str, go: multiprocessing.synchronize.Event, results: multiprocessing.Queue) -> None:
+def _open_library(
+    home: str, db: str | None, go: multiprocessing.synchronize.Event, results: multiprocessing.Queue
+) -> None:
     go.wait()
     try:
-        Engine(home, create=True).close()
+        Engine(home, db=db, create=True).close()
         results.put("ok")
     except Exception as exc:  # noqa: BLE001 (the parent reports it)
         results.put(f"{type(exc).__name__}: {exc}")
 
 
-def test_processes_opening_a_new_library_at_once_all_succeed(tmp_path: Path) -> None:
-    """No 'table images already exists' when several processes create the schema at the same moment."""
+def test_processes_opening_a_new_library_at_once_all_succeed(
+    tmp_path: Path, new_database: Callable[[], str | None]
+) -> None:
+    """No 'table images already exists' when several processes create the schema at the same moment
+    (on PostgreSQL: 'alembic_version already exists', until migrations took an advisory lock)."""
     ctx = multiprocessing.get_context("fork")
     for trial in range(4):  # each trial races three processes (unguarded migrations lost ~9 trials in 10)
         home = tmp_path / f"home{trial}"
         home.mkdir()
-        go, results = ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_open_library, args=(str(home), go, results)) for _ in range(3)]
+        go, results, db = ctx.Event(), ctx.Queue(), new_database()  # a new, empty database each trial
+        procs = [ctx.Process(target=_open_library, args=(str(home), db, go, results)) for _ in range(3)]
         for proc in procs:
             proc.start()
         time.sleep(0.2)

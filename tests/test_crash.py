@@ -9,15 +9,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 from embedsearch.data.synth import make_image_array
 from embedsearch.engine import Engine
 
-pytestmark = pytest.mark.slow
+#: Every test here runs on both metadata stores (conftest.py: ``database``).
+pytestmark = [pytest.mark.usefixtures("database"), pytest.mark.slow]
 
 N_GOOD = 2400
 
@@ -35,12 +40,25 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def entries(db: Path) -> int:
+def entries(home: Path) -> int:
+    """Index entries committed so far, read beside the running process (0 before the tables exist)."""
+    url = os.environ.get("EMBEDSEARCH_DB")  # set by the ``database`` fixture for PostgreSQL
+    if url is None:
+        try:
+            with sqlite3.connect(f"file:{home / 'library.db'}?mode=ro", uri=True, timeout=5) as conn:
+                return conn.execute("SELECT count(*) FROM index_entries").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+    if url not in _ENGINES:
+        _ENGINES[url] = create_engine(url, poolclass=NullPool)
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            return conn.execute("SELECT count(*) FROM index_entries").fetchone()[0]
-    except sqlite3.Error:
+        with _ENGINES[url].connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM index_entries")).scalar_one())
+    except SQLAlchemyError:
         return 0
+
+
+_ENGINES: dict[str, Any] = {}
 
 
 def run_index(home: Path, data: Path, kill_after_entries: int | None, kill_after_s: float | None) -> bool:
@@ -65,7 +83,7 @@ def run_index(home: Path, data: Path, kill_after_entries: int | None, kill_after
     started = time.monotonic()
     while proc.poll() is None:
         waited = time.monotonic() - started
-        if (kill_after_entries is not None and entries(home / "library.db") >= kill_after_entries) or (
+        if (kill_after_entries is not None and entries(home) >= kill_after_entries) or (
             kill_after_s is not None and waited >= kill_after_s
         ):
             proc.send_signal(signal.SIGKILL)
@@ -81,7 +99,7 @@ def test_kill_and_rerun_indexes_every_good_image_exactly_once(tmp_path: Path, co
     killed, counts = [], []
     for after_entries, after_s in kills:
         killed.append(run_index(home, corpus, after_entries, after_s))
-        counts.append(entries(home / "library.db"))
+        counts.append(entries(home))
     assert sum(killed) >= 3, killed  # the runs really died part-way ...
     assert 0 < counts[0] < counts[1] < N_GOOD, counts  # ... with part of the work committed
     final = subprocess.run(
@@ -135,11 +153,11 @@ def test_ctrl_c_during_a_pooled_run_stops_it_cleanly_and_keeps_what_was_committe
         start_new_session=True,
     )
     deadline = time.monotonic() + 120
-    while entries(home / "library.db") == 0 and proc.poll() is None and time.monotonic() < deadline:
+    while entries(home) == 0 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    kept = entries(home / "library.db")
+    kept = entries(home)
     if proc.returncode == 0:
         pytest.skip("the run finished before the interrupt arrived")
     assert proc.returncode == 130, err
@@ -172,7 +190,7 @@ def test_sigkill_of_a_pooled_run_takes_its_workers_along_without_tracebacks(tmp_
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     children: list[str] = []
     deadline = time.monotonic() + 120
-    while entries(home / "library.db") == 0 and proc.poll() is None and time.monotonic() < deadline:
+    while entries(home) == 0 and proc.poll() is None and time.monotonic() < deadline:
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split() or children
         time.sleep(0.01)
     if proc.poll() is not None:

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,9 @@ from embedsearch.engine import Engine
 from embedsearch.errors import DataError, InvalidArgumentError, ModelError, UnknownModelError
 from embedsearch.results import QueryResult
 from helpers import noise_image, png_bytes, weights_file
+
+#: Every test here runs on both metadata stores (conftest.py: ``database``).
+pytestmark = pytest.mark.usefixtures("database")
 
 
 def results(engine: Engine, paths: list[str], model: str, k: int = 5) -> list[QueryResult]:
@@ -144,16 +149,17 @@ def test_index_file_is_rebuilt_when_deleted(home: Path, shapes: Path) -> None:
         assert engine.check().ok
 
 
-def test_reads_of_a_missing_library_raise_and_create_nothing(tmp_path: Path) -> None:
-    """Issue 12.2, the Python API: opening and reading create no folder and no database."""
+def test_reads_of_a_missing_library_raise_and_create_nothing(tmp_path: Path, database: str | None) -> None:
+    """Issue 12.2, the Python API: opening and reading create no folder and no database (tables)."""
     from embedsearch.errors import NoLibraryError
 
     home = tmp_path / "home"
+    where = re.escape(str(home / "library.db")) if database is None else "postgresql\\+psycopg://"
     probe = tmp_path / "probe.png"
     probe.write_bytes(png_bytes(noise_image(1)))
     with Engine(home) as engine:
         for read in (engine.info, engine.models, engine.stats, lambda: engine.image(1), engine.check):
-            with pytest.raises(NoLibraryError, match=f"no library at {home / 'library.db'}"):
+            with pytest.raises(NoLibraryError, match=f"no library at {where}"):
                 read()
         with pytest.raises(NoLibraryError):
             list(engine.query([str(probe)], "pixels"))
@@ -164,13 +170,15 @@ def test_reads_of_a_missing_library_raise_and_create_nothing(tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == [probe]
 
 
-def test_the_first_write_creates_the_library(tmp_path: Path, shapes: Path) -> None:
+def test_the_first_write_creates_the_library(
+    tmp_path: Path, shapes: Path, database: str | None, new_database: Callable[[], str | None]
+) -> None:
     home = tmp_path / "home"
     with Engine(home) as engine:
         assert not home.exists()
         assert engine.index(str(shapes), "pixels").added == 48
-        assert engine.info().images == 48 and (home / "library.db").is_file()
-    with Engine(tmp_path / "other", create=True) as engine:
+        assert engine.info().images == 48 and (home / "library.db").is_file() == (database is None)
+    with Engine(tmp_path / "other", db=new_database(), create=True) as engine:
         assert engine.models() == [] and engine.info().images == 0
 
 

@@ -9,17 +9,23 @@ from embedsearch.core.store import Store, alembic_config
 from embedsearch.errors import StoreError
 
 
-def test_migrated_schema_matches_the_orm_models(tmp_path: Path) -> None:
+@pytest.fixture
+def url(tmp_path: Path, database: str | None) -> str:
+    """A new library's database on each metadata store (conftest.py: ``database``); the tests that
+    take it run on both, those that name a SQLite file are about SQLite itself."""
+    return database or f"sqlite:///{tmp_path / 'lib.db'}"
+
+
+def test_migrated_schema_matches_the_orm_models(url: str) -> None:
     """alembic check: autogenerate finds nothing to do after upgrade head (no drift)."""
     from alembic import command
 
-    store = Store(f"sqlite:///{tmp_path / 'lib.db'}")
+    store = Store(url)
     with store.engine.begin() as conn:
         command.check(alembic_config(conn))
 
 
-def test_open_is_idempotent_and_creates_the_tables(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'lib.db'}"
+def test_open_is_idempotent_and_creates_the_tables(url: str) -> None:
     Store(url).close()
     store = Store(url)  # second open: upgrade head is a no-op
     tables = set(inspect(store.engine).get_table_names())
@@ -33,8 +39,8 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
 
 
-def test_deleting_an_image_deletes_its_entries(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'lib.db'}")
+def test_deleting_an_image_deletes_its_entries(url: str) -> None:
+    store = Store(url)
     model = store.add_model(name="m", kind="pixels", config={}, dim=2, metric="l2", image_size=1, channels=1)
     image = {
         "path": "/a.png",
@@ -65,8 +71,8 @@ def test_bad_url_is_a_clear_error() -> None:
         Store("nosuchdialect://x")
 
 
-def test_labels_paths_finds_exactly_the_known_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'lib.db'}")
+def test_labels_paths_finds_exactly_the_known_ids(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(url)
     model = store.add_model(name="m", kind="pixels", config={}, dim=2, metric="l2", image_size=1, channels=1)
     images = [
         {
@@ -125,7 +131,7 @@ def test_opening_a_library_at_the_newest_schema_takes_no_migration_lock(tmp_path
     assert not (tmp_path / "lib.db.migrate.lock").exists()
 
 
-def test_upgrading_a_library_from_before_the_fit_keeps_its_models_as_they_were(tmp_path: Path) -> None:
+def test_upgrading_a_library_from_before_the_fit_keeps_its_models_as_they_were(url: str) -> None:
     """Migration 0003: models of the previous head read as pad; a config that says crop (recorded
     there by builds before the column) becomes the column's crop; downgrade drops the column again."""
     from alembic import command
@@ -133,7 +139,6 @@ def test_upgrading_a_library_from_before_the_fit_keeps_its_models_as_they_were(t
 
     from embedsearch.core.store import make_engine
 
-    url = f"sqlite:///{tmp_path / 'lib.db'}"
     old = create_engine(url)
     with old.begin() as conn:
         command.upgrade(alembic_config(conn), "0002")
@@ -157,3 +162,30 @@ def test_upgrading_a_library_from_before_the_fit_keeps_its_models_as_they_were(t
         command.downgrade(alembic_config(conn), "0002")
     assert "fit" not in {c["name"] for c in inspect(engine).get_columns("models")}
     engine.dispose()
+
+
+def test_an_empty_server_database_is_no_library_until_a_write(url: str) -> None:
+    """On both stores: a reader of a database without the schema gets NoLibraryError and makes no
+    table; a writer (create=True) migrates it."""
+    from embedsearch.errors import NoLibraryError
+
+    with pytest.raises(NoLibraryError):
+        Store(url, create=False).models()
+    probe = Store(url, create=False)
+    try:
+        assert probe.exists() is False
+    finally:
+        probe.close()
+    store = Store(url)
+    assert store.models() == [] and "images" in inspect(store.engine).get_table_names()
+    store.close()
+
+
+def test_a_postgresql_url_without_its_driver_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg raises ImportError
+    with pytest.raises(StoreError) as caught:
+        Store("postgresql+psycopg://someone:secret@db.example/images")
+    message = str(caught.value)
+    assert "pip install 'embedsearch[postgres]'" in message and "secret" not in message, message

@@ -9,6 +9,7 @@ and a FAISS file is a cache of it that can always be rebuilt (see ``index.py``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -94,10 +95,20 @@ def alembic_config(connection: Any = None) -> Any:
     return cfg
 
 
+#: pg_advisory_xact_lock key of schema changes: the first 8 bytes of sha256("embedsearch.migrate").
+MIGRATE_LOCK_KEY = int.from_bytes(hashlib.sha256(b"embedsearch.migrate").digest()[:8], "big", signed=True)
+
+
 def upgrade(engine: SAEngine) -> None:
     from alembic import command
 
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Several processes opening a new library at once would each create the tables (found by
+            # tests/test_concurrency.py: "alembic_version already exists"). The lock is held until
+            # this transaction commits, and DDL is transactional there: the next process to get it
+            # finds the schema made and has nothing to do.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATE_LOCK_KEY})
         command.upgrade(alembic_config(conn), "head")
 
 
@@ -149,12 +160,23 @@ def make_engine(url: str, read_only: bool = False) -> SAEngine:
             engine = create_engine(url, creator=partial(_connect_read_only, path))
         else:
             engine = create_engine(url)
-    except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise StoreError(f"cannot use database URL {url!r}: {exc}") from None
+    except ImportError as exc:  # the driver of a server database is an extra
+        hint = "; install it with: pip install 'embedsearch[postgres]'" if url.startswith("postgres") else ""
+        raise StoreError(f"cannot use database URL {_hidden(url)}: {exc}{hint}") from None
+    except (SQLAlchemyError, ValueError) as exc:
+        raise StoreError(f"cannot use database URL {_hidden(url)}: {exc}") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
     return engine
+
+
+def _hidden(url: str) -> str:
+    """A URL as it may be shown: its password replaced by ***."""
+    try:
+        return repr(make_url(url).render_as_string(hide_password=True))
+    except ArgumentError:
+        return repr(url)
 
 
 def _migration_lock(url: str) -> Any:
@@ -169,7 +191,7 @@ def _migration_lock(url: str) -> Any:
 
     path = sqlite_file(url)
     if path is None:
-        return nullcontext()  # server databases serialise DDL themselves
+        return nullcontext()  # PostgreSQL: upgrade() takes an advisory lock in its transaction
     return FileLock(path + ".migrate.lock", timeout=120)
 
 
