@@ -28,7 +28,7 @@ from embedsearch.core.library import ImageLibrary
 from embedsearch.core.models import ModelRegistry
 from embedsearch.core.schema import Model
 from embedsearch.core.search import Search
-from embedsearch.core.store import Store
+from embedsearch.core.store import Store, writer_lock_for
 from embedsearch.core.thumbs import DEFAULT_SIZE, Thumbnails
 from embedsearch.core.vectors import VectorIndex
 from embedsearch.data.images import DEFAULT_MAX_PIXELS, InputSpec
@@ -73,7 +73,9 @@ class Engine:
         self.max_pixels = max_pixels
         self.store = Store(self.db_url, create=False)
         self.layout = Layout(self.home)
-        self.cache = IndexCache(self.store, self.layout, WriterLock(self.home / "library.lock"))
+        # PostgreSQL: the database's advisory lock, so that writers on several machines exclude each other.
+        writer = WriterLock(self.home / "library.lock", inner=writer_lock_for(self.db_url))
+        self.cache = IndexCache(self.store, self.layout, writer)
         self.registry = ModelRegistry(self.store, self.layout, self.cache, max_pixels)
         self.search = Search(self.store, self.cache, self.registry, max_pixels)
         self.library = ImageLibrary(self.store, self.layout, self.cache, self.registry, max_pixels)

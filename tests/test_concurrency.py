@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import random
 import shutil
 import subprocess
@@ -17,12 +18,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from filelock import FileLock
 from PIL import Image
 
+from embedsearch.core.store import writer_lock_for
 from embedsearch.core.vectors import VectorIndex
 from embedsearch.engine import Engine
 
@@ -42,6 +45,13 @@ def noise_folder(root: Path, n: int, seed: int, size: int = 16) -> list[Path]:
         Image.fromarray(arr, "L").save(path)
         paths.append(path)
     return paths
+
+
+def other_writer(home: Path) -> Any:
+    """The library's writer lock as another process takes it: the database's advisory lock on
+    PostgreSQL (conftest.py's ``database`` sets EMBEDSEARCH_DB), the home's lock file on SQLite."""
+    url = os.environ.get("EMBEDSEARCH_DB")
+    return writer_lock_for(url) if url else FileLock(str(home / "library.lock"))
 
 
 def new_library(home: Path) -> None:
@@ -105,7 +115,7 @@ def test_two_index_processes_wait_for_each_other_and_lose_nothing(tmp_path: Path
         shutil.copy(src, tmp_path / "b" / "class0" / f"copy-{i}.png")
     home = tmp_path / "home"
     new_library(home)
-    lock = FileLock(str(home / "library.lock"))
+    lock = other_writer(home)
     lock.acquire()
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     try:
@@ -278,7 +288,7 @@ def test_threads_of_one_process_wait_for_each_other_without_blaming_another_proc
 ) -> None:
     from embedsearch.core.layout import WriterLock
 
-    lock = WriterLock(tmp_path / "library.lock")
+    lock = WriterLock(tmp_path / "library.lock", inner=other_writer(tmp_path))
     order: list[str] = []
     with lock.hold():
         waiter = threading.Thread(target=lambda: (lock.acquire(), order.append("second"), lock.release()))
@@ -290,5 +300,35 @@ def test_threads_of_one_process_wait_for_each_other_without_blaming_another_proc
     waiter.join(timeout=10)
     assert order == ["first", "second"]
     assert "another process" not in caplog.text
-    with FileLock(str(tmp_path / "library.lock")):  # another process, in effect: this one is told so
+    other = other_writer(tmp_path)  # another process, in effect: this one is told so
+    other.acquire()
+    try:
         assert not lock.try_acquire()
+    finally:
+        other.release()
+
+
+def test_writers_with_different_homes_on_one_postgresql_database_wait_for_each_other(
+    tmp_path: Path, database: str | None
+) -> None:
+    """Writers on several machines share a PostgreSQL database, each with its own home (its FAISS
+    files and lock file): the database's advisory lock makes the second wait, and each home's index
+    catches up with what the other wrote."""
+    if database is None:
+        pytest.skip("SQLite libraries are one file in one home: homes share nothing to wait for")
+    a = noise_folder(tmp_path / "a", 120, seed=7)
+    b = noise_folder(tmp_path / "b", 80, seed=8)
+    first, second = tmp_path / "machine1", tmp_path / "machine2"
+    new_library(first)
+    log = tmp_path / "b.log"
+    with Engine(first) as engine, engine.cache.writing():  # machine 1 is writing
+        proc = start_index(second, tmp_path / "b", log)  # machine 2, its own home
+        wait_for(lambda: WAITING in log.read_text(), what="machine 2's waiting message")
+        engine.index(str(tmp_path / "a"), "pixels")
+        assert proc.poll() is None  # still waiting: nothing of B was written behind the lock
+    report = finish(proc, log)
+    assert (report["added"], report["failed"]) == (80, [])
+    for home in (first, second):
+        with Engine(home) as engine:  # each home's index file catches up from the database
+            assert len(engine.vector_index("pixels")) == 200
+    assert_consistent(second, {p.read_bytes() for p in a + b})

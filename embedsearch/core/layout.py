@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock, Timeout
 
@@ -100,14 +101,16 @@ class WriterLock:
     write atomically can call others that lock too.
     """
 
-    def __init__(self, path: Path, timeout: float = LOCK_TIMEOUT) -> None:
+    def __init__(self, path: Path, timeout: float = LOCK_TIMEOUT, inner: Any = None) -> None:
+        """``inner``: a lock with FileLock's interface to take instead of the file at ``path`` (the
+        database's own, for a PostgreSQL library shared by several machines)."""
         self.path = path
         self.timeout = timeout
         # Threads of this process queue on _threads first, so the file lock is only ever contended by
         # another process (and only then is "another process is writing" true). thread_local: the
         # thread that holds _threads holds the file through its own descriptor.
         self._threads = threading.Lock()
-        self._lock = FileLock(str(path), thread_local=True)
+        self._lock = inner if inner is not None else FileLock(str(path), thread_local=True)
         self._local = threading.local()
 
     @property

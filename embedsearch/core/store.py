@@ -16,6 +16,7 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache, partial
@@ -38,6 +39,7 @@ from sqlalchemy.engine import Connection, CursorResult, make_url
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from embedsearch.core.schema import Image, IndexEntry, Model
 from embedsearch.errors import (
@@ -169,6 +171,63 @@ def make_engine(url: str, read_only: bool = False) -> SAEngine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
     return engine
+
+
+#: pg_advisory_lock key of the library's writer lock on PostgreSQL (advisory locks are per database).
+WRITER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"embedsearch.writer").digest()[:8], "big", signed=True)
+
+
+class AdvisoryLock:
+    """The writer lock of a library whose database is PostgreSQL: a session advisory lock held on a
+    connection of its own, so that writers on several machines (each with its own home) exclude
+    each other. FileLock's interface (``acquire(timeout)``, ``release``, re-entrant), which
+    :class:`~embedsearch.core.layout.WriterLock` uses in place of the home's lock file.
+    """
+
+    POLL = 0.05  # seconds between tries while another writer holds it
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine: SAEngine | None = None
+        self._conn: Connection | None = None
+        self._count = 0
+
+    def acquire(self, timeout: float = -1) -> None:
+        from filelock import Timeout
+
+        if self._count:
+            self._count += 1
+            return
+        if self._engine is None:
+            self._engine = create_engine(self.url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        conn = self._engine.connect()
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        query = text("SELECT pg_try_advisory_lock(:key)")
+        while not conn.execute(query, {"key": WRITER_LOCK_KEY}).scalar_one():
+            if deadline is not None and time.monotonic() >= deadline:
+                conn.close()
+                raise Timeout(_hidden(self.url))
+            time.sleep(self.POLL)
+        self._conn, self._count = conn, 1
+
+    def release(self) -> None:
+        self._count -= 1
+        if self._count or self._conn is None:
+            return
+        conn, self._conn = self._conn, None
+        try:
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": WRITER_LOCK_KEY})
+        finally:
+            conn.close()  # ends the session: the server drops the lock even if the unlock failed
+
+
+def writer_lock_for(url: str) -> AdvisoryLock | None:
+    """The database's own writer lock where it has one (PostgreSQL); None: use the home's lock file."""
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        return None  # the store reports a bad URL itself
+    return AdvisoryLock(url) if backend == "postgresql" else None
 
 
 def _hidden(url: str) -> str:
