@@ -38,7 +38,7 @@ from embedsearch.errors import (
 )
 from embedsearch.http.app import create_app
 from embedsearch.http.state import Gate
-from helpers import live_server, noise_image, png_bytes, shape_file
+from helpers import admin_sql, database_url, live_server, noise_image, png_bytes, shape_file
 
 TOKEN = "s3cret-token"
 
@@ -606,3 +606,28 @@ def test_changes_from_another_process_show_within_seconds_under_search_load(home
                     thread.join()
     assert seen_after is not None, "the new image never showed while 6 clients searched"
     assert not errors, errors[:3]
+
+
+@pytest.mark.postgres
+def test_the_service_sees_a_writer_with_another_home_on_its_postgresql_database(
+    tmp_path: Path, shapes: Path, postgres_server: str
+) -> None:
+    """A PostgreSQL library shared by machines: what a writer with its own home adds shows in the
+    service's searches within seconds, without a restart (the refresher reads the database)."""
+    name = f"test_{os.getpid()}_{time.monotonic_ns()}"
+    admin_sql(postgres_server, f'CREATE DATABASE "{name}"')
+    url = database_url(postgres_server, name)
+    try:
+        with Engine(tmp_path / "server", db=url, create=True) as engine:
+            engine.index(str(shapes), "pixels", workers=0)
+            with live_server(create_app(engine)) as base, httpx.Client(base_url=base, timeout=30) as http:
+                with Engine(tmp_path / "elsewhere", db=url) as other:
+                    new = other.add_image(png_bytes(noise_image(77, 32)), label="late").id
+                deadline, seen = time.monotonic() + 6.0, False
+                while not seen and time.monotonic() < deadline:
+                    answer = http.get("/api/search", params={"image_id": new, "model": "pixels", "k": 1})
+                    seen = answer.status_code == 200 and answer.json()["results"][0]["id"] == new
+                    time.sleep(0.05)
+                assert seen, "the image added with another home never showed in the service"
+    finally:
+        admin_sql(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
