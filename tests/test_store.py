@@ -37,6 +37,22 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
     with store.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        assert conn.execute(text("PRAGMA page_size")).scalar() == 16384  # a new library's
+
+
+def test_a_library_made_with_small_pages_keeps_them(tmp_path: Path) -> None:
+    """The page size of an existing file never changes (SQLite cannot, in WAL mode): it just opens."""
+    import sqlite3
+
+    path = tmp_path / "lib.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA page_size=4096")
+        conn.execute("CREATE TABLE unrelated (x)")
+    store = Store(f"sqlite:///{path}")
+    assert store.models() == []
+    with store.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA page_size")).scalar() == 4096
+    store.close()
 
 
 def test_deleting_an_image_deletes_its_entries(url: str) -> None:

@@ -254,13 +254,23 @@ def _migration_lock(url: str) -> Any:
     return FileLock(path + ".migrate.lock", timeout=120)
 
 
+#: Page size of a new SQLite library. Vectors are blobs of 128 bytes (32-d) to 48 kB (64x64x3
+#: pixels); a 784-d one (3 kB) fills a default 4 kB page alone. Measured writing 20k of them in
+#: batches of 2,000: 0.73 s and 78 MB at 4 kB, 0.49 s and 56 MB at 16 kB.
+SQLITE_PAGE_SIZE = 16384
+
+
 def _use_wal(engine: SAEngine) -> None:
-    """Put a SQLite file in WAL mode (readers never wait for the writer); it stays so."""
+    """Put a SQLite file in WAL mode (readers never wait for the writer); it stays so. A new, empty
+    file gets its page size first (it can only be set before the first table, and not in WAL mode)."""
     if engine.dialect.name != "sqlite":
         return
     raw = engine.raw_connection()  # outside any transaction: the mode cannot change inside one
     try:
-        raw.cursor().execute("PRAGMA journal_mode=WAL")
+        cursor = raw.cursor()
+        if cursor.execute("PRAGMA page_count").fetchone()[0] == 0:
+            cursor.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")
+        cursor.execute("PRAGMA journal_mode=WAL")
     finally:
         raw.close()
 
