@@ -106,20 +106,24 @@ def pq_m_for(dim: int) -> int:
     return max([m for m in range(1, min(64, max(dim // 2, 1)) + 1) if dim % m == 0])
 
 
+#: Bytes per vector of the id map (IndexIDMap2: the id, and its entry in the reverse hash map).
+_ID_BYTES = 56
+
+
 def estimate_bytes(kind: str, n: int, dim: int, params: dict[str, Any] | None = None) -> int:
     """Memory an index of ``n`` vectors needs (vectors, links, codes, ids), roughly."""
     params = params or {}
-    ids = 8 * n
-    if kind == "flat":
-        return 4 * dim * n + ids
+    per = 4 * dim + _ID_BYTES
     if kind == "hnsw":
-        return (4 * dim + 8 * int(params.get("M", DEFAULT_M)) + 8) * n + ids
-    nlist = int(params.get("nlist", nlist_for(n)))
-    centroids = 4 * dim * nlist
-    if kind == "ivf":
-        return (4 * dim + 8) * n + ids + centroids
-    m = int(params.get("m", pq_m_for(dim)))
-    return (4 * dim + m + 8) * n + ids + centroids  # the refine stage keeps the exact vectors
+        m = int(params.get("M", DEFAULT_M))
+        # 2M int32 links on level 0, ~M/(M-1) more above, an offset and a level per vector.
+        return (per + 4 * (2 * m + m // max(m - 1, 1)) + 12) * n
+    if kind in ("ivf", "ivfpq"):
+        centroids = 4 * dim * int(params.get("nlist", nlist_for(n)))
+        if kind == "ivfpq":
+            per += int(params.get("m", pq_m_for(dim)))  # the PQ code; the refine stage keeps the vector too
+        return (per + 8) * n + centroids  # + the position in its inverted list
+    return per * n
 
 
 def choose(n: int, dim: int, memory: int) -> str:

@@ -77,6 +77,14 @@ class Reindexer:
             target_recall=target_recall,
             seconds=round(time.perf_counter() - started, 3),
         )
+        if budget_used is not None and result.estimated_bytes > budget_used:
+            log.warning(
+                "model %r: its %s index needs about %.1f GB, more than the budget of %.1f GB",
+                name,
+                kind,
+                result.estimated_bytes / 1e9,
+                budget_used / 1e9,
+            )
         if result.recall is not None and result.recall < target_recall:
             log.warning(
                 "model %r: %s reached recall %.3f, below the target %.2f", name, kind, result.recall, target_recall
