@@ -35,7 +35,8 @@ def vector_library(engine: Engine, n: int, dim: int = 32, seed: int = 0, name: s
             | {"label": None, "bytes": 1, "mtime": None}
             for i in part
         ]
-        engine.store.write_batch({model.id: [(im["sha256"], x[i].tobytes()) for im, i in zip(images, part)]}, images)
+        pairs = [(im["sha256"], x[i].tobytes()) for im, i in zip(images, part, strict=True)]
+        engine.store.write_batch({model.id: pairs}, images)
     return x
 
 
@@ -110,7 +111,7 @@ def test_tuned_index_reaches_the_target_recall_on_held_out_queries(engine: Engin
     # Fresh queries from the same distribution, never stored: the recall holds for them too.
     queries = np.random.default_rng(99).standard_normal((200, 32)).astype(np.float32)
     found, truth = neighbour_ids(engine, queries), exact(engine, queries, 10)
-    measured = np.mean([len(set(f) & set(t.tolist())) / 10 for f, t in zip(found, truth)])
+    measured = np.mean([len(set(f) & set(t.tolist())) / 10 for f, t in zip(found, truth, strict=True)])
     assert measured >= 0.92, measured
 
 
