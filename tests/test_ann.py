@@ -208,3 +208,26 @@ def test_reindex_from_the_command_line_and_what_info_and_models_show(engine: Eng
     ):
         code, out = cli(home, "reindex", *args)
         assert code != 0 and says in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_duplicates_and_check_work_on_an_approximate_index(engine: Engine) -> None:
+    ids = pixel_library(engine, 300)
+    engine.reindex("px", "hnsw", target_recall=0.9)
+    engine.delete_image(ids[5])  # masked in the HNSW index
+    report = engine.duplicates("px", k=2)  # grouping scans an exact copy of the live vectors
+    assert report.vectors == 299
+    assert ids[5] not in {image.id for group in report.groups for image in group.images}
+    assert engine.check().ok
+
+
+def test_check_finds_a_file_of_another_type_than_the_recorded_one(engine: Engine, home: Path) -> None:
+    pixel_library(engine, 300)
+    engine.reindex("px", "hnsw", target_recall=0.9)
+    model = engine.model("px")
+    engine.store.set_index_spec(model.id, {"type": "ivf", "params": {"nlist": 16, "nprobe": 4}, "recall": None})
+    engine.close()
+    with Engine(home) as again:
+        report = again.check()
+        assert not report.ok and any("is a hnsw index" in p for p in report.problems), report.problems
+        again.check(repair=True)
+        assert again.check().ok and again.vector_index("px").spec.type == "ivf"
