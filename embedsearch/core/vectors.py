@@ -164,9 +164,7 @@ class VectorIndex:
             sel = faiss.IDSelectorNot(skip)
             sel.keep = skip  # type: ignore[attr-defined]  # the wrapper does not own the selector: keep it alive
         params = ann.search_params(self.index, self.spec, sel)
-        dist, ids = knn.search(self.index, self.prepare(vectors), k, self.metric, params)
-        ids[ids < 0] = -1  # a masked vector the selector let through in no case comes back as an image
-        return dist, ids
+        return knn.search(self.index, self.prepare(vectors), k, self.metric, params)
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
