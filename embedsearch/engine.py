@@ -26,6 +26,7 @@ from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.layout import THUMBS, Layout, WriterLock
 from embedsearch.core.library import ImageLibrary
 from embedsearch.core.models import ModelRegistry
+from embedsearch.core.reindex import Reindexer
 from embedsearch.core.schema import Model
 from embedsearch.core.search import Search
 from embedsearch.core.store import Store, writer_lock_for
@@ -44,6 +45,7 @@ from embedsearch.results import (
     ModelInfo,
     Neighbour,
     QueryResult,
+    ReindexResult,
     Thumbnail,
 )
 
@@ -83,6 +85,7 @@ class Engine:
         self.generator = Generator(self.registry, self.library, self.search, max_pixels)
         self.checker = Checker(self.store, self.layout, self.cache, self.registry, max_pixels)
         self.duplicate_finder = DuplicateFinder(self.store, self.cache, self.registry)
+        self.reindexer = Reindexer(self.store, self.cache, self.registry)
         self.thumbs = Thumbnails(self.library, self.layout, max_pixels)
         if create:
             self.open(create=True)
@@ -206,6 +209,19 @@ class Engine:
         """Bulk-index a folder into several models at once, each file read and decoded once; one report each."""
         self._writable(create=True)
         return self.bulk.run(data, models, **kwargs)
+
+    def reindex(
+        self,
+        model: str,
+        index: str = "auto",
+        memory: str | int | None = None,
+        target_recall: float = 0.95,
+        seed: int = 0,
+    ) -> ReindexResult:
+        """Rebuild a model's index from its stored vectors as ``index`` (flat, hnsw, ivf, ivfpq or
+        auto: by size and ``memory``, e.g. "4G"), tuned to ``target_recall``; see embedsearch.core.reindex."""
+        self._writable()
+        return self.reindexer.run(model, index, memory, target_recall, seed)
 
     def query(
         self, images: list[str], model: str, k: int = 10, batch_size: int = 256, include_generated: bool = False

@@ -46,6 +46,8 @@ class ModelSummary:
     vectors: int
     created_at: str
     fit: str = "pad"  # the resize policy (embedsearch.data.resize.FITS)
+    #: The index: {"type": flat|hnsw|ivf|ivfpq, "params": {...}, "recall": measured 10-recall@10}.
+    index: dict[str, Any] = field(default_factory=lambda: {"type": "flat", "params": {}, "recall": 1.0})
 
 
 @dataclass
@@ -171,3 +173,21 @@ class CheckReport:
     def to_dict(self) -> dict[str, Any]:
 
         return asdict(self)
+
+
+@dataclass
+class ReindexResult:
+    """What ``reindex`` built: the type (and whether ``auto`` chose it), its parameters, the
+    10-recall@10 measured on held-out stored vectors (None: too few to measure), and the sizes."""
+
+    model: str
+    type: str
+    params: dict[str, Any]
+    recall: float | None
+    vectors: int
+    chosen_by: str  # "auto" or "user"
+    memory_budget: int | None = None
+    estimated_bytes: int = 0
+    queries: int = 0
+    target_recall: float = 0.95
+    seconds: float = 0.0

@@ -74,8 +74,8 @@ def test_index_query_info_remove_end_to_end(tmp_path: Path, home: Path, shapes: 
     assert code == 0 and "removed 6" in out
     code, out, _ = run(home, "models")
     header, *rows = out.splitlines()
-    assert code == 0 and header.split() == ["model", "kind", "input", "fit", "dim", "metric", "vectors"]
-    assert [row.split() for row in rows] == [["pixels", "pixels", "32x32x3", "pad", "3072", "l2", "42"]]
+    assert code == 0 and header.split() == ["model", "kind", "input", "fit", "dim", "metric", "vectors", "index"]
+    assert [row.split() for row in rows] == [["pixels", "pixels", "32x32x3", "pad", "3072", "l2", "42", "flat"]]
 
 
 def table_rows(out: str) -> list[dict[str, str]]:

@@ -103,3 +103,51 @@ def _index_models(engine: Engine, model: str | None, all_models: bool) -> list[s
     if not names:
         raise click.UsageError("--model needs at least one model name")
     return names
+
+
+@click.command("reindex", context_settings=CONTEXT)
+@click.option("--model", required=True, help="Model whose index to rebuild from its stored vectors.")
+@click.option(
+    "--index",
+    "index_type",
+    default="auto",
+    show_default=True,
+    help="Index type: flat (exact), hnsw, ivf, ivfpq, or auto (by size and --memory).",
+)
+@click.option("--memory", default=None, help="Memory budget of auto's choice, e.g. 4G or 512M [half the RAM].")
+@click.option(
+    "--target-recall",
+    default=0.95,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="10-recall@10 the search parameter is tuned to, on held-out stored vectors.",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the training and query samples.")
+@click.option("--json", "as_json", is_flag=True, help="Print the choice as JSON.")
+@click.pass_context
+def reindex(
+    ctx: click.Context, model: str, index_type: str, memory: str | None, target_recall: float, seed: int, as_json: bool
+) -> None:
+    """Rebuild a model's index from its stored vectors, as an exact or approximate FAISS index.
+
+    auto keeps the exact flat index below 100k vectors, takes HNSW while it fits --memory and
+    IVF-PQ with exact re-ranking beyond. The choice, its parameters and the measured recall are
+    recorded and shown by info and models.
+
+    \b
+    Example:
+      embedsearch reindex --model vae --index auto --memory 4G
+      embedsearch reindex --model vae --index hnsw --target-recall 0.98 --json
+    """
+    from dataclasses import asdict
+
+    result = _engine(ctx).reindex(model, index_type, memory, target_recall, seed)
+    if as_json:
+        _emit(asdict(result))
+        return
+    recall = "exact" if result.type == "flat" else "not measured" if result.recall is None else f"{result.recall:.3f}"
+    params = ", ".join(f"{k}={v}" for k, v in result.params.items()) or "-"
+    click.echo(
+        f"model {printable(repr(result.model))}: {result.type} index ({params}) of {result.vectors} vectors, "
+        f"10-recall@10 {recall} (chosen by {result.chosen_by}) in {result.seconds:.1f} s"
+    )

@@ -267,13 +267,22 @@ def info(ctx: click.Context, as_json: bool) -> None:
 
 
 def _print_models(models: list[dict[str, Any]]) -> None:
-    click.echo(f"{'model':<16} {'kind':<7} {'input':<10} {'fit':<4} {'dim':>6} {'metric':<7} {'vectors':>8}")
+    click.echo(f"{'model':<16} {'kind':<7} {'input':<10} {'fit':<4} {'dim':>6} {'metric':<7} {'vectors':>8}  index")
     for m in models:
         shape = f"{m['image_size']}x{m['image_size']}x{m['channels']}"
         click.echo(
             f"{printable(m['name']):<16} {m['kind']:<7} {shape:<10} {m['fit']:<4} {m['dim']:>6} "
-            f"{m['metric']:<7} {m['vectors']:>8}"
+            f"{m['metric']:<7} {m['vectors']:>8}  {_index_text(m.get('index') or {})}"
         )
+
+
+def _index_text(index: dict[str, Any]) -> str:
+    """``hnsw M=32 efSearch=48 recall 0.962``, or ``flat`` (exact)."""
+    if index.get("type", "flat") == "flat":
+        return "flat"
+    params = " ".join(f"{k}={v}" for k, v in (index.get("params") or {}).items())
+    recall = index.get("recall")
+    return f"{index['type']} {params}" + (f" recall {recall:.3f}" if recall is not None else "")
 
 
 @main.command(context_settings=CONTEXT)
@@ -485,7 +494,7 @@ def _register_commands() -> None:
     """Commands that live in their own modules (imported lazily by their bodies)."""
     from embedsearch.cli.compare import compare, export_images
     from embedsearch.cli.duplicates import duplicates
-    from embedsearch.cli.indexing import index
+    from embedsearch.cli.indexing import index, reindex
     from embedsearch.cli.serve import serve
 
     main.add_command(serve)
@@ -493,6 +502,7 @@ def _register_commands() -> None:
     main.add_command(export_images, "export-images")
     main.add_command(duplicates)
     main.add_command(index)
+    main.add_command(reindex)
 
 
 _register_commands()

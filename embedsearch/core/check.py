@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from embedsearch.core import knn
+from embedsearch.core.ann import IndexSpec
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.layout import OWNED, THUMBS, Layout
 from embedsearch.core.models import ModelRegistry
@@ -123,7 +124,8 @@ class Checker:
         result.entries, result.bad_vectors = len(stored) + len(bad), len(bad)
         # The file on disk, not the cache's copy: the file is what the next process will load.
         path = self.layout.index_path(name)
-        on_disk = VectorIndex.load(path, model.dim, model.metric, Owner.of(model))
+        spec = IndexSpec.from_json(model.index_spec)  # a file of another type than the recorded one is corrupt
+        on_disk = VectorIndex.load(path, model.dim, model.metric, Owner.of(model), spec)
         if on_disk.problem:
             report.problem(f"model {name!r}: index file {path.name} is corrupt ({on_disk.problem})")
             if plan is not None:

@@ -89,8 +89,11 @@ class DuplicateFinder:
         row = self.registry.model(model)
         check(row.metric)  # before touching its index: another kind of index may not clone like a flat one
         with self.cache.lock:  # a snapshot: searches and uploads go on while it is grouped
-            live: Any = self.cache.index(row).index
-            if knn.is_binary(row.metric):  # FAISS cannot clone a binary IDMap2: a round trip through bytes
+            index = self.cache.index(row)
+            live: Any = index.index
+            if index.spec.approximate:  # grouping scans a flat index: copy the exact vectors into one
+                snapshot = _flat_copy(index.vectors(), row.dim, row.metric)
+            elif knn.is_binary(row.metric):  # FAISS cannot clone a binary IDMap2: a round trip through bytes
                 snapshot = knn.deserialize(np.frombuffer(knn.serialize(live, row.metric), np.uint8), row.metric)
             else:
                 snapshot = faiss.clone_index(live)
@@ -144,3 +147,12 @@ class DuplicateFinder:
             groups.append(images)
         groups.sort(key=lambda g: (-len(g), g[0].id))
         return [DuplicateGroup(n, images) for n, images in enumerate(groups, 1)]
+
+
+def _flat_copy(vectors: dict[int, np.ndarray], dim: int, metric: str) -> Any:
+    """An exact IDMap2 of ``vectors`` (image id -> vector as an index holds it: unit length for cosine)."""
+    flat = knn.id_index(dim, metric)
+    if vectors:
+        ids = np.fromiter(vectors, dtype=np.int64, count=len(vectors))
+        flat.add_with_ids(np.ascontiguousarray(np.stack(list(vectors.values())), dtype=np.float32), ids)
+    return flat

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from embedsearch.core.ann import IndexSpec
 from embedsearch.core.layout import Layout, WriterLock
 from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
@@ -56,7 +57,8 @@ class IndexCache:
             cached = self._loaded.get(model.name)
             if cached is not None and cached[0] == Owner.of(model):  # a model made anew may reuse an id
                 return cached[1]
-            index = VectorIndex.load(self.layout.index_path(model.name), model.dim, model.metric, Owner.of(model))
+            spec = IndexSpec.from_json(model.index_spec)
+            index = VectorIndex.load(self.layout.index_path(model.name), model.dim, model.metric, Owner.of(model), spec)
             caught_up = index.sync(self.store, model.id)
             self._loaded[model.name] = (Owner.of(model), index)
             if caught_up and not self.writer.held:
@@ -148,6 +150,13 @@ class IndexCache:
             self._changed.add(model.name)
         return len(fresh)
 
+    def install(self, model: Model, index: VectorIndex) -> None:
+        """Put an index built from the database under the writer lock (reindex) in the model's place."""
+        self._require_writer()
+        with self.lock:
+            self._loaded[model.name] = (Owner.of(model), index)
+            self._changed.add(model.name)
+
     def drop(self, name: str) -> None:
         """Forget a model's index and delete its files (the model was deleted or made anew)."""
         self._require_writer()
@@ -183,7 +192,8 @@ class IndexCache:
         with self.lock:
             for name, (owner, index) in list(self._loaded.items()):
                 row = models.get(name)
-                if row is None or Owner.of(row) != owner:
+                retyped = row is not None and IndexSpec.from_json(row.index_spec).build_key() != index.spec.build_key()
+                if row is None or Owner.of(row) != owner or retyped:
                     self._loaded.pop(name)  # deleted or made anew elsewhere: load afresh when next used
                     self._unsaved.discard(name)
                     continue
@@ -227,10 +237,20 @@ class IndexCache:
                 return
             for name in self._changed:
                 owner, index = self._loaded[name]
+                if index.needs_rebuild():
+                    index = self._compacted(name, owner, index)
                 index.restamp(self.store, owner.model_id)
             self._unsaved |= self._changed
             self._changed.clear()
             self._save_unsaved()
+
+    def _compacted(self, name: str, owner: Owner, index: VectorIndex) -> VectorIndex:
+        """An approximate index rebuilt from the database: too many of its vectors were masked."""
+        log.info("index of %r: %d of its vectors are removed ones; rebuilding it", name, index.masked)
+        fresh = VectorIndex(index.dim, index.metric, owner, index.spec)
+        fresh.sync(self.store, owner.model_id)
+        self._loaded[name] = (owner, fresh)
+        return fresh
 
     def _save_unsaved(self) -> None:
         for name in sorted(self._unsaved):

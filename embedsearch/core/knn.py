@@ -96,6 +96,11 @@ def _prepare_bits(vectors: np.ndarray, dim: int | None) -> np.ndarray:
     return x
 
 
+def faiss_metric(metric: str) -> int:
+    """FAISS's metric of a float metric: L2, or inner product (over unit vectors) for cosine."""
+    return int(_FAISS_METRIC[check_metric(metric)])
+
+
 def flat_index(dim: int, metric: str) -> Any:
     """An empty exact index: L2, or inner product over unit vectors for cosine; for hamming a binary
     index of ``dim`` bits (a multiple of 8)."""

@@ -63,9 +63,17 @@ def model_info(m: Model, vectors: int) -> ModelInfo:
         vectors,
         m.created_at.isoformat(timespec="seconds"),
         fit=m.fit,
+        index=index_summary(m.index_spec),
         checkpoint=m.checkpoint_path,
         config=m.config,
     )
+
+
+def index_summary(spec: dict[str, Any] | None) -> dict[str, Any]:
+    """``{"type", "params", "recall"}`` of a model's recorded index (null in the database: flat, exact)."""
+    if not spec:
+        return {"type": "flat", "params": {}, "recall": 1.0}
+    return {"type": spec.get("type", "flat"), "params": dict(spec.get("params") or {}), "recall": spec.get("recall")}
 
 
 def spec_of(m: Model) -> InputSpec:

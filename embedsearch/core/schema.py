@@ -123,6 +123,9 @@ class Model(Base):
     fit: Mapped[str] = mapped_column(String(16), default="pad", server_default="pad")
     checkpoint_path: Mapped[str | None] = mapped_column(String)
     checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))
+    #: The index's type, parameters and measured recall (embedsearch.core.ann.IndexSpec); null = flat.
+    #: Recorded here so that an index rebuilt from the database has the type the user chose.
+    index_spec: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 

@@ -438,6 +438,11 @@ class Store:
                 )
             return model
 
+    def set_index_spec(self, model_id: int, spec: dict[str, Any] | None) -> None:
+        """Record a model's index type, parameters and measured recall (None: flat)."""
+        with self.session() as s:
+            s.execute(update(Model).where(Model.id == model_id).values(index_spec=spec))
+
     def delete_model(self, name: str) -> None:
         with self.session() as s:
             s.execute(delete(Model).where(Model.name == name))

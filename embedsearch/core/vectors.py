@@ -18,7 +18,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from embedsearch.core import knn
+from embedsearch.core import ann, knn
+from embedsearch.core.ann import IndexSpec
 from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
 from embedsearch.errors import VectorIndexError, os_errors
@@ -52,58 +53,102 @@ class Stamp:
     last_entry_id: int = 0
     count: int = 0
     owner: dict[str, Any] | None = None
+    #: The index's type, parameters and measured recall (:class:`embedsearch.core.ann.IndexSpec`).
+    index: dict[str, Any] | None = None
 
 
 class VectorIndex:
-    """An exact (flat) index whose ids are image ids. Cosine = normalised vectors + inner product;
-    hamming = packed bits in a FAISS binary index (``dim`` bits, ``dim // 8`` bytes per vector)."""
+    """A model's index whose ids are image ids: exact (flat) or approximate (:mod:`ann`'s types).
+    Cosine = normalised vectors + inner product; hamming = packed bits in a FAISS binary index
+    (``dim`` bits, ``dim // 8`` bytes per vector).
 
-    def __init__(self, dim: int, metric: str = "l2", owner: Owner | None = None) -> None:
+    Approximate indexes are trained on their first batch (a whole rebuild) and never remove: a
+    removed vector's id becomes -1 in the id map (the mask, saved inside the file), and searches skip
+    id -1. Past :data:`ann.MASK_REBUILD_FRACTION` masked, :meth:`needs_rebuild` says so.
+    """
+
+    def __init__(self, dim: int, metric: str = "l2", owner: Owner | None = None, spec: IndexSpec | None = None) -> None:
         if metric not in knn.METRICS:
             raise VectorIndexError(f"unknown metric {metric!r}; choose one of {', '.join(knn.METRICS)}")
         self.dim = dim
         self.metric = metric
         self.owner = owner
-        self.index = knn.id_index(dim, metric)  # IndexIDMap2, or IndexBinaryIDMap2 for hamming
-        self.stamp = Stamp(owner=asdict(owner) if owner else None)
+        self.spec = spec or IndexSpec()
+        # IndexIDMap2 (over a flat or factory-made index), or IndexBinaryIDMap2 for hamming.
+        self.index = ann.new_index(self.spec, dim, metric)
+        self.stamp = Stamp(owner=asdict(owner) if owner else None, index=self.spec.to_json())
         #: Why the file this was loaded from could not be used (it is then rebuilt from the database).
         self.problem: str | None = None
+        self._masked = 0
 
     @classmethod
     def for_model(cls, model: Model) -> VectorIndex:
-        return cls(model.dim, model.metric, Owner.of(model))
+        return cls(model.dim, model.metric, Owner.of(model), IndexSpec.from_json(model.index_spec))
 
     def __len__(self) -> int:
-        return int(self.index.ntotal)
+        return int(self.index.ntotal) - self._masked
+
+    @property
+    def masked(self) -> int:
+        """Removed vectors still in an approximate index (masked: never returned)."""
+        return self._masked
+
+    def needs_rebuild(self) -> bool:
+        return self.spec.approximate and self._masked > ann.MASK_REBUILD_FRACTION * max(int(self.index.ntotal), 1)
+
+    def set_spec(self, spec: IndexSpec) -> None:
+        """Adopt a spec whose build matches this index (new search parameters or measured recall)."""
+        self.spec = spec
+        self.stamp.index = spec.to_json()
 
     def prepare(self, vectors: np.ndarray) -> np.ndarray:
         """(N, dim) as this index stores them: float32, unit length for cosine; (N, dim // 8) uint8 for hamming."""
         return knn.prepare(vectors, self.metric, self.dim)
 
     def ids(self) -> np.ndarray:
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        return ids[ids >= 0] if self._masked else ids
 
     def vectors(self) -> dict[int, np.ndarray]:
         """image id -> the vector the index holds (normalised for cosine)."""
-        ids = self.ids()
+        ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
         if not len(ids):
             return {}
         stored = self.index.index.reconstruct_n(0, len(ids))  # (N, dim), in id-map order
-        return dict(zip(ids.tolist(), stored, strict=True))
+        return {i: v for i, v in zip(ids.tolist(), stored, strict=True) if i >= 0}
 
     def reconstruct(self, image_id: int) -> np.ndarray:
         """(dim,) the vector the index holds for an image."""
         return np.asarray(self.index.reconstruct(int(image_id)))
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        if len(ids):
-            self.index.add_with_ids(self.prepare(vectors), np.ascontiguousarray(ids, dtype=np.int64))
+    def add(self, ids: np.ndarray, vectors: np.ndarray, seed: int = 0) -> None:
+        """Add vectors; an untrained approximate index is first trained on a seeded sample of them."""
+        if not len(ids):
+            return
+        x = self.prepare(vectors)
+        if not self.index.is_trained:
+            self.index = ann.train(self.spec, self.dim, self.metric, x, seed)
+        self.index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
 
     def remove(self, ids: np.ndarray | list[int]) -> int:
         if len(ids) == 0:
             return 0
+        if self.spec.approximate:
+            return self._mask(np.asarray(ids, dtype=np.int64))
         # faiss's stubs only list remove_ids(IDSelector); its wrapper also takes an int64 array of ids.
-        return int(self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))  # type: ignore[arg-type]
+        return int(self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
+
+    def _mask(self, ids: np.ndarray) -> int:
+        """HNSW (and the IVF types behind an id map) cannot remove: the ids become -1 in the id map."""
+        id_map = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        hit = np.isin(id_map, ids) & (id_map >= 0)
+        count = int(hit.sum())
+        if count:
+            id_map[hit] = -1
+            faiss.copy_array_to_vector(id_map, self.index.id_map)
+            self.index.construct_rev_map()  # reconstruct() must not find a removed id
+            self._masked += count
+        return count
 
     def search(
         self, vectors: np.ndarray, k: int, exclude: set[int] | frozenset[int] = frozenset()
@@ -112,12 +157,13 @@ class VectorIndex:
 
         Ids in ``exclude`` are never returned (FAISS skips them during the scan).
         """
-        params = None
-        if exclude:
-            skip = faiss.IDSelectorBatch(np.fromiter(exclude, dtype=np.int64))
-            # faiss's stubs omit SWIG's keyword constructor and the ad-hoc attribute we hang on it.
-            params = faiss.SearchParameters(sel=faiss.IDSelectorNot(skip))  # type: ignore[call-arg]
-            params.keep = skip  # type: ignore[attr-defined]  # the wrapper does not own the selector: keep it alive
+        sel = None
+        skip_ids = set(exclude) | ({-1} if self._masked else set())  # -1: masked (removed) vectors
+        if skip_ids:
+            skip = faiss.IDSelectorBatch(np.fromiter(skip_ids, dtype=np.int64))
+            sel = faiss.IDSelectorNot(skip)
+            sel.keep = skip  # type: ignore[attr-defined]  # the wrapper does not own the selector: keep it alive
+        params = ann.search_params(self.index, self.spec, sel)
         return knn.search(self.index, self.prepare(vectors), k, self.metric, params)
 
     # -- files ---------------------------------------------------------------------------------
@@ -129,13 +175,17 @@ class VectorIndex:
             atomic_write(path.with_suffix(".faiss.json"), json.dumps(asdict(self.stamp)).encode())
 
     @classmethod
-    def load(cls, path: Path, dim: int, metric: str, owner: Owner | None = None) -> VectorIndex:
+    def load(
+        cls, path: Path, dim: int, metric: str, owner: Owner | None = None, spec: IndexSpec | None = None
+    ) -> VectorIndex:
         """The index saved at ``path``; an empty one (to be filled by sync) if it is missing or unusable.
 
         With ``owner``, a file stamped for another model (or for none) is unusable too: its
-        :attr:`problem` says why, and the caller rebuilds it from the database.
+        :attr:`problem` says why, and the caller rebuilds it from the database. With ``spec`` (the
+        model's recorded index type), so is a file of another type; an empty index of ``spec``'s
+        type is trained again, on a seeded sample, by the sync that fills it.
         """
-        out = cls(dim, metric, owner)
+        out = cls(dim, metric, owner, spec)
         if not path.exists():
             return out
         try:
@@ -144,12 +194,20 @@ class VectorIndex:
         except (RuntimeError, OSError, ValueError, TypeError) as exc:
             out.problem = "a folder, not an index file" if path.is_dir() else f"unreadable: {exc}"
         else:
-            out.problem = _mismatch(index, stamp, dim, metric, owner)
+            out.problem = _mismatch(index, stamp, dim, metric, owner) or _other_type(stamp, spec)
             if out.problem is None:
-                out.index, out.stamp = index, stamp
+                out._adopt(index, stamp, spec)
         if out.problem:
             log.warning("%s: %s; rebuilding it from the database", path.name, out.problem)
         return out
+
+    def _adopt(self, index: Any, stamp: Stamp, spec: IndexSpec | None) -> None:
+        self.index, self.stamp = index, stamp
+        self.spec = spec or IndexSpec.from_json(stamp.index)  # the model's own search parameters win
+        self.stamp.index = self.spec.to_json()
+        if self.spec.approximate:
+            ann.after_training(index, self.spec)
+            self._masked = int((faiss.vector_to_array(index.id_map) < 0).sum())
 
     # -- keeping step with the database ------------------------------------------------------------
     def in_step(self, store: Store, model_id: int) -> bool:
@@ -168,7 +226,7 @@ class VectorIndex:
             self.add(ids, knn.from_bytes(b"".join(v for _, _, v in fresh), self.metric, self.dim))
         if len(self) != count:
             self._drop_and_fill(store, model_id)
-        self.stamp = Stamp(last_entry_id=last, count=count, owner=self.stamp.owner)
+        self.stamp = Stamp(last_entry_id=last, count=count, owner=self.stamp.owner, index=self.spec.to_json())
         return True
 
     def restamp(self, store: Store, model_id: int) -> None:
@@ -181,7 +239,7 @@ class VectorIndex:
         if count != len(self):
             self.sync(store, model_id)
             return
-        self.stamp = Stamp(last_entry_id=last, count=count, owner=self.stamp.owner)
+        self.stamp = Stamp(last_entry_id=last, count=count, owner=self.stamp.owner, index=self.spec.to_json())
 
     def _drop_and_fill(self, store: Store, model_id: int) -> None:
         have = set(self.ids().tolist())
@@ -193,6 +251,13 @@ class VectorIndex:
             ids = np.array([r[0] for r in rows], dtype=np.int64)
             self.add(ids, knn.from_bytes(b"".join(r[1] for r in rows), self.metric, self.dim))
         log.info("index brought in step with the database: %d removed, %d added", len(have - want), len(missing))
+
+
+def _other_type(stamp: Stamp, spec: IndexSpec | None) -> str | None:
+    theirs = IndexSpec.from_json(stamp.index)
+    if spec is None or theirs.build_key() == spec.build_key():
+        return None
+    return f"is a {theirs.type} index {theirs.params}, the model's is {spec.type} {spec.params}"
 
 
 def _mismatch(index: Any, stamp: Stamp, dim: int, metric: str, owner: Owner | None) -> str | None:
