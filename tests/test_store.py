@@ -205,3 +205,12 @@ def test_a_postgresql_url_without_its_driver_says_how_to_install_it(monkeypatch:
         Store("postgresql+psycopg://someone:secret@db.example/images")
     message = str(caught.value)
     assert "pip install 'embedsearch[postgres]'" in message and "secret" not in message, message
+
+
+def test_the_writer_lock_of_an_unreachable_postgresql_server_is_one_line(tmp_path: Path) -> None:
+    from embedsearch.core.store import AdvisoryLock
+
+    lock = AdvisoryLock(f"postgresql+psycopg://someone:secret@/images?host={tmp_path}")  # no server there
+    with pytest.raises(StoreError, match="cannot take the writer lock of") as caught:
+        lock.acquire(timeout=1)
+    assert "secret" not in str(caught.value)

@@ -200,15 +200,27 @@ class AdvisoryLock:
             return
         if self._engine is None:
             self._engine = create_engine(self.url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
-        conn = self._engine.connect()
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         query = text("SELECT pg_try_advisory_lock(:key)")
-        while not conn.execute(query, {"key": WRITER_LOCK_KEY}).scalar_one():
-            if deadline is not None and time.monotonic() >= deadline:
-                conn.close()
-                raise Timeout(_hidden(self.url))
-            time.sleep(self.POLL)
+        try:
+            conn = self._engine.connect()
+        except SQLAlchemyError as exc:  # the server is down or refuses us: one line, not a traceback
+            raise self._failed(exc) from None
+        try:
+            while not conn.execute(query, {"key": WRITER_LOCK_KEY}).scalar_one():
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Timeout(_hidden(self.url))
+                time.sleep(self.POLL)
+        except SQLAlchemyError as exc:
+            conn.close()
+            raise self._failed(exc) from None
+        except BaseException:  # Timeout, Ctrl-C: the connection (and any lock it got) goes with it
+            conn.close()
+            raise
         self._conn, self._count = conn, 1
+
+    def _failed(self, exc: SQLAlchemyError) -> StoreError:
+        return StoreError(f"cannot take the writer lock of {_hidden(self.url)}: {getattr(exc, 'orig', None) or exc}")
 
     def release(self) -> None:
         self._count -= 1
