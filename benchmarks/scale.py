@@ -1,6 +1,6 @@
 """Index types at scale: build time, bytes per vector, 10-recall@10 and single-query latency.
 
-    .venv/bin/python benchmarks/scale.py [--sizes 1000000] [--types flat,hnsw,ivf,ivfpq] [--queries 1000]
+    .venv/bin/python benchmarks/scale.py [--sizes 1000000] [--types auto,flat,hnsw,ivf,ivfpq] [--memory 8G]
 
 Vectors (issue 15): Fashion-MNIST's 60k training images encoded to 32-d by PCA (numpy SVD, the
 same projection as the pca encoder), each synthetic vector a seeded random one of those codes plus
@@ -82,18 +82,19 @@ engine = Engine(sys.argv[1])
 engine.model("scale")
 before = rss()
 engine.vector_index("scale")
-print(rss() - before)
+print(rss() - before, rss())
 """
 
 
-def _load_rss(home: Path) -> int:
-    """Resident bytes a new query process gains by loading the model's index file."""
+def _load_rss(home: Path) -> tuple[int, int]:
+    """Resident bytes a new query process gains by loading the model's index file, and its whole RSS then."""
     done = subprocess.run([sys.executable, "-c", _LOAD, str(home)], capture_output=True, text=True, check=True)
-    return int(done.stdout.split()[-1])
+    grown, total = done.stdout.split()[-2:]
+    return int(grown), int(total)
 
 
-def measure(engine: Engine, kind: str, queries: np.ndarray, truth: np.ndarray, n: int) -> dict[str, float]:
-    result = engine.reindex("scale", index=kind, memory="8G", target_recall=0.95)
+def measure(engine: Engine, kind: str, queries: np.ndarray, truth: np.ndarray, n: int, memory: str) -> dict[str, float]:
+    result = engine.reindex("scale", index=kind, memory=memory, target_recall=0.95)
     size = engine.index_path("scale").stat().st_size
     grown = _load_rss(engine.home)
     index = engine.vector_index("scale")
@@ -106,11 +107,13 @@ def measure(engine: Engine, kind: str, queries: np.ndarray, truth: np.ndarray, n
         times.append(time.perf_counter() - t0)
     times.sort()
     return {
+        "type": result.type,
         "build_s": result.seconds,
         "params": result.params,
         "tuned_recall": result.recall,
         "file_bytes_per_vector": size / n,
-        "rss_bytes_per_vector": grown / n,
+        "rss_bytes_per_vector": grown[0] / n,
+        "process_rss_gb": grown[1] / 1e9,
         "recall@10": recall,
         "p50_ms": 1000 * statistics.median(times),
         "p99_ms": 1000 * times[int(0.99 * (len(times) - 1))],
@@ -120,8 +123,9 @@ def measure(engine: Engine, kind: str, queries: np.ndarray, truth: np.ndarray, n
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000000", help="comma-separated numbers of vectors")
-    parser.add_argument("--types", default="flat,hnsw,ivf,ivfpq")
+    parser.add_argument("--types", default="auto,flat,hnsw,ivf,ivfpq", help="auto: what reindex --index auto picks")
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--memory", default="8G", help="reindex's memory budget (what auto chooses by)")
     args = parser.parse_args()
     print(machine(), flush=True)
     base, spread = codes()
@@ -140,10 +144,12 @@ def main() -> None:
             _, rows = exact.search(queries, 10)
             truth = rows + 1  # image ids are 1..n in insertion order
             for kind in args.types.split(","):
-                m = measure(engine, kind, queries, truth, n)
+                m = measure(engine, kind, queries, truth, n, args.memory)
+                shown = kind if m["type"] == kind else f"{kind}={m['type']}"
                 print(
-                    f"  {kind:<6} build {m['build_s']:7.1f} s | file {m['file_bytes_per_vector']:6.1f} B/vec | "
-                    f"RSS {m['rss_bytes_per_vector']:6.1f} B/vec | recall@10 {m['recall@10']:.3f} "
+                    f"  {shown:<6} build {m['build_s']:7.1f} s | file {m['file_bytes_per_vector']:6.1f} B/vec | "
+                    f"RSS {m['rss_bytes_per_vector']:6.1f} B/vec ({m['process_rss_gb']:.2f} GB process) | "
+                    f"recall@10 {m['recall@10']:.3f} "
                     f"(tuned {m['tuned_recall']}) | p50 {m['p50_ms']:.2f} ms p99 {m['p99_ms']:.2f} ms | {m['params']}",
                     flush=True,
                 )

@@ -217,11 +217,13 @@ class Engine:
         memory: str | int | None = None,
         target_recall: float = 0.95,
         seed: int = 0,
+        shards: int = 1,
     ) -> ReindexResult:
         """Rebuild a model's index from its stored vectors as ``index`` (flat, hnsw, ivf, ivfpq or
-        auto: by size and ``memory``, e.g. "4G"), tuned to ``target_recall``; see embedsearch.core.reindex."""
+        auto: by size and ``memory``, e.g. "4G"), tuned to ``target_recall``; see embedsearch.core.reindex.
+        ``shards`` > 1 adds an IVF type's vectors in that many parallel jobs (embedsearch.core.shards)."""
         self._writable()
-        return self.reindexer.run(model, index, memory, target_recall, seed)
+        return self.reindexer.run(model, index, memory, target_recall, seed, shards=shards)
 
     def query(
         self, images: list[str], model: str, k: int = 10, batch_size: int = 256, include_generated: bool = False
@@ -324,9 +326,8 @@ class Engine:
         return self.checker.check(repair, dry_run)
 
     def info(self) -> LibraryInfo:
-        db = self.layout.database
         disk = {
-            "database": disk_size(db) + disk_size(db.with_name(db.name + "-wal")),
+            "database": self.store.size_bytes(),
             "indexes": disk_size(self.home / "indexes"),
             "models": disk_size(self.home / "models"),
             "thumbnails": disk_size(self.home / THUMBS),

@@ -191,3 +191,4 @@ class ReindexResult:
     queries: int = 0
     target_recall: float = 0.95
     seconds: float = 0.0
+    shards: int = 1  # the jobs the bulk of an IVF index was added in (1: one process)

@@ -11,7 +11,9 @@ One family, each fixture building on the one before (helpers that tests call are
   (labelled ``upload``, in both models): 49 images.
 * ``library_home``: the same library built and closed; its home path (for the CLI, or to reopen).
 
-Both metadata stores, for the modules that run on each (``pytestmark = pytest.mark.usefixtures("database")``):
+Both metadata stores: every test runs twice, on SQLite and on PostgreSQL (``database`` is autouse),
+but for those marked ``no_store`` (they never open a library: one run, and opening one fails) or
+``sqlite_only`` (about the SQLite file itself):
 
 * ``postgres_server``: the URL of a PostgreSQL server for the whole session:
   ``EMBEDSEARCH_TEST_POSTGRES`` if set, else a cluster started in a temporary folder (Debian's
@@ -92,21 +94,72 @@ def postgres_server() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str | None]:
+#: What EMBEDSEARCH_DB holds in a test marked ``no_store``: a server that cannot exist, so a test
+#: that opens a library after all fails (saying this name) instead of quietly running on SQLite only.
+NO_STORE_URL = "postgresql+psycopg://marked-no-store@/this_test_is_marked_no_store?host=/nonexistent"
+
+
+STORES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.hookimpl(tryfirst=True)  # before the fixtures' own params apply: these replace them
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test runs on both stores, but for those marked ``no_store`` or ``sqlite_only``; a test
+    of the module-wide ``trained`` library runs on that library's store (``module_database``)."""
+    # As parametrize marks, which pytest lets take precedence over the fixtures' own params.
+    mark = metafunc.definition.add_marker
+    for marker, only in (("no_store", "none"), ("sqlite_only", "sqlite")):
+        if metafunc.definition.get_closest_marker(marker):
+            mark(pytest.mark.parametrize("database", [only], indirect=True))
+            if only == "sqlite" and "module_database" in metafunc.fixturenames:
+                mark(pytest.mark.parametrize("module_database", ["sqlite"], indirect=True))
+            return
+    if "module_database" in metafunc.fixturenames:
+        mark(pytest.mark.parametrize("database", ["module"], indirect=True))
+
+
+def _new_postgres_database(server: str) -> tuple[str, str]:
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    admin_sql(server, f'CREATE DATABASE "{name}"')
+    return name, database_url(server, name)
+
+
+@pytest.fixture(scope="module", params=STORES)
+def module_database(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The store of a library shared by a module's tests (``trained``): None for SQLite, or a URL."""
     if request.param == "sqlite":
-        monkeypatch.delenv("EMBEDSEARCH_DB", raising=False)
         yield None
         return
     server = request.getfixturevalue("postgres_server")
-    name = f"test_{uuid.uuid4().hex[:16]}"
-    admin_sql(server, f'CREATE DATABASE "{name}"')
-    url = database_url(server, name)
-    monkeypatch.setenv("EMBEDSEARCH_DB", url)
+    name, url = _new_postgres_database(server)
     try:
         yield url
     finally:
         admin_sql(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(autouse=True, params=STORES)
+def database(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    # A MonkeyPatch of its own: a test's monkeypatch.undo() must not put it back on SQLite.
+    with pytest.MonkeyPatch.context() as env:
+        if request.param == "module":
+            url = request.getfixturevalue("module_database")
+            env.setenv("EMBEDSEARCH_DB", url) if url else env.delenv("EMBEDSEARCH_DB", raising=False)
+            yield url
+        elif request.param in ("sqlite", "none"):
+            if request.param == "none":
+                env.setenv("EMBEDSEARCH_DB", NO_STORE_URL)
+            else:
+                env.delenv("EMBEDSEARCH_DB", raising=False)
+            yield None
+        else:
+            server = request.getfixturevalue("postgres_server")
+            name, url = _new_postgres_database(server)
+            env.setenv("EMBEDSEARCH_DB", url)
+            try:
+                yield url
+            finally:
+                admin_sql(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -118,9 +171,9 @@ def new_database(database: str | None, request: pytest.FixtureRequest) -> Iterat
     made: list[str] = []
 
     def make() -> str:
-        made.append(f"test_{uuid.uuid4().hex[:16]}")
-        admin_sql(server, f'CREATE DATABASE "{made[-1]}"')
-        return database_url(server, made[-1])
+        name, url = _new_postgres_database(server)
+        made.append(name)
+        return url
 
     try:
         yield make
@@ -194,8 +247,10 @@ def trained_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, trained_data: Path) -> Iterator[Engine]:
-    with Engine(tmp_path_factory.mktemp("trained") / "home") as eng:
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, trained_data: Path, module_database: str | None
+) -> Iterator[Engine]:
+    with Engine(tmp_path_factory.mktemp("trained") / "home", db=module_database) as eng:
         eng.index(str(trained_data), "pixels", workers=0)
         for kind in ("ae", "vae"):
             eng.create_model(kind, kind, str(trained_data), options=TRAINED_OPTIONS)

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from embedsearch.engine import Engine
+
 
 def png_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     """``image`` encoded as ``fmt`` (PNG unless told), in memory."""
@@ -296,3 +298,20 @@ def admin_sql(server: str, *statements: str) -> None:
                 conn.execute(text(statement))
     finally:
         engine.dispose()
+
+
+def vector_library(engine: Engine, n: int, dim: int = 32, seed: int = 0, name: str = "vecs") -> np.ndarray:
+    """A model ``name`` of ``n`` seeded random vectors (image rows without files); the vectors, by image id order."""
+    engine.open(create=True)
+    model = engine.store.add_model(name=name, kind="pca", config={}, dim=dim, metric="l2", image_size=4, channels=1)
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    for start in range(0, n, 2000):
+        part = range(start, min(start + 2000, n))
+        images = [
+            {"path": None, "sha256": f"{seed:08x}{i:056x}", "width": 1, "height": 1, "format": "PNG", "mode": "L"}
+            | {"label": None, "bytes": 1, "mtime": None}
+            for i in part
+        ]
+        pairs = [(im["sha256"], x[i].tobytes()) for im, i in zip(images, part, strict=True)]
+        engine.store.write_batch({model.id: pairs}, images)
+    return x

@@ -15,29 +15,12 @@ from embedsearch.cli.main import main
 from embedsearch.core import ann
 from embedsearch.engine import Engine
 from embedsearch.errors import InvalidArgumentError
-from helpers import noise_image, png_bytes
+from helpers import noise_image, png_bytes, vector_library
 
 #: Every test here runs on both metadata stores (conftest.py: ``database``).
-pytestmark = pytest.mark.usefixtures("database")
+
 APPROXIMATE = ["hnsw", "ivf", "ivfpq"]
 G = 2**30
-
-
-def vector_library(engine: Engine, n: int, dim: int = 32, seed: int = 0, name: str = "vecs") -> np.ndarray:
-    """A model ``name`` of ``n`` seeded random vectors (image rows without files); the vectors, by image id order."""
-    engine.open(create=True)
-    model = engine.store.add_model(name=name, kind="pca", config={}, dim=dim, metric="l2", image_size=4, channels=1)
-    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-    for start in range(0, n, 2000):
-        part = range(start, min(start + 2000, n))
-        images = [
-            {"path": None, "sha256": f"{seed:08x}{i:056x}", "width": 1, "height": 1, "format": "PNG", "mode": "L"}
-            | {"label": None, "bytes": 1, "mtime": None}
-            for i in part
-        ]
-        pairs = [(im["sha256"], x[i].tobytes()) for im, i in zip(images, part, strict=True)]
-        engine.store.write_batch({model.id: pairs}, images)
-    return x
 
 
 def exact(engine: Engine, queries: np.ndarray, k: int, name: str = "vecs") -> np.ndarray:

@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import grimp
+import pytest
+
+pytestmark = pytest.mark.no_store  # never opens a library
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,6 +17,8 @@ from embedsearch.encoders.nn.train import AEOptions, VAEOptions
 from embedsearch.errors import InvalidArgumentError
 from helpers import fit, shapes
 
+pytestmark = pytest.mark.no_store  # never opens a library
+
 
 @pytest.fixture(autouse=True)
 def one_thread() -> None:

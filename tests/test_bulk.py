@@ -23,7 +23,6 @@ from embedsearch.results import QueryResult
 from helpers import noise_image, png_bytes
 
 #: Every test here runs on both metadata stores (conftest.py: ``database``).
-pytestmark = pytest.mark.usefixtures("database")
 
 
 @pytest.mark.parametrize("original, copy", [("a.png", "b.png"), ("b.png", "a.png")])

@@ -30,7 +30,7 @@ from embedsearch.core.vectors import VectorIndex
 from embedsearch.engine import Engine
 
 #: Every test here runs on both metadata stores (conftest.py: ``database``).
-pytestmark = [pytest.mark.usefixtures("database"), pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 WAITING = "another process is writing to"
 

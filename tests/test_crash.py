@@ -22,7 +22,7 @@ from embedsearch.data.synth import make_image_array
 from embedsearch.engine import Engine
 
 #: Every test here runs on both metadata stores (conftest.py: ``database``).
-pytestmark = [pytest.mark.usefixtures("database"), pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 N_GOOD = 2400
 

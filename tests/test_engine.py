@@ -15,7 +15,6 @@ from embedsearch.results import QueryResult
 from helpers import noise_image, png_bytes, weights_file
 
 #: Every test here runs on both metadata stores (conftest.py: ``database``).
-pytestmark = pytest.mark.usefixtures("database")
 
 
 def results(engine: Engine, paths: list[str], model: str, k: int = 5) -> list[QueryResult]:

@@ -21,6 +21,8 @@ import pytest
 from embedsearch.errors import InvalidArgumentError
 from embedsearch.evaluation import metrics as ev
 
+pytestmark = pytest.mark.no_store  # never opens a library
+
 DB = np.array([[0.0], [1.0], [2.0], [3.0], [10.0], [11.0]], dtype=np.float32)
 DB_LABELS = np.array([0, 0, 1, 1, 1, 0])
 QUERIES = np.array([[0.1], [10.2], [2.4]], dtype=np.float32)

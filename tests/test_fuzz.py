@@ -36,7 +36,7 @@ from embedsearch.data.mutations import (
 )
 from embedsearch.errors import ImageError
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.no_store]
 
 
 # -- the property -------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from embedsearch.errors import InvalidArgumentError
 from embedsearch.render import grid
 from embedsearch.render.grid import LINE, PAD, Tile, render_grid, save_grid
 
+pytestmark = pytest.mark.no_store  # never opens a library
+
 
 def _expected_width(cols: int, tile: int, title_w: int = 0) -> int:
     return title_w + cols * (tile + 2 * PAD) + (cols + 1) * LINE

@@ -16,6 +16,8 @@ from embedsearch.encoders.classic import to_unit_float
 from embedsearch.errors import DataError, ImageError, InvalidArgumentError
 from helpers import noise_image, png_bytes
 
+pytestmark = pytest.mark.no_store  # never opens a library
+
 GREY28 = InputSpec(28, 1)
 RGB16 = InputSpec(16, 3)
 

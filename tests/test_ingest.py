@@ -11,6 +11,8 @@ from embedsearch.data import ingest
 from embedsearch.data.images import FileInfo, InputSpec, scan
 from helpers import noise_image, png_bytes
 
+pytestmark = pytest.mark.no_store  # never opens a library
+
 SPEC = InputSpec(16, 3)
 
 

@@ -25,6 +25,8 @@ from embedsearch.encoders.nn.train import AEOptions, Trainer, VAEOptions, train
 from embedsearch.errors import InvalidArgumentError, ModelError
 from helpers import fit, shapes
 
+pytestmark = pytest.mark.no_store  # never opens a library
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -197,6 +197,7 @@ def test_an_empty_server_database_is_no_library_until_a_write(url: str) -> None:
     store.close()
 
 
+@pytest.mark.no_store  # it opens none: the URL fails before any connection
 def test_a_postgresql_url_without_its_driver_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 

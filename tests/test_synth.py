@@ -9,6 +9,8 @@ from PIL import Image
 from embedsearch.data.synth import SHAPES, make_image_array, make_shapes, shape_image
 from embedsearch.errors import InvalidArgumentError
 
+pytestmark = pytest.mark.no_store  # never opens a library
+
 
 def _bytes(paths: list[Path], root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in paths}

@@ -15,6 +15,8 @@ from embedsearch.evaluation import metrics as ev
 from embedsearch.evaluation import transforms as tr
 from embedsearch.evaluation.transforms import TRANSFORMS
 
+pytestmark = pytest.mark.no_store  # never opens a library
+
 NAMES = list(TRANSFORMS)
 
 

@@ -123,10 +123,24 @@ def _index_models(engine: Engine, model: str | None, all_models: bool) -> list[s
     help="10-recall@10 the search parameter is tuned to, on held-out stored vectors.",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the training and query samples.")
+@click.option(
+    "--shards",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="ivf/ivfpq: add the vectors in this many parallel jobs (threads here), then merge the lists.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the choice as JSON.")
 @click.pass_context
 def reindex(
-    ctx: click.Context, model: str, index_type: str, memory: str | None, target_recall: float, seed: int, as_json: bool
+    ctx: click.Context,
+    model: str,
+    index_type: str,
+    memory: str | None,
+    target_recall: float,
+    seed: int,
+    shards: int,
+    as_json: bool,
 ) -> None:
     """Rebuild a model's index from its stored vectors, as an exact or approximate FAISS index.
 
@@ -138,10 +152,11 @@ def reindex(
     Example:
       embedsearch reindex --model vae --index auto --memory 4G
       embedsearch reindex --model vae --index hnsw --target-recall 0.98 --json
+      embedsearch reindex --model vae --index ivfpq --shards 8
     """
     from dataclasses import asdict
 
-    result = _engine(ctx).reindex(model, index_type, memory, target_recall, seed)
+    result = _engine(ctx).reindex(model, index_type, memory, target_recall, seed, shards=shards)
     if as_json:
         _emit(asdict(result))
         return
@@ -150,4 +165,5 @@ def reindex(
     click.echo(
         f"model {printable(repr(result.model))}: {result.type} index ({params}) of {result.vectors} vectors, "
         f"10-recall@10 {recall} (chosen by {result.chosen_by}) in {result.seconds:.1f} s"
+        + (f", added in {result.shards} shards" if result.shards > 1 else "")
     )

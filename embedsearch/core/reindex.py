@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from embedsearch.core import ann, knn
+from embedsearch.core import shards as sharding
 from embedsearch.core.ann import IndexSpec
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.models import ModelRegistry
@@ -27,6 +29,14 @@ from embedsearch.results import ReindexResult
 log = logging.getLogger(__name__)
 K = 10
 MAX_QUERIES = 1000
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How the bulk of an IVF index is added: in ``shards`` jobs on ``run`` (None: local threads)."""
+
+    shards: int = 1
+    run: sharding.Runner | None = None
 
 
 class Reindexer:
@@ -42,11 +52,15 @@ class Reindexer:
         memory: str | int | None = None,
         target_recall: float = 0.95,
         seed: int = 0,
+        shards: int = 1,
+        run: sharding.Runner | None = None,
     ) -> ReindexResult:
         started = time.perf_counter()
         budget = ann.parse_memory(memory)
         if not 0 < target_recall <= 1:
             raise InvalidArgumentError(f"target recall must be in (0, 1], not {target_recall}")
+        if shards < 1:
+            raise InvalidArgumentError(f"shards must be at least 1, not {shards}")
         model = self.registry.model(name)
         ann.check_type(index, model.metric)
         with self.cache.writing():
@@ -59,7 +73,10 @@ class Reindexer:
             if index == "auto":
                 kind = "flat" if knn.is_binary(model.metric) else ann.choose(n, model.dim, budget_used)
             spec = IndexSpec(kind, ann.default_params(kind, n, model.dim))
-            built, queries = self._build(model, spec, ids, vectors, target_recall, seed)
+            if shards > 1 and kind not in sharding.SHARDABLE:
+                log.warning("model %r: a %s index is built in one process (only ivf and ivfpq shard)", name, kind)
+            sharded = Sharding(shards if kind in sharding.SHARDABLE else 1, run)
+            built, queries = self._build(model, spec, ids, vectors, target_recall, seed, sharded)
             self.store.set_index_spec(model.id, built.spec.to_json() if built.spec.approximate else None)
             self.registry.forget(name)
             model = self.registry.model(name)
@@ -76,6 +93,7 @@ class Reindexer:
             queries=queries,
             target_recall=target_recall,
             seconds=round(time.perf_counter() - started, 3),
+            shards=sharded.shards,
         )
         if budget_used is not None and result.estimated_bytes > budget_used:
             log.warning(
@@ -98,7 +116,14 @@ class Reindexer:
         return ids, vectors
 
     def _build(
-        self, model: Model, spec: IndexSpec, ids: np.ndarray, vectors: np.ndarray, target: float, seed: int
+        self,
+        model: Model,
+        spec: IndexSpec,
+        ids: np.ndarray,
+        vectors: np.ndarray,
+        target: float,
+        seed: int,
+        sharded: Sharding,
     ) -> tuple[VectorIndex, int]:
         """The index of every stored vector, tuned on held-out ones; and how many queries measured it."""
         out = VectorIndex(model.dim, model.metric, Owner.of(model), spec)
@@ -112,7 +137,7 @@ class Reindexer:
         held[np.random.default_rng(seed).choice(n, size=q, replace=False)] = True
         spec = IndexSpec(spec.type, ann.fitted(spec, n - q))  # record what is built: a small library gets less
         out = VectorIndex(model.dim, model.metric, Owner.of(model), spec)
-        out.add(ids[~held], vectors[~held], seed=seed)
+        out.add(ids[~held], vectors[~held], seed=seed, shards=sharded.shards, run=sharded.run)
         exact = VectorIndex(model.dim, model.metric)
         exact.add(ids[~held], vectors[~held])
         k = min(K, n - q)

@@ -51,6 +51,7 @@ from embedsearch.errors import (
     StoreError,
     from_os_error,
 )
+from embedsearch.files import disk_size
 
 log = logging.getLogger(__name__)
 
@@ -624,6 +625,16 @@ class Store:
                 "models": s.scalar(select(func.count(Model.id))) or 0,
                 "entries": s.scalar(select(func.count(IndexEntry.id))) or 0,
             }
+
+    def size_bytes(self) -> int:
+        """What the database takes on disk: the SQLite file and its WAL, or PostgreSQL's own count."""
+        path = sqlite_file(self.url)
+        if path is not None:
+            return disk_size(Path(path)) + disk_size(Path(path + "-wal"))
+        if self.engine.dialect.name != "postgresql":
+            return 0  # an in-memory SQLite database takes no disk
+        with self.session() as s:
+            return int(s.scalar(text("SELECT pg_database_size(current_database())")) or 0)
 
     def entry_counts(self) -> dict[int, int]:
         with self.session() as s:

@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 
 from embedsearch.core import ann, knn
+from embedsearch.core import shards as sharding
 from embedsearch.core.ann import IndexSpec
 from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
@@ -121,14 +122,24 @@ class VectorIndex:
         """(dim,) the vector the index holds for an image."""
         return np.asarray(self.index.reconstruct(int(image_id)))
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray, seed: int = 0) -> None:
-        """Add vectors; an untrained approximate index is first trained on a seeded sample of them."""
+    def add(
+        self, ids: np.ndarray, vectors: np.ndarray, seed: int = 0, shards: int = 1, run: sharding.Runner | None = None
+    ) -> None:
+        """Add vectors; an untrained approximate index is first trained on a seeded sample of them.
+
+        ``shards`` > 1 adds them to an IVF type in that many parallel jobs on ``run`` (threads by
+        default; see :mod:`shards`): the same index as one add.
+        """
         if not len(ids):
             return
         x = self.prepare(vectors)
         if not self.index.is_trained:
             self.index = ann.train(self.spec, self.dim, self.metric, x, seed)
-        self.index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if shards > 1 and self.spec.type in sharding.SHARDABLE:
+            sharding.add_sharded(self.index, ids, x, shards, run or sharding.threads)
+        else:
+            self.index.add_with_ids(x, ids)
 
     def remove(self, ids: np.ndarray | list[int]) -> int:
         if len(ids) == 0:
