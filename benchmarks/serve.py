@@ -1,6 +1,7 @@
 """HTTP service throughput and latency over a 70k-image library (conv VAE, 28x28 grey).
 
     .venv/bin/python benchmarks/serve.py [--seconds 10] [--rate 150] [--uploads 200]
+        [--workers 1,2] [--rounds 2] [--connections 16] [--only-workers]
 
 Builds (once; reused while it holds 70k vectors) ``benchmarks/out/serve-home``: Fashion-MNIST
 train + test written as PNG files (``benchmarks/out/fmnist-png``, shared with index_query.py;
@@ -15,9 +16,18 @@ on the same machine, each sending ``POST /api/search`` (an image upload, k=10):
   (an open-loop load, as from many independent users); latency counts from the moment a request
   was due, so a client that falls behind is charged for the wait (no coordinated omission).
 
-Last, one client uploads new images one at a time (store + index into every model), then deletes
+Then one client uploads new images one at a time (store + index into every model), then deletes
 them. Targets (issue: serve; 2 cores): search by upload p50 <= 15 ms and p99 <= 50 ms with 8
 concurrent clients at >= 150 requests/s; upload + index of one image p50 <= 30 ms.
+
+Last, the comparison of worker processes: ``serve --workers N`` for each N of ``--workers``, the
+counts taking turns for ``--rounds`` rounds, each driven flat out by wrk (Debian's ``wrk``; one C
+thread, ``--connections`` keep-alive connections, the multipart bodies built once in
+``wrk_search.lua``) after a 3 s warm-up: closed-loop capacity side by side with the ratio to the
+first count, and each run's share of the cores taken by the service (per process), by wrk and by
+everything else on the machine. Python client threads would cost about as much CPU per request as
+the service and so cap the ratio themselves. Target (issue 15, 2 cores): ``--workers 2`` >= 1.5x
+``--workers 1``.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import pytest
 from click.testing import CliRunner
 
 from embedsearch.cli.main import main
+from embedsearch.errors import EmbedSearchError, NoLibraryError
 from embedsearch.http import workers
 from embedsearch.http.state import default_decodes
 from helpers import noise_image, png_bytes
@@ -236,3 +237,32 @@ def test_ctrl_c_stops_every_process_cleanly(library_home: Path) -> None:
         assert proc.wait(timeout=30) == 0
         assert proc.stderr is not None and b"could not start" not in proc.stderr.read()
         assert not wait_gone(tree, 10)
+
+
+def cannot_start(config: workers.ServeConfig) -> Any:
+    """An app builder that fails as a worker's does when its library went away (pickled by name)."""
+    raise NoLibraryError(f"no library at {config.home}")
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_start_stops_the_service(tmp_path: Path) -> None:
+    config = workers.ServeConfig(str(tmp_path / "gone"))
+    started = time.monotonic()
+    with pytest.raises(EmbedSearchError, match="could not start"):
+        workers.run_workers(config, cannot_start, "127.0.0.1", 0, 2, "warning")
+    assert time.monotonic() - started < 60  # it gave up, not restarted the workers forever
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced(library_home: Path) -> None:
+    with serving(library_home, 2) as (proc, url, pids):
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        deadline, now = time.monotonic() + 30, set()
+        while len(now - pids) < 1:  # a new process answers beside the one left
+            assert time.monotonic() < deadline and proc.poll() is None, "no worker replaced the killed one"
+            try:
+                now.add(httpx.get(f"{url}/api/health", timeout=5).json()["pid"])
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert victim not in now and len(descendants(proc.pid) & (pids | now)) == 2

@@ -161,10 +161,12 @@ class Workers:
             # is about to act on too: give it a moment before replacing the worker.
             if self.stop.wait(1.0 if code == 0 else 0.0):
                 return
-            if code == STARTUP_FAILURE or (code != 0 and time.monotonic() - self.started[i] < STARTUP_SECONDS):
+            early = time.monotonic() - self.started[i] < STARTUP_SECONDS
+            if code == STARTUP_FAILURE or (code is not None and code > 0 and early):  # not killed: it would fail again
                 self.stop.set()
                 raise EmbedSearchError(f"service worker {process.pid} could not start (exit status {code}); see above")
-            log.warning("service worker %d ended (exit status %s); starting another", process.pid, code)
+            how = f"was killed by signal {-code}" if code is not None and code < 0 else f"ended (exit status {code})"
+            log.warning("service worker %d %s; starting another", process.pid, how)
             self.start(i)
 
     def stop_all(self) -> None:
