@@ -1,7 +1,7 @@
 """HTTP service throughput and latency over a 70k-image library (conv VAE, 28x28 grey).
 
     .venv/bin/python benchmarks/serve.py [--seconds 10] [--rate 150] [--uploads 200]
-        [--workers 1,2] [--rounds 2] [--connections 16] [--only-workers]
+        [--workers 1,2] [--rounds 3] [--connections 16] [--only-workers]
 
 Builds (once; reused while it holds 70k vectors) ``benchmarks/out/serve-home``: Fashion-MNIST
 train + test written as PNG files (``benchmarks/out/fmnist-png``, shared with index_query.py;
@@ -172,6 +172,43 @@ def uploads(url: str, count: int) -> tuple[list[float], list[float]]:
     return up, down
 
 
+def visibility(url: str, count: int) -> list[float]:
+    """Upload ``count`` images through one process and time until another process's search finds
+    each (seconds); then delete them. Needs two processes: each client keeps one connection."""
+    import httpx
+    from PIL import Image
+
+    clients: dict[int, httpx.Client] = {}
+    for _ in range(100):
+        client = httpx.Client(base_url=url, timeout=30)
+        pid = client.get("/api/health").json()["pid"]
+        if pid in clients:
+            client.close()
+        else:
+            clients[pid] = client
+        if len(clients) == 2:
+            break
+    writer, reader = list(clients.values())[:2]
+    rng, lags, added = np.random.default_rng(time.time_ns() % 2**32), [], []
+    for _ in range(count):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L").save(buf, format="PNG")
+        new = writer.post("/api/images", files={"files": ("new.png", buf.getvalue())}).json()["images"][0]["id"]
+        added.append(new)
+        start = time.perf_counter()
+        while time.perf_counter() - start < 30:
+            top = reader.get("/api/search", params={"image_id": new, "model": "vae", "k": 1})
+            if top.status_code == 200 and top.json()["results"][0]["id"] == new:
+                break
+            time.sleep(0.01)
+        lags.append(time.perf_counter() - start)
+    for image_id in added:
+        writer.delete(f"/api/images/{image_id}")
+    for client in clients.values():
+        client.close()
+    return lags
+
+
 def compare_workers(counts: list[int], rounds: int, connections: int, seconds: float, images: list[bytes]) -> None:
     """Closed-loop capacity of ``serve --workers N`` for each N, the counts taking turns for ``rounds``
     rounds (so that a burst of other load on the machine does not land on one count only)."""
@@ -184,6 +221,7 @@ def compare_workers(counts: list[int], rounds: int, connections: int, seconds: f
         )
         return
     rates: dict[int, list[float]] = {n: [] for n in counts}
+    lags: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         count = write_bodies(images, Path(tmp), "vae")
         for _ in range(rounds):
@@ -194,6 +232,13 @@ def compare_workers(counts: list[int], rounds: int, connections: int, seconds: f
                 try:
                     wrk_closed_loop(url, Path(tmp), count, connections, 3.0, server.pid)  # warm-up: every process
                     load = wrk_closed_loop(url, Path(tmp), count, connections, seconds, server.pid)
+                    if workers > 1:  # then the same load again, with uploads through one process
+                        background = threading.Thread(
+                            target=wrk_closed_loop, args=(url, Path(tmp), count, connections, seconds, server.pid)
+                        )
+                        background.start()
+                        lags.extend(visibility(url, 8))
+                        background.join()
                 finally:
                     server.terminate()
                     server.wait(timeout=30)
@@ -211,6 +256,11 @@ def compare_workers(counts: list[int], rounds: int, connections: int, seconds: f
         each = ", ".join(f"{r:,.0f}" for r in rates[n])
         print(
             f"  --workers {n}: {medians[n]:,.0f} requests/s ({each}); {medians[n] / base:.2f} x --workers {counts[0]}"
+        )
+    if lags:
+        print(
+            f"an upload through one process found by another's search, under the same closed-loop load: "
+            f"p50 {percentile_ms(lags, 50):.0f} ms, max {max(lags) * 1000:.0f} ms ({len(lags)} uploads)"
         )
 
 
@@ -261,7 +311,7 @@ def main() -> None:
     parser.add_argument(
         "--workers", default="1,2", help="worker counts whose closed-loop capacity to compare ('' none)"
     )
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the worker comparison (the counts take turns)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the worker comparison (the counts take turns)")
     parser.add_argument("--connections", type=int, default=16, help="wrk's connections in the worker comparison")
     parser.add_argument("--only-workers", action="store_true", help="just the worker comparison")
     args = parser.parse_args()
