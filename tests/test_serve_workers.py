@@ -138,7 +138,7 @@ def serving(home: Path, workers: int, **popen: Any) -> Iterator[tuple[subprocess
     """``embedsearch serve --workers N`` (token from the environment) once all N answered: (process, URL, pids)."""
     port = free_port()
     command = [sys.executable, "-m", "embedsearch", "-q", "--home", str(home), "serve", "--port", str(port)]
-    env = {**os.environ, "EMBEDSEARCH_TOKEN": TOKEN}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"EMBEDSEARCH_TOKEN": TOKEN}
     proc = subprocess.Popen([*command, "--workers", str(workers)], env=env, stderr=subprocess.PIPE, **popen)
     url, pids = f"http://127.0.0.1:{port}", set()
     try:
@@ -186,6 +186,8 @@ def test_two_workers_share_the_library_and_stop_with_the_parent(library_home: Pa
         assert pids <= tree
         for pid in tree | {proc.pid}:  # the token is in no process's command line (`ps`)
             assert TOKEN.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        for pid in pids:  # one torch thread per request in each worker, as in one process
+            assert b"OMP_NUM_THREADS=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         clients = pinned_clients(url, pids)
         writer, reader = list(clients)
         try:
