@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import sys
 import unicodedata
 from typing import TYPE_CHECKING, Any
 
@@ -87,3 +88,13 @@ class PrintableFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return printable(super().format(record))
+
+
+def setup_logging(level: int) -> None:
+    """The package's log lines on stderr at ``level`` (the main command; each ``serve`` worker process)."""
+    log = logging.getLogger("embedsearch")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False

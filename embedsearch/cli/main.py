@@ -6,14 +6,13 @@ Results go to stdout (tables for people, ``--json`` for machines); progress and 
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 
-from embedsearch.cli.context import CONTEXT, PrintableFormatter, fit_option, printable
+from embedsearch.cli.context import CONTEXT, fit_option, printable, setup_logging
 from embedsearch.cli.context import emit as _emit
 from embedsearch.cli.context import engine as _engine
 from embedsearch.errors import EmbedSearchError, from_os_error
@@ -83,11 +82,7 @@ def main(ctx: click.Context, home: str, db: str | None, quiet: bool, verbose: bo
       embedsearch query photos/cat.png --model pixels -k 5
     """
     level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(PrintableFormatter("%(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
+    setup_logging(level)
     ctx.obj = {"home": home, "db": db, "quiet": quiet}
 
 

@@ -6,11 +6,17 @@ import ipaddress
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
 import click
 
-from embedsearch.cli.context import CONTEXT
+from embedsearch.cli.context import CONTEXT, settings, setup_logging
 from embedsearch.cli.context import engine as _engine
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from embedsearch.http.workers import ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +39,18 @@ def served_names(host: str, allowed: tuple[str, ...]) -> list[str]:
     """
     any_interface = host in ("0.0.0.0", "::", "")
     return [socket.gethostname() if any_interface else host, *allowed]
+
+
+def worker_count(n: int) -> int:
+    """``--workers``: at least 1 (refused in one line); more than the cores is allowed, with a warning."""
+    cores = os.cpu_count() or 1
+    if n < 1:
+        raise click.ClickException(f"--workers must be at least 1, not {n} (one per core: {cores} on this machine)")
+    if n > cores:
+        log.warning(
+            "%d workers on %d cores: they take turns on the cores, so more than one per core adds no capacity", n, cores
+        )
+    return n
 
 
 @click.command(context_settings=CONTEXT)
@@ -67,7 +85,17 @@ def served_names(host: str, allowed: tuple[str, ...]) -> list[str]:
 @click.option(
     "--max-decodes",
     type=click.IntRange(1),
-    help="Large images (over 1 MP) decoded at once; more wait 1 s, then get 503 (default: cores - 1, at least 1).",
+    help="Large images (over 1 MP) decoded at once, per worker process; more wait 1 s, then get 503 "
+    "(default: cores - 1 shared by the workers, at least 1 each).",
+)
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=int,
+    callback=lambda _ctx, _param, n: worker_count(n),
+    help="Service processes, each with its own engine over the library (one per core uses them all); writes "
+    "take turns on the library lock and each process sees the others' changes within about 2 s.",
 )
 @click.option(
     "--allow-host",
@@ -87,23 +115,24 @@ def serve(
     max_query_pixels: int,
     max_decodes: int | None,
     allow_host: tuple[str, ...],
+    workers: int,
 ) -> None:
     """Serve the library over HTTP: a JSON API (docs at /docs) and a search page at /.
 
     \b
     Example:
       embedsearch --home indexes serve --port 8000
-      EMBEDSEARCH_TOKEN=s3cret embedsearch serve --host 0.0.0.0
+      EMBEDSEARCH_TOKEN=s3cret embedsearch serve --host 0.0.0.0 --workers 2
     """
     import uvicorn
 
-    from embedsearch.http.app import create_app
     from embedsearch.http.memory import return_large_buffers
+    from embedsearch.http.state import default_decodes
+    from embedsearch.http.workers import ServeConfig, run_workers, service_app
 
     # Requests are small and many run at once: one torch thread each beats two threads fighting
-    # over two cores for every single image (an explicit OMP_NUM_THREADS still wins).
+    # over two cores for every single image (an explicit OMP_NUM_THREADS still wins). Workers inherit it.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    return_large_buffers()  # freed decodes go back to the system, not to 40 threads' malloc arenas
     token = token or None
     if token_for_reads and token is None:
         raise click.UsageError("--token-for-reads needs --token (or EMBEDSEARCH_TOKEN)")
@@ -114,16 +143,37 @@ def serve(
     engine.open()
     names = served_names(host, allow_host)
     log.info("answering requests for localhost, 127.0.0.1, [::1] and %s (others: 421)", ", ".join(names))
-    app = create_app(
-        engine,
+    quiet = bool(ctx.obj.get("quiet"))
+    config = ServeConfig(
+        home=str(engine.home),
+        db=settings(ctx).get("db"),
         token=token,
         token_for_reads=token_for_reads,
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         max_query_pixels=max_query_pixels,
-        max_decodes=max_decodes,
-        allowed_hosts=names,
+        max_decodes=max_decodes if max_decodes is not None else default_decodes(workers),
+        allowed_hosts=tuple(names),
+        log_level=logging.getLogger("embedsearch").level or logging.INFO,
     )
     shown = f"[{host}]" if ":" in host else host
-    if not ctx.obj.get("quiet"):
-        click.echo(f"serving {engine.home} at http://{shown}:{port}/ (API docs at /docs); Ctrl+C stops", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning" if ctx.obj.get("quiet") else "info")
+    if not quiet:
+        each = f" in {workers} processes" if workers > 1 else ""
+        click.echo(f"serving {engine.home} at http://{shown}:{port}/{each} (API docs at /docs); Ctrl+C stops", err=True)
+    level = "warning" if quiet else "info"
+    if workers == 1:
+        return_large_buffers()  # freed decodes go back to the system, not to 40 threads' malloc arenas
+        uvicorn.run(service_app(config, engine), host=host, port=port, log_level=level)
+        return
+    engine.close()  # each worker opens its own; this one only showed that the library is there
+    run_workers(config, worker_app, host, port, workers, level)
+
+
+def worker_app(config: ServeConfig) -> FastAPI:
+    """The app of one ``serve --workers N`` process, built in it: a new process, so it first sets
+    itself up as ``serve`` did (logging, memory), then opens its own Engine."""
+    from embedsearch.http.memory import return_large_buffers
+    from embedsearch.http.workers import service_app
+
+    setup_logging(config.log_level)
+    return_large_buffers()
+    return service_app(config)

@@ -280,11 +280,11 @@ class Refresher(threading.Thread):
 # -- the app ----------------------------------------------------------------------------------------
 
 
-def _open_engine(engine_or_home: Engine | str | os.PathLike[str]) -> tuple[Engine, bool]:
+def _open_engine(engine_or_home: Engine | str | os.PathLike[str], close: bool) -> tuple[Engine, bool]:
     from embedsearch.engine import Engine
 
     if isinstance(engine_or_home, Engine):
-        return engine_or_home, False
+        return engine_or_home, close
     return Engine(engine_or_home), True
 
 
@@ -296,8 +296,10 @@ def create_app(
     max_query_pixels: int = DEFAULT_MAX_QUERY_PIXELS,
     max_decodes: int | None = None,
     allowed_hosts: Iterable[str] = (),
+    close_engine: bool = False,
 ) -> FastAPI:
-    """The service over an open Engine (shared, not closed here) or a library home (opened and closed here).
+    """The service over an open Engine (shared, not closed here unless ``close_engine``) or a library
+    home (opened and closed here).
 
     ``token``: every write (upload, delete, generate with add) needs ``Authorization: Bearer TOKEN``;
     with ``token_for_reads`` every API call but ``/api/health`` does. ``max_upload_bytes`` caps a
@@ -311,7 +313,7 @@ def create_app(
 
     if max_upload_bytes < 1:
         raise InvalidArgumentError("max_upload_bytes must be at least 1")
-    engine, owned = _open_engine(engine_or_home)
+    engine, owned = _open_engine(engine_or_home, close_engine)
     # The refresher saves changed index files every SAVE_SECONDS and when the app stops: not one
     # write of a whole index per upload (measured: 43 ms per upload into a 70k index, against 12).
     deferred = engine.defer_index_saves(True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import re
 import threading
 from collections.abc import AsyncIterator
@@ -383,5 +384,6 @@ async def stats(engine: ReadEngine) -> dict[str, Any]:
 
 @router.get("/health", response_model=HealthOut, tags=["library"])
 async def health() -> dict[str, Any]:
-    """Liveness; always open, even with --token-for-reads."""
-    return {"status": "ok", "version": __version__}
+    """Liveness; always open, even with --token-for-reads. ``pid``: the process that answered
+    (``serve --workers N`` runs N of them)."""
+    return {"status": "ok", "version": __version__, "pid": os.getpid()}

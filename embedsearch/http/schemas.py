@@ -94,6 +94,7 @@ class StatsOut(BaseModel):
 class HealthOut(BaseModel):
     status: str
     version: str
+    pid: int = Field(description="the service process that answered (serve --workers N runs N)")
 
 
 class GenerateIn(BaseModel):

@@ -42,9 +42,10 @@ DECODE_WAIT = 1.0
 RETRY_AFTER_SECONDS = 2
 
 
-def default_decodes() -> int:
-    """One core fewer than the machine has (at least 1): large decodes never take every core."""
-    return max(1, (os.cpu_count() or 1) - 1)
+def default_decodes(processes: int = 1) -> int:
+    """One core fewer than the machine has, shared by ``processes`` service processes (at least 1
+    each): large decodes never take every core, unless there are as many processes as cores."""
+    return max(1, ((os.cpu_count() or 1) - 1) // processes)
 
 
 class DecodeSlots:
