@@ -206,7 +206,10 @@ class Engine:
         return self.index_models(data, [model], **kwargs)[0]
 
     def index_models(self, data: str, models: list[str], **kwargs: Any) -> list[IndexReport]:
-        """Bulk-index a folder into several models at once, each file read and decoded once; one report each."""
+        """Bulk-index a folder into several models at once, each file read and decoded once; one report each.
+
+        ``ray=RayOptions(address)`` (:mod:`embedsearch.core.ray_bulk`) reads, decodes and encodes on Ray.
+        """
         self._writable(create=True)
         return self.bulk.run(data, models, **kwargs)
 

@@ -73,6 +73,14 @@ class ReadOnlyError(EmbedSearchError):
     """The library cannot be written by this user (another user's, a read-only disk); reading it works."""
 
 
+class ExtraNotInstalledError(EmbedSearchError):
+    """A feature needs an optional extra that is not installed; the message says how to install it."""
+
+
+class ClusterError(EmbedSearchError):
+    """A Ray cluster could not be started or reached, or one of its workers failed mid-run."""
+
+
 class DiskFullError(EmbedSearchError):
     """A write failed for want of space; what was committed before it is kept.
 

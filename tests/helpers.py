@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 from embedsearch.engine import Engine
 
@@ -315,3 +319,24 @@ def vector_library(engine: Engine, n: int, dim: int = 32, seed: int = 0, name: s
         pairs = [(im["sha256"], x[i].tobytes()) for im, i in zip(images, part, strict=True)]
         engine.store.write_batch({model.id: pairs}, images)
     return x
+
+
+def index_entries(home: Path) -> int:
+    """Index entries committed so far, read beside the running process (0 before the tables exist)."""
+    url = os.environ.get("EMBEDSEARCH_DB")  # set by the ``database`` fixture for PostgreSQL
+    if url is None:
+        try:
+            with sqlite3.connect(f"file:{home / 'library.db'}?mode=ro", uri=True, timeout=5) as conn:
+                return conn.execute("SELECT count(*) FROM index_entries").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+    if url not in _ENGINES:
+        _ENGINES[url] = create_engine(url, poolclass=NullPool)
+    try:
+        with _ENGINES[url].connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM index_entries")).scalar_one())
+    except SQLAlchemyError:
+        return 0
+
+
+_ENGINES: dict[str, Any] = {}

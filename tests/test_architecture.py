@@ -112,7 +112,8 @@ def test_the_package_has_no_import_cycles() -> None:
     assert not cycles, f"import cycles (imports inside functions and under TYPE_CHECKING count):\n{report}"
 
 
-def test_importing_the_package_loads_neither_torch_faiss_nor_sqlalchemy() -> None:
-    code = "import sys, embedsearch; print(sorted(m for m in ('torch', 'faiss', 'sqlalchemy') if m in sys.modules))"
+def test_importing_the_package_loads_neither_torch_faiss_sqlalchemy_nor_ray() -> None:
+    heavy = "('torch', 'faiss', 'sqlalchemy', 'ray')"
+    code = f"import sys, embedsearch; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import NullPool
 
 from embedsearch.data.synth import make_image_array
 from embedsearch.engine import Engine
+from helpers import index_entries as entries
 
 #: Every test here runs on both metadata stores (conftest.py: ``database``).
 pytestmark = pytest.mark.slow
@@ -38,27 +34,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "bad.png").write_text("not an image")
     (root / "empty.jpg").write_bytes(b"")
     return root
-
-
-def entries(home: Path) -> int:
-    """Index entries committed so far, read beside the running process (0 before the tables exist)."""
-    url = os.environ.get("EMBEDSEARCH_DB")  # set by the ``database`` fixture for PostgreSQL
-    if url is None:
-        try:
-            with sqlite3.connect(f"file:{home / 'library.db'}?mode=ro", uri=True, timeout=5) as conn:
-                return conn.execute("SELECT count(*) FROM index_entries").fetchone()[0]
-        except sqlite3.Error:
-            return 0
-    if url not in _ENGINES:
-        _ENGINES[url] = create_engine(url, poolclass=NullPool)
-    try:
-        with _ENGINES[url].connect() as conn:
-            return int(conn.execute(text("SELECT count(*) FROM index_entries")).scalar_one())
-    except SQLAlchemyError:
-        return 0
-
-
-_ENGINES: dict[str, Any] = {}
 
 
 def run_index(home: Path, data: Path, kill_after_entries: int | None, kill_after_s: float | None) -> bool:

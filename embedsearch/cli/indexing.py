@@ -13,6 +13,7 @@ from embedsearch.cli.context import engine as _engine
 from embedsearch.results import METRICS
 
 if TYPE_CHECKING:
+    from embedsearch.core.ray_bulk import RayOptions
     from embedsearch.engine import Engine
 
 
@@ -35,7 +36,19 @@ if TYPE_CHECKING:
 @click.option(
     "--batch-size", default=2048, show_default=True, type=click.IntRange(1), help="Images per committed batch."
 )
-@click.option("--workers", default=None, type=click.IntRange(0), help="Decoding processes (default: all cores).")
+@click.option(
+    "--workers", default=None, type=click.IntRange(0), help="Decoding processes, or Ray workers (default: all cores)."
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Read, decode and encode on Ray: the cluster at ADDRESS ('auto', 'ray://head:10001'), "
+    "or Ray started here without one. Files must be at the same path on every node.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (one object per model).")
 @click.pass_context
 def index(
@@ -47,6 +60,7 @@ def index(
     fit: str | None,
     batch_size: int,
     workers: int | None,
+    ray_address: str | None,
     as_json: bool,
 ) -> None:
     """Bulk-index every image under DATA (a folder, recursively, or one file).
@@ -54,12 +68,15 @@ def index(
     Incremental: a second run adds nothing; changed files are re-encoded; identical files are
     stored once. Files that cannot be used are listed with the reason and never stop the run.
     With several models (``--model a,b`` or ``--all-models``) each file is read and decoded once
-    for all of them.
+    for all of them. With --ray (pip install 'embedsearch[ray]') files are read, decoded and
+    encoded on a Ray cluster, at the same path on every node (a shared filesystem); this process
+    scans and commits as without.
 
     \b
     Example:
       embedsearch index photos/ --model pixels
       embedsearch index photos/ --model pixels,vae
+      embedsearch index /shared/photos --model vae --ray=auto
     """
     engine = _engine(ctx)
     names = _index_models(engine, model, all_models)
@@ -71,6 +88,7 @@ def index(
         batch_size=batch_size,
         workers=workers,
         progress=not ctx.obj["quiet"] and sys.stderr.isatty(),
+        ray=_ray_options(ray_address),
     )
     if as_json:
         for report in reports:
@@ -88,6 +106,15 @@ def index(
         from embedsearch.data.images import skipped_text
 
         click.echo(skipped_text(reports[0].skipped_endings))
+
+
+def _ray_options(address: str | None) -> RayOptions | None:
+    """``--ray`` alone starts Ray here; ``--ray ADDRESS`` joins a cluster; no --ray: no Ray at all."""
+    if address is None:
+        return None
+    from embedsearch.core.ray_bulk import RayOptions  # never imports ray itself: the run does, if it can
+
+    return RayOptions(address=None if address == "local" else address)
 
 
 def _index_models(engine: Engine, model: str | None, all_models: bool) -> list[str]:

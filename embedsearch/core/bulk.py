@@ -1,5 +1,8 @@
 """Bulk indexing: scan -> decode (worker processes) -> encode -> one transaction per batch.
 
+On Ray (``ray=RayOptions(...)``, :mod:`embedsearch.core.ray_bulk`) the workers read, decode and
+encode; the driver still scans, routes and commits, so the results are the same.
+
 Each batch is committed to the database in one transaction (images and their vectors together),
 then added to the in-memory FAISS index through the index cache, which writes the file when the
 run ends. A run killed at any moment therefore loses at most the batch in flight, and the next run (or any open) brings
@@ -12,6 +15,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +24,7 @@ import numpy as np
 
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.models import ModelRegistry
+from embedsearch.core.ray_bulk import RayOptions, encode_on_ray, ray_module
 from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
 from embedsearch.data.images import FileInfo, InputSpec, infer_spec, scan
@@ -37,7 +42,7 @@ class _Batch:
 
     def __init__(self, models: int) -> None:
         self.keys: list[list[int | str]] = [[] for _ in range(models)]  # image id, or sha256 of a new image
-        self.pixels: list[list[np.ndarray]] = [[] for _ in range(models)]
+        self.inputs: list[list[np.ndarray]] = [[] for _ in range(models)]  # pixels, or codes (Ray)
         self.new_images: list[dict[str, Any]] = []
         self.changed: list[dict[str, Any]] = []
         self.deleted: list[int] = []  # paths whose new content is stored under another path already
@@ -110,12 +115,19 @@ class BulkIndexer:
         batch_size: int = 2048,
         workers: int | None = None,
         progress: bool = False,
+        ray: RayOptions | None = None,
     ) -> list[IndexReport]:
-        """Index ``data`` into every model of ``models``; one report per model, in that order."""
+        """Index ``data`` into every model of ``models``; one report per model, in that order.
+
+        With ``ray`` the files are read, decoded and encoded on a Ray cluster (``workers``: how many
+        Ray workers); everything else, and the result, is the same as without.
+        """
         started = time.perf_counter()
         names = list(dict.fromkeys(models))  # each once, in the order given
         if not names:
             raise InvalidArgumentError("name at least one model to index into")
+        if ray is not None:
+            ray_module()  # missing Ray is one line before any work, not after the scan
         with self.cache.writing():  # decide whether to create the model under the lock: no run may race us
             skipped: Counter[str] = Counter()  # image files of formats not read here, by ending
             files = list(scan(data, skipped))
@@ -127,15 +139,12 @@ class BulkIndexer:
             for target in targets:
                 target.report.scanned, target.report.unchanged = work.scanned, work.unchanged
                 target.report.skipped_endings = dict(skipped)
-            state = _State(known, self.store.all_shas() if work.todo else {}, targets)
+            state = _State(known, self.store.all_shas() if work.todo else {}, targets, encoded=ray is not None)
             progress_bar = _Progress(len(work.todo), progress)
             batch = _Batch(len(targets))
-            pooled = uses_pool(work.todo, workers)
             try:
                 with ExitStack() as stack:
-                    for target in targets if pooled else ():
-                        stack.enter_context(target.encoder.sharing_cores())
-                    for item in decode_all(work.todo, specs, self.max_pixels, workers):
+                    for item in self._items(work.todo, targets, specs, workers, ray, stack):
                         _route(item, state, batch)
                         progress_bar.update(targets[0].report)
                         if len(batch) + len(batch.touched) >= batch_size:
@@ -149,6 +158,24 @@ class BulkIndexer:
         for target in targets:
             target.report.seconds = time.perf_counter() - started
         return [target.report for target in targets]
+
+    def _items(
+        self,
+        todo: list[FileInfo],
+        targets: list[_Target],
+        specs: list[InputSpec],
+        workers: int | None,
+        ray: RayOptions | None,
+        stack: ExitStack,
+    ) -> Iterator[Decoded]:
+        """The executor, the only difference between a local and a Ray run: decoded files in scan order."""
+        if ray is not None:
+            encoders = [(t.encoder, t.view) for t in targets]
+            return encode_on_ray(todo, encoders, specs, self.max_pixels, ray, workers)
+        if uses_pool(todo, workers):
+            for target in targets:
+                stack.enter_context(target.encoder.sharing_cores())
+        return decode_all(todo, specs, self.max_pixels, workers)
 
     def _targets(self, names: list[str]) -> tuple[list[_Target], list[InputSpec]]:
         """Each model with its index's ids, and the distinct input specs the files are decoded to."""
@@ -173,7 +200,7 @@ class BulkIndexer:
     def _flush(self, batch: _Batch, state: _State) -> None:
         if not (len(batch) or batch.touched or batch.deleted):
             return
-        vectors = [_encode(t.encoder, pixels) for t, pixels in zip(state.targets, batch.pixels, strict=True)]
+        vectors = [_encode(t.encoder, xs, state.encoded) for t, xs in zip(state.targets, batch.inputs, strict=True)]
         entries = {
             t.row.id: list(zip(keys, [v.tobytes() for v in vecs], strict=True))
             for t, keys, vecs in zip(state.targets, batch.keys, vectors, strict=True)
@@ -190,11 +217,11 @@ class BulkIndexer:
             target.indexed.update(ids.tolist())
 
 
-def _encode(encoder: Encoder, pixels: list[np.ndarray]) -> np.ndarray:
-    """(N, dim) float32, or (N, bytes) uint8 bits, of a batch's images."""
-    if not pixels:
+def _encode(encoder: Encoder, inputs: list[np.ndarray], encoded: bool) -> np.ndarray:
+    """(N, dim) float32, or (N, bytes) uint8 bits, of a batch's images (``encoded``: their codes already)."""
+    if not inputs:
         return np.zeros((0, encoder.code_width), encoder.code_dtype)
-    return encoder.encode(np.stack(pixels))
+    return np.stack(inputs) if encoded else encoder.encode(np.stack(inputs))
 
 
 @dataclass
@@ -204,10 +231,11 @@ class _State:
     known: dict[str, tuple[int, int, float | None, str, bool]]  # path -> id, bytes, mtime, sha, indexed
     shas: dict[str, int]  # sha256 -> image id, for every stored image
     targets: list[_Target]
+    encoded: bool = False  # the executor's workers encode too (Ray): files come with their codes
     seen: dict[str, str] = field(default_factory=dict)  # sha256 -> path, files met in this run
     batches: int = 0  # batches this run committed
     committed: int = 0  # images (new or re-encoded) in them
-    #: sha256 -> (values, views) of files met as copies of a stored image: if that image's own
+    #: sha256 -> (values, inputs) of files met as copies of a stored image: if that image's own
     #: file turns out to have changed later in the run, the copy takes its place.
     copies: dict[str, tuple[dict[str, Any], list[np.ndarray]]] = field(default_factory=dict)
     path_of: dict[int, str] = field(init=False)  # image id -> path of the stored images
@@ -235,8 +263,10 @@ def _committed(state: _State) -> str:
 
 def _route(item: Decoded, state: _State, batch: _Batch) -> None:
     """Decide what one decoded file is: failed, unchanged, duplicate, changed or new."""
-    info, meta, views = item.file, item.meta, item.views
-    if item.error is not None or meta is None or not views:
+    info, meta = item.file, item.meta
+    # Per model, what its encoder takes (its view of the pixels), or its code from a Ray worker.
+    inputs = item.codes if state.encoded else [item.views[t.view] for t in state.targets] if item.views else []
+    if item.error is not None or meta is None or not inputs:
         for target in state.targets:
             target.report.failed.append((info.path, item.error or "unknown error"))
         log.debug("skipped %s: %s", info.path, item.error)  # listed after the run; a line here would break the bar
@@ -250,7 +280,7 @@ def _route(item: Decoded, state: _State, batch: _Batch) -> None:
                 target.report.unchanged += 1
             else:
                 target.report.added += 1
-        _queue(batch, state, old[0], views, missing_only=True)
+        _queue(batch, state, old[0], inputs, missing_only=True)
         return
     values = {
         "path": info.path,
@@ -266,21 +296,21 @@ def _route(item: Decoded, state: _State, batch: _Batch) -> None:
     first = state.seen.setdefault(meta.sha256, info.path)
     stored = state.shas.get(meta.sha256)
     if first != info.path or stored is not None:
-        _duplicate(views, values, stored, first, old, state, batch)
+        _duplicate(inputs, values, stored, first, old, state, batch)
     elif old is None or _moved_to_copy(old, state, batch):
         # New, or the row went to a copy of its old content: either way this file is a new image.
         batch.new_images.append(values)
-        _queue(batch, state, meta.sha256, views)
+        _queue(batch, state, meta.sha256, inputs)
         state.count("added")
     else:  # new content at a known path: its row is rewritten and re-encoded
-        _rewrite(batch, state, old[0], values, views)
+        _rewrite(batch, state, old[0], values, inputs)
         state.shas.pop(old[3], None)  # its old content is gone: a later copy of it is new, not a duplicate
         state.shas[meta.sha256] = old[0]
         state.count("updated")
 
 
 def _duplicate(
-    views: list[np.ndarray],
+    inputs: list[np.ndarray],
     values: dict[str, Any],
     stored: int | None,
     first: str,
@@ -299,7 +329,7 @@ def _duplicate(
     if stored is not None and was_at is not None and not os.path.exists(was_at):
         # The stored image's file is gone (renamed or moved): the image follows its content here.
         log.info("%s: the stored image of %s, whose file is gone", values["path"], was_at)
-        _rewrite(batch, state, stored, values, views)
+        _rewrite(batch, state, stored, values, inputs)
         state.count("updated")
         return
     state.count("duplicates")
@@ -307,8 +337,8 @@ def _duplicate(
     if stored is not None:
         # If the stored image's own file turns out to have changed later in the run, this copy
         # takes its place (a swap of two files' contents, say).
-        state.copies.setdefault(values["sha256"], (values, views))
-        _queue(batch, state, stored, views, missing_only=True)  # stored elsewhere, maybe not in every index
+        state.copies.setdefault(values["sha256"], (values, inputs))
+        _queue(batch, state, stored, inputs, missing_only=True)  # stored elsewhere, maybe not in every index
 
 
 def _moved_to_copy(old: tuple[int, int, float | None, str, bool], state: _State, batch: _Batch) -> bool:
@@ -323,14 +353,14 @@ def _moved_to_copy(old: tuple[int, int, float | None, str, bool], state: _State,
     return True
 
 
-def _rewrite(batch: _Batch, state: _State, image_id: int, values: dict[str, Any], views: list[np.ndarray]) -> None:
+def _rewrite(batch: _Batch, state: _State, image_id: int, values: dict[str, Any], inputs: list[np.ndarray]) -> None:
     """The stored image ``image_id`` is now the file ``values`` describes: its row is rewritten and re-encoded."""
     batch.changed.append({"id": image_id, **values})
-    _queue(batch, state, image_id, views)
+    _queue(batch, state, image_id, inputs)
     state.path_of[image_id] = values["path"]
 
 
-def _queue(batch: _Batch, state: _State, key: int | str, views: list[np.ndarray], missing_only: bool = False) -> None:
+def _queue(batch: _Batch, state: _State, key: int | str, inputs: list[np.ndarray], missing_only: bool = False) -> None:
     """Queue an image for encoding by every model (``missing_only``: by those whose index lacks it)."""
     for n, target in enumerate(state.targets):
         if isinstance(key, int):
@@ -338,7 +368,7 @@ def _queue(batch: _Batch, state: _State, key: int | str, views: list[np.ndarray]
                 continue
             target.indexed.add(key)  # queued counts as indexed: never queue one image twice
         batch.keys[n].append(key)
-        batch.pixels[n].append(views[target.view])
+        batch.inputs[n].append(inputs[n])
 
 
 class _Progress:

@@ -45,12 +45,17 @@ AHEAD = 32
 
 @dataclass
 class Decoded:
-    """One file after reading: either ``meta`` and one ``(S, S, C)`` uint8 array per input spec, or an error."""
+    """One file after reading: either ``meta`` and one ``(S, S, C)`` uint8 array per input spec, or an error.
+
+    A worker that encodes too (a Ray run, :mod:`embedsearch.core.ray_bulk`) ships ``codes`` instead
+    of ``views``: one code per model of the run, in the run's order.
+    """
 
     file: FileInfo
     meta: ImageMeta | None = None
     views: list[np.ndarray] = field(default_factory=list)
     error: str | None = None
+    codes: list[np.ndarray] = field(default_factory=list)
 
     @property
     def pixels(self) -> np.ndarray | None:
@@ -93,7 +98,8 @@ def _decode(info: FileInfo, specs: Specs, max_pixels: int) -> Decoded:
     return Decoded(info, meta, views)
 
 
-def _decode_chunk(files: list[FileInfo], specs: Specs, max_pixels: int) -> list[Decoded]:
+def decode_chunk(files: list[FileInfo], specs: Specs, max_pixels: int) -> list[Decoded]:
+    """Read, hash and decode ``files`` in order: the one per-file path of every executor (pool or Ray)."""
     return [_decode(f, specs, max_pixels) for f in files]
 
 
@@ -147,7 +153,7 @@ def _bounded(pool: Pool, files: list[FileInfo], specs: Specs, max_pixels: int, w
     chunks = (files[i : i + size] for i in range(0, len(files), size))
     pending: deque[AsyncResult[list[Decoded]]] = deque()
     for part in chunks:
-        pending.append(pool.apply_async(_decode_chunk, (part, specs, max_pixels)))
+        pending.append(pool.apply_async(decode_chunk, (part, specs, max_pixels)))
         if len(pending) >= AHEAD:
             yield from pending.popleft().get()
     while pending:

@@ -1,0 +1,195 @@
+"""Bulk indexing on Ray (local mode): the same images, ids, vectors and failures as a local run;
+a killed driver's re-run indexes every good image exactly once; without Ray, one line saying how
+to install it."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from embedsearch.cli.main import main
+from embedsearch.core.ray_bulk import INSTALL_HINT, RayOptions
+from embedsearch.data.synth import make_image_array
+from embedsearch.engine import Engine
+from embedsearch.errors import ExtraNotInstalledError
+from embedsearch.results import IndexReport
+from helpers import index_entries
+
+#: Ray's start-up costs seconds: once per module, in local mode, on two CPUs (issue 15).
+RAY_SETTINGS = {"num_cpus": 2, "object_store_memory": int(2e8), "include_dashboard": False}
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[Any]:
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", log_to_driver=False, **RAY_SETTINGS)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def messy(shapes: Path) -> Path:
+    """``shapes`` with a broken file, an empty one and two copies of one picture."""
+    (shapes / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (shapes / "empty.png").write_bytes(b"")
+    for name in ("copy-a.png", "zz/copy-b.png"):
+        (shapes / name).parent.mkdir(exist_ok=True)
+        shutil.copy(shapes / "circle" / "circle-0002.png", shapes / name)
+    return shapes
+
+
+def _state(home: Path, models: list[str]) -> dict[str, Any]:
+    """What a library holds: path -> image id, and per model image id -> stored and indexed vector."""
+    with Engine(home) as engine:
+        paths = {path: image_id for image_id, _, path in engine.store.image_paths()}
+        vectors = {}
+        for name in models:
+            model = engine.model(name)
+            stored = {i: np.frombuffer(b, np.float32) for i, b in engine.store.entry_blobs(model.id)}
+            indexed = engine.vector_index(name).vectors()
+            assert sorted(indexed) == sorted(stored)
+            vectors[name] = (stored, indexed)
+    return {"paths": paths, "vectors": vectors}
+
+
+def _same_vectors(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> None:
+    assert sorted(a) == sorted(b)
+    for image_id, vector in a.items():
+        np.testing.assert_allclose(vector, b[image_id], rtol=1e-5, atol=1e-6)
+
+
+def _counts(report: IndexReport) -> dict[str, Any]:
+    """A report without its timings."""
+    return {k: v for k, v in report.to_dict().items() if k not in ("seconds", "images_per_second")}
+
+
+Reports = list[IndexReport]
+
+
+def _index_both(tmp_path: Path, data: Path, models: list[str], **kwargs: Any) -> tuple[Reports, Reports]:
+    reports = []
+    for where, ray in (("local", None), ("ray", RayOptions(chunk=5))):  # chunks of 5: many calls, in order
+        new = not (tmp_path / where).exists()
+        with Engine(tmp_path / where) as engine:
+            if "pca" in models and new:
+                # pixels on its own first (a model is made in a library), then both: every file is read
+                # again for pca, and pixels' codes are shipped but not needed
+                engine.index(str(data), "pixels", workers=2, ray=ray, **kwargs)
+                engine.create_model("pca", "pca", str(data), options={"dim": 8})
+            reports.append(engine.index_models(str(data), models, workers=2, ray=ray, **kwargs))
+    return reports[0], reports[1]
+
+
+@pytest.mark.slow
+def test_ray_indexes_exactly_what_a_local_run_does(tmp_path: Path, messy: Path, ray_local: Any) -> None:
+    local, on_ray = _index_both(tmp_path, messy, ["pixels", "pca"], batch_size=16)
+    assert [_counts(r) for r in on_ray] == [_counts(r) for r in local]
+    assert sorted(p for p, _ in local[0].failed) == [str(messy / "broken.png"), str(messy / "empty.png")]
+    a, b = _state(tmp_path / "local", ["pixels", "pca"]), _state(tmp_path / "ray", ["pixels", "pca"])
+    assert a["paths"] == b["paths"]  # same images, same ids
+    for name in ("pixels", "pca"):
+        for x, y in zip(a["vectors"][name], b["vectors"][name], strict=True):
+            _same_vectors(x, y)
+    assert ray_local.is_initialized()  # a Ray the caller started is left running
+
+
+@pytest.mark.slow
+def test_a_second_ray_run_finds_the_changes_a_local_one_finds(tmp_path: Path, messy: Path, ray_local: Any) -> None:
+    _index_both(tmp_path, messy, ["pixels"])
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(messy / "circle" / "circle-0001.png")  # changed
+    (messy / "zz" / "copy-b.png").unlink()
+    Image.new("RGB", (32, 32), (0, 90, 10)).save(messy / "new.png")
+    local, on_ray = _index_both(tmp_path, messy, ["pixels"])
+    assert _counts(on_ray[0]) == _counts(local[0])
+    assert (local[0].added, local[0].updated) == (1, 1)
+    a, b = _state(tmp_path / "local", ["pixels"]), _state(tmp_path / "ray", ["pixels"])
+    assert a["paths"] == b["paths"]
+    for x, y in zip(a["vectors"]["pixels"], b["vectors"]["pixels"], strict=True):
+        _same_vectors(x, y)
+
+
+N_GOOD = 2400
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ray-corpus")
+    images, labels = make_image_array(N_GOOD, 28, 1, seed=5)
+    for i, (arr, label) in enumerate(zip(images, labels, strict=False)):
+        (root / f"class{label}").mkdir(exist_ok=True)
+        Image.fromarray(arr[..., 0], "L").save(root / f"class{label}" / f"{i:05d}.png")
+    (root / "bad.png").write_text("not an image")
+    return root
+
+
+def _index_command(home: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "embedsearch", "-q", "--home", str(home), "index", str(data), "--model", "pixels",
+            *extra]  # fmt: skip
+
+
+def _run_and_kill(home: Path, data: Path, after_entries: int) -> bool:
+    """``index --ray`` in a subprocess, SIGKILLed once ``after_entries`` are committed; True if it was."""
+    proc = subprocess.Popen(_index_command(home, data, "--batch-size", "150", "--ray"), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if index_entries(home) >= after_entries:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    return proc.wait(timeout=60) == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_a_killed_ray_driver_then_a_rerun_indexes_every_good_image_once(tmp_path: Path, corpus: Path) -> None:
+    home = tmp_path / "lib"
+    killed, counts = [], []
+    for after in (1, N_GOOD // 2):
+        killed.append(_run_and_kill(home, corpus, after))
+        counts.append(index_entries(home))
+    assert any(killed), killed  # a run really died part-way ...
+    assert 0 < counts[0] < N_GOOD, counts  # ... with part of the work committed
+    final = subprocess.run(_index_command(home, corpus, "--ray", "--json"), capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert '"bad.png"' in final.stdout or "bad.png" in final.stdout  # the failure is reported again
+    with Engine(home) as engine:
+        model = engine.model("pixels")
+        db_ids = engine.store.entry_image_ids(model.id)
+        assert len(db_ids) == len(set(db_ids)) == N_GOOD == engine.info().images
+        assert sorted(engine.vector_index("pixels").ids().tolist()) == sorted(db_ids)
+
+
+def test_without_ray_the_ray_option_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, shapes: Path, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # what ``import ray`` does when it is not installed
+    args = ["--home", str(tmp_path / "h"), "index", str(shapes), "--model", "pixels", "--ray"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: indexing on Ray needs Ray, which is not installed: {INSTALL_HINT}"
+    ]
+    with Engine(tmp_path / "h2") as engine, pytest.raises(ExtraNotInstalledError, match=r"embedsearch\[ray\]"):
+        engine.index(str(shapes), "pixels", ray=RayOptions())
+
+
+@pytest.mark.slow
+def test_a_run_without_the_ray_option_never_imports_ray(shapes: Path, tmp_path: Path) -> None:
+    code = (
+        "import sys; from embedsearch.cli.main import main\n"
+        f"try: main(['-q', '--home', {str(tmp_path / 'h')!r}, 'index', {str(shapes)!r}, '--model', 'pixels'])\n"
+        "except SystemExit as exc: assert not exc.code, exc.code\n"
+        "print('ray' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
