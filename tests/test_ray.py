@@ -49,9 +49,15 @@ def messy(shapes: Path) -> Path:
     return shapes
 
 
-def _state(home: Path, models: list[str]) -> dict[str, Any]:
+@pytest.fixture
+def dbs(new_database: Any) -> dict[str, str | None]:
+    """The local run's and the Ray run's libraries each need a database of their own (PostgreSQL)."""
+    return {"local": new_database(), "ray": new_database()}
+
+
+def _state(home: Path, models: list[str], db: str | None) -> dict[str, Any]:
     """What a library holds: path -> image id, and per model image id -> stored and indexed vector."""
-    with Engine(home) as engine:
+    with Engine(home, db=db) as engine:
         paths = {path: image_id for image_id, _, path in engine.store.image_paths()}
         vectors = {}
         for name in models:
@@ -77,11 +83,13 @@ def _counts(report: IndexReport) -> dict[str, Any]:
 Reports = list[IndexReport]
 
 
-def _index_both(tmp_path: Path, data: Path, models: list[str], **kwargs: Any) -> tuple[Reports, Reports]:
+def _index_both(
+    tmp_path: Path, dbs: dict[str, str | None], data: Path, models: list[str], **kwargs: Any
+) -> tuple[Reports, Reports]:
     reports = []
     for where, ray in (("local", None), ("ray", RayOptions(chunk=5))):  # chunks of 5: many calls, in order
         new = not (tmp_path / where).exists()
-        with Engine(tmp_path / where) as engine:
+        with Engine(tmp_path / where, db=dbs[where]) as engine:
             if "pca" in models and new:
                 # pixels on its own first (a model is made in a library), then both: every file is read
                 # again for pca, and pixels' codes are shipped but not needed
@@ -92,11 +100,14 @@ def _index_both(tmp_path: Path, data: Path, models: list[str], **kwargs: Any) ->
 
 
 @pytest.mark.slow
-def test_ray_indexes_exactly_what_a_local_run_does(tmp_path: Path, messy: Path, ray_local: Any) -> None:
-    local, on_ray = _index_both(tmp_path, messy, ["pixels", "pca"], batch_size=16)
+def test_ray_indexes_exactly_what_a_local_run_does(
+    tmp_path: Path, dbs: dict[str, str | None], messy: Path, ray_local: Any
+) -> None:
+    local, on_ray = _index_both(tmp_path, dbs, messy, ["pixels", "pca"], batch_size=16)
     assert [_counts(r) for r in on_ray] == [_counts(r) for r in local]
     assert sorted(p for p, _ in local[0].failed) == [str(messy / "broken.png"), str(messy / "empty.png")]
-    a, b = _state(tmp_path / "local", ["pixels", "pca"]), _state(tmp_path / "ray", ["pixels", "pca"])
+    a = _state(tmp_path / "local", ["pixels", "pca"], dbs["local"])
+    b = _state(tmp_path / "ray", ["pixels", "pca"], dbs["ray"])
     assert a["paths"] == b["paths"]  # same images, same ids
     for name in ("pixels", "pca"):
         for x, y in zip(a["vectors"][name], b["vectors"][name], strict=True):
@@ -105,15 +116,17 @@ def test_ray_indexes_exactly_what_a_local_run_does(tmp_path: Path, messy: Path, 
 
 
 @pytest.mark.slow
-def test_a_second_ray_run_finds_the_changes_a_local_one_finds(tmp_path: Path, messy: Path, ray_local: Any) -> None:
-    _index_both(tmp_path, messy, ["pixels"])
+def test_a_second_ray_run_finds_the_changes_a_local_one_finds(
+    tmp_path: Path, dbs: dict[str, str | None], messy: Path, ray_local: Any
+) -> None:
+    _index_both(tmp_path, dbs, messy, ["pixels"])
     Image.new("RGB", (32, 32), (200, 10, 10)).save(messy / "circle" / "circle-0001.png")  # changed
     (messy / "zz" / "copy-b.png").unlink()
     Image.new("RGB", (32, 32), (0, 90, 10)).save(messy / "new.png")
-    local, on_ray = _index_both(tmp_path, messy, ["pixels"])
+    local, on_ray = _index_both(tmp_path, dbs, messy, ["pixels"])
     assert _counts(on_ray[0]) == _counts(local[0])
     assert (local[0].added, local[0].updated) == (1, 1)
-    a, b = _state(tmp_path / "local", ["pixels"]), _state(tmp_path / "ray", ["pixels"])
+    a, b = _state(tmp_path / "local", ["pixels"], dbs["local"]), _state(tmp_path / "ray", ["pixels"], dbs["ray"])
     assert a["paths"] == b["paths"]
     for x, y in zip(a["vectors"]["pixels"], b["vectors"]["pixels"], strict=True):
         _same_vectors(x, y)
