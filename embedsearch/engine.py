@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from embedsearch.core import ray_bulk
 from embedsearch.core.bulk import BulkIndexer
 from embedsearch.core.check import Checker
 from embedsearch.core.dedup import DuplicateFinder, DuplicateReport
@@ -26,6 +27,7 @@ from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.layout import THUMBS, Layout, WriterLock
 from embedsearch.core.library import ImageLibrary
 from embedsearch.core.models import ModelRegistry
+from embedsearch.core.ray_bulk import RayOptions
 from embedsearch.core.reindex import Reindexer
 from embedsearch.core.schema import Model
 from embedsearch.core.search import Search
@@ -221,12 +223,17 @@ class Engine:
         target_recall: float = 0.95,
         seed: int = 0,
         shards: int = 1,
+        ray: RayOptions | None = None,
     ) -> ReindexResult:
         """Rebuild a model's index from its stored vectors as ``index`` (flat, hnsw, ivf, ivfpq or
         auto: by size and ``memory``, e.g. "4G"), tuned to ``target_recall``; see embedsearch.core.reindex.
-        ``shards`` > 1 adds an IVF type's vectors in that many parallel jobs (embedsearch.core.shards)."""
+        ``shards`` > 1 adds an IVF type's vectors in that many parallel jobs (embedsearch.core.shards):
+        threads here, or Ray tasks with ``ray=RayOptions(address)``."""
         self._writable()
-        return self.reindexer.run(model, index, memory, target_recall, seed, shards=shards)
+        if ray is not None:
+            ray_bulk.ray_module()  # one line saying how to install it, before any work
+        run = ray_bulk.shard_runner(ray) if ray is not None else None
+        return self.reindexer.run(model, index, memory, target_recall, seed, shards=shards, run=run)
 
     def query(
         self, images: list[str], model: str, k: int = 10, batch_size: int = 256, include_generated: bool = False

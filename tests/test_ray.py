@@ -24,7 +24,7 @@ from embedsearch.data.synth import make_image_array
 from embedsearch.engine import Engine
 from embedsearch.errors import ExtraNotInstalledError
 from embedsearch.results import IndexReport
-from helpers import index_entries
+from helpers import index_entries, vector_library
 
 #: Ray's start-up costs seconds: once per module, in local mode, on two CPUs (issue 15).
 RAY_SETTINGS = {"num_cpus": 2, "object_store_memory": int(2e8), "include_dashboard": False}
@@ -190,7 +190,7 @@ def test_without_ray_the_ray_option_says_how_to_install_it(
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        f"Error: indexing on Ray needs Ray, which is not installed: {INSTALL_HINT}"
+        f"Error: working on Ray needs Ray, which is not installed: {INSTALL_HINT}"
     ]
     with Engine(tmp_path / "h2") as engine, pytest.raises(ExtraNotInstalledError, match=r"embedsearch\[ray\]"):
         engine.index(str(shapes), "pixels", ray=RayOptions())
@@ -206,3 +206,24 @@ def test_a_run_without_the_ray_option_never_imports_ray(shapes: Path, tmp_path: 
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.slow
+def test_a_sharded_reindex_on_ray_tasks_builds_the_index_one_process_builds(
+    tmp_path: Path, new_database: Any, ray_local: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15.5: train once, add the shards as Ray tasks, merge; the same FAISS index byte for byte."""
+    import faiss
+
+    remote = ray_local.remote
+    tasks: list[str] = []
+    monkeypatch.setattr(ray_local, "remote", lambda *a, **k: tasks.append("remote") or remote(*a, **k))
+    built = {}
+    for shards, ray in ((1, None), (3, RayOptions())):
+        with Engine(tmp_path / f"h{shards}", db=new_database()) as engine:
+            vector_library(engine, 3000, dim=16, seed=4)
+            result = engine.reindex("vecs", index="ivfpq", shards=shards, ray=ray, seed=1)
+            assert result.shards == shards
+            built[shards] = bytes(faiss.serialize_index(engine.vector_index("vecs").index))
+    assert tasks == ["remote"]  # the sharded build made its Ray task (and the unsharded one none)
+    assert built[3] == built[1]

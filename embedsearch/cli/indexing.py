@@ -155,7 +155,16 @@ def _index_models(engine: Engine, model: str | None, all_models: bool) -> list[s
     default=1,
     show_default=True,
     type=click.IntRange(1),
-    help="ivf/ivfpq: add the vectors in this many parallel jobs (threads here), then merge the lists.",
+    help="ivf/ivfpq: add the vectors in this many parallel jobs (threads, or Ray tasks), then merge the lists.",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run the --shards jobs as Ray tasks: on the cluster at ADDRESS ('auto'), or on Ray started here.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the choice as JSON.")
 @click.pass_context
@@ -167,6 +176,7 @@ def reindex(
     target_recall: float,
     seed: int,
     shards: int,
+    ray_address: str | None,
     as_json: bool,
 ) -> None:
     """Rebuild a model's index from its stored vectors, as an exact or approximate FAISS index.
@@ -180,10 +190,12 @@ def reindex(
       embedsearch reindex --model vae --index auto --memory 4G
       embedsearch reindex --model vae --index hnsw --target-recall 0.98 --json
       embedsearch reindex --model vae --index ivfpq --shards 8
+      embedsearch reindex --model vae --index ivfpq --shards 64 --ray=auto
     """
     from dataclasses import asdict
 
-    result = _engine(ctx).reindex(model, index_type, memory, target_recall, seed, shards=shards)
+    ray = _ray_options(ray_address)
+    result = _engine(ctx).reindex(model, index_type, memory, target_recall, seed, shards=shards, ray=ray)
     if as_json:
         _emit(asdict(result))
         return

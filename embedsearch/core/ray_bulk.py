@@ -22,13 +22,14 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedsearch.core import shards
 from embedsearch.data.images import FileInfo, InputSpec
 from embedsearch.data.ingest import Decoded, decode_chunk
 from embedsearch.errors import ClusterError, ExtraNotInstalledError, InvalidArgumentError
@@ -66,7 +67,7 @@ def ray_module() -> ModuleType:
     try:
         import ray
     except ImportError:
-        raise ExtraNotInstalledError(f"indexing on Ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+        raise ExtraNotInstalledError(f"working on Ray needs Ray, which is not installed: {INSTALL_HINT}") from None
     return ray
 
 
@@ -164,6 +165,29 @@ def _stream(
     finally:  # also when the driver stops early: on a shared cluster the actors would linger
         for actor in actors:
             ray.kill(actor)
+
+
+def shard_runner(options: RayOptions) -> shards.Runner:
+    """Sharded index building's jobs (:mod:`embedsearch.core.shards`) as Ray tasks, one CPU each."""
+
+    def run(jobs: Sequence[shards.Job]) -> list[bytes]:
+        ray = ray_module()
+        started = _connect(ray, options)
+        try:
+            task = ray.remote(num_cpus=1, max_retries=0)(_add_shard)
+            empty = ray.put(jobs[0][0])  # every job's copy of the trained empty index: one object
+            return list(ray.get([task.remote(empty, x, positions) for _, x, positions in jobs]))
+        except ray.exceptions.RayError as exc:
+            raise ClusterError(f"a Ray task failed: {_first_line(exc)}; nothing was changed, run again") from None
+        finally:
+            if started:
+                ray.shutdown()
+
+    return run
+
+
+def _add_shard(empty: bytes, x: np.ndarray, positions: np.ndarray) -> bytes:
+    return shards.add_shard((empty, x, positions))
 
 
 def _first_line(exc: BaseException) -> str:
