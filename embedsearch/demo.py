@@ -30,6 +30,7 @@ from embedsearch.data.images import to_pil
 from embedsearch.data.synth import SHAPES, make_shapes
 from embedsearch.errors import DataError, InvalidArgumentError
 from embedsearch.evaluation.metrics import hit_matrix, precision_at
+from embedsearch.files import atomic_write
 from embedsearch.render.grid import Tile, save_grid
 from embedsearch.render.pictures import image_tile
 
@@ -126,7 +127,7 @@ def _prepare(engine: Engine, root: Path, config: DemoConfig) -> Path:
     """The demo's pictures under ``root/shapes``; what an earlier run with other settings left is removed."""
     data, settings = root / "shapes", root / _SETTINGS
     wanted = config.data_settings()
-    before = json.loads(settings.read_text()) if settings.is_file() else None
+    before = _read_settings(settings)
     if before != wanted and (data.exists() or any(engine.store.model(m) for m in MODELS)):
         log.info("demo settings changed: starting the demo afresh")
         _reset(engine, data)
@@ -134,8 +135,15 @@ def _prepare(engine: Engine, root: Path, config: DemoConfig) -> Path:
         log.info("writing %d synthetic images to %s", config.per_class * len(SHAPES), data)
         make_shapes(data, per_class=config.per_class, size=config.size, seed=config.seed)
     root.mkdir(parents=True, exist_ok=True)
-    settings.write_text(json.dumps(wanted, indent=1) + "\n")
+    atomic_write(settings, (json.dumps(wanted, indent=1) + "\n").encode())
     return data
+
+
+def _read_settings(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # none yet (or unreadable): whatever is there is treated as another run's
 
 
 def _reset(engine: Engine, data: Path) -> None:
@@ -146,6 +154,7 @@ def _reset(engine: Engine, data: Path) -> None:
         with contextlib.suppress(DataError):  # DataError: nothing of it was indexed
             engine.remove([str(data)])  # also what an older demo put in the library's 'pixels'
         shutil.rmtree(data)
+    (data.parent / "query-grid.png").unlink(missing_ok=True)  # the picture of the demo before issue 16
 
 
 def _make_models(engine: Engine, data: Path, config: DemoConfig) -> None:

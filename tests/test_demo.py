@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from embedsearch.cli.main import main
-from embedsearch.data.synth import SHAPES
+from embedsearch.data.synth import SHAPES, make_shapes
 from embedsearch.demo import AE, MODELS, PICTURE, VAE, DemoConfig, DemoOutcome, run_demo, score
 from embedsearch.engine import Engine
 from embedsearch.render.grid import render_grid
@@ -108,6 +108,22 @@ def test_a_second_run_reuses_everything_and_other_settings_start_afresh(demo: tu
     assert [(r.scanned, r.added) for r in fresh.indexed] == [(n, n)] * len(MODELS)
     assert engine.stats()["images"] == n  # the earlier pictures are gone from the library
     assert all(s.total == n * bigger.k for s in fresh.scores)
+
+
+@pytest.mark.slow
+def test_what_an_older_demo_left_is_cleared_away(engine: Engine) -> None:
+    """Before issue 16 the demo put its shapes in the library's 'pixels' and an 8-class 'pca-demo'."""
+    root = engine.home / "demo"
+    make_shapes(root / "shapes", per_class=2, size=16, seed=5)
+    engine.index(str(root / "shapes"), "pixels")
+    engine.create_model("pca-demo", "pca", str(root / "shapes"), options={"dim": 4})
+    (root / "query-grid.png").write_bytes(b"the old picture")
+    outcome = run_demo(engine, SMALL)
+    n = SMALL.per_class * len(SHAPES)
+    vectors = {m.name: (m.vectors, m.dim) for m in engine.models()}
+    assert vectors["pixels"][0] == 0 and vectors["pca-demo"] == (n, SMALL.pca_dim)
+    assert engine.stats()["images"] == n and all(s.total == n * SMALL.k for s in outcome.scores)
+    assert not (root / "query-grid.png").exists()
 
 
 def result(query: str, found: list[tuple[str, str]]) -> QueryResult:
