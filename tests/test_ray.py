@@ -194,6 +194,14 @@ def test_without_ray_the_ray_option_says_how_to_install_it(
     ]
     with Engine(tmp_path / "h2") as engine, pytest.raises(ExtraNotInstalledError, match=r"embedsearch\[ray\]"):
         engine.index(str(shapes), "pixels", ray=RayOptions())
+    CliRunner().invoke(main, ["--home", str(tmp_path / "h"), "index", str(shapes), "--model", "pixels"])
+    reindex = ["--home", str(tmp_path / "h"), "reindex", "--model", "pixels", "--index", "ivf", "--shards", "2"]
+    result = CliRunner().invoke(main, [*reindex, "--ray"])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        f"Error: working on Ray needs Ray, which is not installed: {INSTALL_HINT}"
+    ]
+    with Engine(tmp_path / "h") as engine:
+        assert engine.model("pixels").index_spec is None  # nothing was rebuilt: still the flat index
 
 
 @pytest.mark.slow
