@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from embedsearch.cli.context import CONTEXT, fit_option, printable
+from embedsearch.cli.context import CONTEXT, fit_option, printable, settings
 from embedsearch.cli.context import emit as _emit
 from embedsearch.cli.context import engine as _engine
 from embedsearch.results import METRICS
@@ -87,7 +87,7 @@ def index(
         fit=fit,
         batch_size=batch_size,
         workers=workers,
-        progress=not ctx.obj["quiet"] and sys.stderr.isatty(),
+        progress=not settings(ctx).get("quiet") and sys.stderr.isatty(),
         ray=_ray_options(ray_address),
     )
     if as_json:

@@ -12,7 +12,18 @@ from typing import Any
 
 import click
 
-from embedsearch.cli.context import CONTEXT, fit_option, printable, setup_logging
+from embedsearch.cli.context import (
+    CONTEXT,
+    HELP_DB,
+    HELP_HOME,
+    HELP_QUIET,
+    HELP_VERBOSE,
+    add_global_options,
+    fit_option,
+    log_level,
+    printable,
+    setup_logging,
+)
 from embedsearch.cli.context import emit as _emit
 from embedsearch.cli.context import engine as _engine
 from embedsearch.errors import EmbedSearchError, from_os_error
@@ -60,16 +71,16 @@ class _Group(click.Group):
     default="indexes",
     show_default=True,
     type=click.Path(file_okay=False),
-    help="Library folder (env EMBEDSEARCH_HOME).",
+    help=HELP_HOME,
 )
 @click.option(
     "--db",
     envvar="EMBEDSEARCH_DB",
     default=None,
-    help="SQLAlchemy URL of the metadata database (env EMBEDSEARCH_DB); default: HOME/library.db.",
+    help=HELP_DB,
 )
-@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr: no progress, no logs.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logs on stderr.")
+@click.option("-q", "--quiet", is_flag=True, help=HELP_QUIET)
+@click.option("-v", "--verbose", is_flag=True, help=HELP_VERBOSE)
 @click.version_option(package_name="embedsearch")
 @click.pass_context
 def main(ctx: click.Context, home: str, db: str | None, quiet: bool, verbose: bool) -> None:
@@ -80,10 +91,12 @@ def main(ctx: click.Context, home: str, db: str | None, quiet: bool, verbose: bo
       embedsearch demo
       embedsearch index photos/ --model pixels
       embedsearch query photos/cat.png --model pixels -k 5
+
+    The global options (--home, --db, -q, -v) may also follow the command:
+    'embedsearch index photos/ --model pixels -q --home lib/'.
     """
-    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
-    setup_logging(level)
-    ctx.obj = {"home": home, "db": db, "quiet": quiet}
+    ctx.obj = {"home": home, "db": db, "quiet": quiet, "verbose": verbose}
+    setup_logging(log_level(ctx.obj))
 
 
 @main.command(context_settings=CONTEXT)
@@ -498,6 +511,8 @@ def _register_commands() -> None:
     main.add_command(duplicates)
     main.add_command(index)
     main.add_command(reindex)
+    for command in main.commands.values():  # last: every command, wherever it is defined
+        add_global_options(command)
 
 
 _register_commands()
