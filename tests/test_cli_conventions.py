@@ -8,12 +8,16 @@ import io
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
 from click.testing import CliRunner
 
 from embedsearch.cli.main import main
+from embedsearch.engine import Engine
+from embedsearch.results import QueryResult
+from helpers import noise_image, png_bytes
 
 
 def invoke(*args: str) -> tuple[int, str, str]:
@@ -194,3 +198,77 @@ def test_compare_as_csv_and_tsv(tmp_path: Path, shapes: Path) -> None:
         assert 0.0 <= float(rows[0]["precision@3"]) <= 1.0 and rows[0]["kind"] == "pixels"
     code, out, _ = invoke(*base, "--format", "json")
     assert code == 0 and set(json.loads(out)["models"]) == {"pixels"}
+
+
+# -- id:N as a query; exit codes ---------------------------------------------------------------
+
+
+def query_json(home: Path, *args: str) -> tuple[int, list[dict[str, Any]], str]:
+    code, out, err = invoke("--home", str(home), "query", *args, "--json")
+    return code, [json.loads(line) for line in out.splitlines()], err
+
+
+def test_query_by_image_id_is_the_stored_image(library_home: Path, shapes: Path) -> None:
+    probe = str(sorted((shapes / "star").iterdir())[0])
+    for model in ("pixels", "pca"):
+        code, by_path, _ = query_json(library_home, probe, "--model", model, "-k", "4")
+        image_id = by_path[0]["results"][0]["id"]  # the probe is indexed: its own nearest
+        code, by_id, err = query_json(library_home, f"id:{image_id}", "--model", model, "-k", "4")
+        assert code == 0 and err == "" and by_id[0]["query"] == f"id:{image_id}"
+        assert [n["id"] for n in by_id[0]["results"]] == [n["id"] for n in by_path[0]["results"]]
+        assert by_id[0]["results"][0]["distance"] == pytest.approx(0.0, abs=1e-5)
+    with Engine(library_home) as engine:  # the API takes the same items
+        (result,) = engine.query([f"id:{image_id}"], "pixels", k=2)
+        assert isinstance(result, QueryResult) and result.results[0].id == image_id
+
+
+def test_an_id_not_in_the_models_index_is_read_from_its_file(library_home: Path) -> None:
+    with Engine(library_home) as engine:
+        added = engine.add_image(png_bytes(noise_image(5, 32)), label="only-pixels", models=["pixels"])
+        assert engine.store.entry_ids_of(engine.model("pca").id, [added.id]) == set()
+    code, results, err = query_json(library_home, f"id:{added.id}", "--model", "pca", "-k", "3")
+    assert code == 0 and err == "" and len(results[0]["results"]) == 3
+    assert added.id not in {n["id"] for n in results[0]["results"]}  # it is not in pca's index
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "csv", "paths", "grid"])
+def test_query_prints_every_good_result_then_exits_1(
+    tmp_path: Path, library_home: Path, shapes: Path, fmt: str
+) -> None:
+    good = [str(sorted((shapes / s).iterdir())[0]) for s in ("star", "ring")]
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    args = ["--home", str(library_home), "query", good[0], str(bad), "id:99999", good[1], "--model", "pixels"]
+    grid = tmp_path / "grid.png"
+    extra = ["--grid", str(grid)] if fmt == "grid" else ["--format", fmt]
+    code, out, err = invoke(*args, "-k", "2", *extra)
+    assert code == 1
+    lines = err.splitlines()
+    assert lines[-1] == "Error: 2 of 4 query images could not be read (listed above)"
+    assert f"skipped {bad}: " in err and "skipped id:99999: no image with id 99999" in err
+    if fmt == "json":
+        assert [json.loads(line)["query"] for line in out.splitlines()] == good
+    elif fmt == "csv":
+        assert [r["query"] for r in parse_rows(out, fmt)] == [good[0]] * 2 + [good[1]] * 2
+    elif fmt == "paths":
+        assert len(out.splitlines()) == 4 and out.splitlines()[0] == good[0]
+    else:
+        assert [line for line in out.splitlines() if line.startswith("query: ")] == [f"query: {g}" for g in good]
+    if fmt == "grid":
+        assert grid.is_file()
+    code, out, err = invoke(*args[:4], good[1], "--model", "pixels", *extra)
+    assert code == 0 and "Error" not in err
+
+
+def test_exit_codes(tmp_path: Path, library_home: Path, shapes: Path) -> None:
+    """0: done; 1: some or all input failed, or the library refused (one line); 2: a usage error."""
+    probe = str(sorted((shapes / "star").iterdir())[0])
+    home = ["--home", str(library_home)]
+    assert invoke(*home, "query", probe, "--model", "pixels")[0] == 0
+    assert invoke(*home, "query", "id:99999", "--model", "pixels")[0] == 1
+    assert invoke(*home, "query", str(tmp_path / "missing.png"), "--model", "pixels")[0] == 1
+    assert invoke(*home, "query", probe, "--model", "nope")[0] == 1
+    assert invoke(*home, "query", probe, "--model", "pixels", "-k", "0")[0] == 2
+    assert invoke(*home, "query", probe)[0] == 2  # --model missing
+    assert invoke(*home, "query", probe, "--model", "pixels", "--bogus")[0] == 2
+    assert invoke(*home, "nosuchcommand")[0] == 2

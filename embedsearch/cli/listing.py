@@ -14,7 +14,17 @@ import click
 from embedsearch.cli.context import CONTEXT, printable
 from embedsearch.cli.context import emit as _emit
 from embedsearch.cli.context import engine as _engine
-from embedsearch.cli.output import NO_PATHS, Rows, chosen, flatten, format_option, print_result, write_paths, write_rows
+from embedsearch.cli.output import (
+    NO_PATHS,
+    Rows,
+    chosen,
+    flatten,
+    format_option,
+    plural,
+    print_result,
+    write_paths,
+    write_rows,
+)
 
 QUERY_COLUMNS = ["query", "model", "rank", "id", "path", "label", "distance"]
 MODEL_COLUMNS = ["name", "kind", "image_size", "channels", "fit", "dim", "metric", "vectors", "index"]
@@ -38,36 +48,42 @@ def query(
     grid: str | None,
     include_generated: bool,
 ) -> None:
-    """Find the indexed images nearest to each IMAGE (files, or folders of images).
+    """Find the indexed images nearest to each IMAGE (files, folders of images, or id:N for the
+    library's image N; a file named like that: ./id:N).
 
-    csv and tsv have a row per neighbour (query, model, rank, id, path, label, distance); paths
-    the neighbours' files, one per line.
+    Every result that can be given is printed; the files that cannot be read and the ids that name
+    no image are listed on stderr, and then the exit status is 1. csv and tsv have a row per
+    neighbour (query, model, rank, id, path, label, distance); paths the neighbours' files, one per
+    line.
 
     \b
     Example:
       embedsearch query photos/cat.png --model pixels -k 5 --grid cats.png
       embedsearch query queries/ --model vae --json > results.jsonl
       embedsearch query photos/cat.png --model vae --format paths | xargs feh
+      embedsearch query id:123 id:456 --model vae -k 5
     """
     from embedsearch.results import QueryResult
 
     fmt = chosen(fmt, as_json)
     rows = Rows(fmt, QUERY_COLUMNS)
-    results, failed = [], 0
+    results, good, failed = [], 0, 0
     for item in _engine(ctx).query(list(images), model, k, include_generated=include_generated):
         if not isinstance(item, QueryResult):
             click.echo(f"skipped {printable(item[0])}: {printable(item[1])}", err=True)
             failed += 1
             continue
+        good += 1
         _write_query(fmt, item, rows)
         if grid:
             results.append(item)
-    if not results and failed and fmt == "table":
-        raise click.ClickException("no query image could be read")
     if grid and results:
         from embedsearch.render.pictures import query_grid
 
         click.echo(f"wrote {printable(query_grid(results, Path(grid)))}", err=True)
+    if failed:  # after every good result: a script sees them all, and the status says some are missing
+        total = plural(good + failed, "query image")
+        raise click.ClickException(f"{failed} of {total} could not be read (listed above)")
 
 
 def _write_query(fmt: str, result: Any, rows: Rows) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,6 +15,9 @@ from embedsearch.core.store import Store
 from embedsearch.data.images import decode_bytes, decode_file, scan
 from embedsearch.errors import DataError, ImageError, InvalidArgumentError, NotFoundError
 from embedsearch.results import Neighbour, QueryResult
+
+#: A query naming a stored image instead of a file: ``id:123`` (a file of that name: ``./id:123``).
+IMAGE_ID = re.compile(r"id:(\d+)")
 
 
 class Search:
@@ -63,10 +67,15 @@ class Search:
     ) -> Iterator[QueryResult | tuple[str, str]]:
         """Neighbours of each image (folders expand to their images), in batches.
 
-        Yields a QueryResult per good image and a (path, reason) tuple per file that failed.
+        An item ``id:N`` is the library's image N (its stored vector when the model has one, else its
+        file). Yields a QueryResult per good image and a (path, reason) tuple per file that failed or
+        id that names no image. A path that does not exist is an error before any search.
         """
         files: list[str] = []
         for item in images:
+            if IMAGE_ID.fullmatch(item):
+                files.append(item)
+                continue
             if not os.path.exists(item):
                 raise DataError(f"{item}: no such file or folder")
             found = [f.path for f in scan(item)] if os.path.isdir(item) else [item]
@@ -75,10 +84,46 @@ class Search:
             files.extend(found)
         self.registry.model(model)
         for start in range(0, len(files), batch_size):
-            vectors, used, failed = self.encode_files(files[start : start + batch_size], model)
+            vectors, used, failed = self._encode_items(files[start : start + batch_size], model)
             yield from failed
             for path, hits in zip(used, self.vectors(vectors, model, k, include_generated), strict=True):
                 yield QueryResult(path, model, hits)
+
+    def _encode_items(self, items: list[str], model: str) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+        """:meth:`encode_files` for files and ``id:N`` items: vectors in the order of the items used."""
+        row = self.registry.model(model)
+        ids = [int(m.group(1)) for m in map(IMAGE_ID.fullmatch, items) if m]
+        stored = dict(self.store.entry_vectors(row.id, ids)) if ids else {}
+        records = self.store.images([i for i in ids if i not in stored]) if ids else {}
+        rows: dict[int, np.ndarray] = {}  # position in items -> (1, width) code
+        to_decode: list[tuple[int, str]] = []
+        failed: list[tuple[str, str]] = []
+        for pos, item in enumerate(items):
+            match = IMAGE_ID.fullmatch(item)
+            image_id = int(match.group(1)) if match else None
+            if image_id is None:
+                to_decode.append((pos, item))
+            elif image_id in stored:
+                rows[pos] = knn.from_bytes(stored[image_id], row.metric, row.dim)
+            elif image_id in records and records[image_id].path:
+                to_decode.append((pos, str(records[image_id].path)))
+            else:
+                reason = "its file is no longer on disk" if image_id in records else f"no image with id {image_id}"
+                failed.append((item, reason))
+        encoder = self.registry.encoder(model)
+        arrays, decoded = [], []
+        for pos, path in to_decode:
+            try:
+                arrays.append(decode_file(path, encoder.spec, self.max_pixels)[1])
+                decoded.append(pos)
+            except ImageError as exc:
+                failed.append((items[pos], exc.reason))
+        if arrays:
+            rows.update((pos, code[None]) for pos, code in zip(decoded, encoder.encode(np.stack(arrays)), strict=True))
+        order = sorted(rows)
+        if not order:
+            return np.zeros((0, encoder.code_width), encoder.code_dtype), [], failed
+        return np.concatenate([rows[pos] for pos in order]), [items[pos] for pos in order], failed
 
     def by_bytes(
         self,
