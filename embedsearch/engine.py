@@ -198,9 +198,10 @@ class Engine:
         self._writable(create=True)
         return self.registry.fit_model(name, kind, images, spec, **kwargs)
 
-    def delete_model(self, name: str) -> None:
+    def delete_model(self, name: str) -> ModelInfo:
+        """Delete a model with its index and checkpoints (the images stay); returns what it was."""
         self._writable()
-        self.registry.delete_model(name)
+        return self.registry.delete_model(name)
 
     # -- indexing and searching ---------------------------------------------------------------
     def index(self, data: str, model: str, **kwargs: Any) -> IndexReport:

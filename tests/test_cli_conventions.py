@@ -272,3 +272,44 @@ def test_exit_codes(tmp_path: Path, library_home: Path, shapes: Path) -> None:
     assert invoke(*home, "query", probe)[0] == 2  # --model missing
     assert invoke(*home, "query", probe, "--model", "pixels", "--bogus")[0] == 2
     assert invoke(*home, "nosuchcommand")[0] == 2
+
+
+# -- models rm; singular and plural ---------------------------------------------------------------
+
+
+def test_models_rm_deletes_a_model_and_keeps_the_images(library_home: Path, shapes: Path) -> None:
+    home = ["--home", str(library_home)]
+    with Engine(library_home) as engine:
+        model_dir = engine.model_dir("pca")
+        assert model_dir.is_dir()
+    code, out, err = invoke(*home, "models", "rm", "pca")
+    assert (code, out, err) == (0, "deleted model 'pca' (pca, 49 vectors)\n", "")
+    code, out, _ = invoke(*home, "models", "--json")
+    assert code == 0 and [m["name"] for m in json.loads(out)] == ["pixels"] and not model_dir.exists()
+    code, out, _ = invoke(*home, "info", "--json")
+    assert json.loads(out)["images"] == 49  # the images stay, with their pixels vectors
+    code, _, err = invoke(*home, "models", "rm", "pca")
+    assert code == 1 and err.startswith("Error: unknown model 'pca' (known models: pixels)") and err.count("\n") == 1
+    assert invoke(*home, "query", str(sorted((shapes / "star").iterdir())[0]), "--model", "pca")[0] == 1
+    assert invoke(*home, "models", "rm")[0] == 2  # NAME is required
+    code, out, _ = invoke(*home, "models", "rm", "pixels", "-q")  # global options after it, too
+    assert code == 0 and "49 vectors" in out
+
+
+def test_messages_say_1_image_and_2_images(tmp_path: Path, home: Path) -> None:
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.png").write_bytes(png_bytes(noise_image(1, 16)))
+    code, out, _ = invoke("--home", str(home), "index", str(one), "--model", "pixels")
+    assert code == 0 and out.startswith("1 file, model 'pixels': added 1,")
+    (one / "b.png").write_bytes(png_bytes(noise_image(2, 16)))
+    code, out, _ = invoke("--home", str(home), "index", str(one), "--model", "pixels")
+    assert code == 0 and out.startswith("2 files, model 'pixels': added 1,")
+    code, out, _ = invoke("--home", str(home), "check")
+    assert code == 0 and out.startswith("pixels: 2 entries, 2 vectors in its index file")
+    code, out, _ = invoke("--home", str(home), "remove", str(one / "a.png"))
+    assert (code, out) == (0, "removed 1 image\n")
+    code, out, _ = invoke("--home", str(home), "check")
+    assert code == 0 and out.startswith("pixels: 1 entry, 1 vector in its index file")
+    code, out, _ = invoke("--home", str(home), "models", "rm", "pixels")
+    assert (code, out) == (0, "deleted model 'pixels' (pixels, 1 vector)\n")

@@ -17,7 +17,7 @@ import click
 
 from embedsearch.cli.context import CONTEXT, settings
 from embedsearch.cli.context import engine as _engine
-from embedsearch.cli.output import NO_PATHS, chosen, flatten, format_option, write_rows
+from embedsearch.cli.output import NO_PATHS, chosen, flatten, format_option, plural, write_rows
 from embedsearch.errors import EmbedSearchError
 from embedsearch.results import FLOAT_METRICS
 
@@ -183,4 +183,5 @@ def export_images(idx_images: str, idx_labels: str, outdir: str, prefix: str | N
     with _one_line_errors():
         images, labels = read_idx_pair(idx_images, idx_labels)
         written = export_pngs(images, labels, outdir, prefix=_prefix(idx_images) if prefix is None else prefix)
-    click.echo(f"wrote {written} PNG files in {len(set(labels.tolist()))} label folders under {outdir}")
+    folders = plural(len(set(labels.tolist())), "label folder")
+    click.echo(f"wrote {plural(written, 'PNG file')} in {folders} under {outdir}")

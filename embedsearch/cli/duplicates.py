@@ -10,7 +10,7 @@ import click
 
 from embedsearch.cli.context import CONTEXT, emit, printable
 from embedsearch.cli.context import engine as _engine
-from embedsearch.cli.output import chosen, format_option, write_paths, write_rows
+from embedsearch.cli.output import chosen, format_option, plural, write_paths, write_rows
 
 
 @click.command("duplicates", context_settings=CONTEXT)
@@ -66,9 +66,10 @@ def duplicates(
         how = f"mutual {report.k}-NN"
     else:
         how = f"threshold {report.threshold:.4g}" + (" (calibrated)" if report.calibrated else "")
+    copies = plural(report.exact_copies, "exact copy", "exact copies")
     click.echo(
-        f"{len(report.groups)} groups of {report.vectors} images, model {printable(repr(model))} "
-        f"({report.metric}, {how}, {report.method}, {report.exact_copies} exact copies) in {report.seconds:.1f} s",
+        f"{plural(len(report.groups), 'group')} of {plural(report.vectors, 'image')}, model {printable(repr(model))} "
+        f"({report.metric}, {how}, {report.method}, {copies}) in {report.seconds:.1f} s",
         err=True,
     )
     if fmt == "json":

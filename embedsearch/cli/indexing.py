@@ -10,6 +10,7 @@ import click
 from embedsearch.cli.context import CONTEXT, fit_option, printable, settings
 from embedsearch.cli.context import emit as _emit
 from embedsearch.cli.context import engine as _engine
+from embedsearch.cli.output import plural
 from embedsearch.results import METRICS
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ def index(
         click.echo(f"failed: {printable(path)}: {printable(reason)}")
     for report in reports:
         click.echo(
-            f"{report.scanned} files, model {printable(repr(report.model))}: added {report.added}, "
+            f"{plural(report.scanned, 'file')}, model {printable(repr(report.model))}: added {report.added}, "
             f"updated {report.updated}, unchanged {report.unchanged}, duplicates {report.duplicates}, "
             f"failed {len(report.failed)} in {report.seconds:.1f} s ({report.images_per_second:,.0f} images/s)"
         )

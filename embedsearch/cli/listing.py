@@ -166,3 +166,18 @@ def models(ctx: click.Context, fmt: str | None, as_json: bool) -> None:
         write_rows(fmt, MODEL_COLUMNS, rows)
     else:
         _print_models(data)
+
+
+@models.command("rm", context_settings=CONTEXT)
+@click.argument("name")
+@click.pass_context
+def models_rm(ctx: click.Context, name: str) -> None:
+    """Delete the model NAME: its index, its vectors and its checkpoints. The images stay, in the
+    library and in every other model.
+
+    \b
+    Example:
+      embedsearch models rm pca
+    """
+    gone = _engine(ctx).delete_model(name)
+    click.echo(f"deleted model {printable(repr(gone.name))} ({gone.kind}, {plural(gone.vectors, 'vector')})")

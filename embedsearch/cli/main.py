@@ -305,7 +305,7 @@ def generate(
         )
         return
     click.echo(
-        f"{len(result.candidates)} candidates from {result.model!r} ({result.mode}, seed {result.seed})"
+        f"{plural(len(result.candidates), 'candidate')} from {result.model!r} ({result.mode}, seed {result.seed})"
         + (f"; stored as ids {[c.id for c in result.candidates]}" if add else "")
     )
     for cand in result.candidates if search else []:
@@ -339,8 +339,9 @@ def check(ctx: click.Context, repair: bool, dry_run: bool, as_json: bool) -> Non
         _emit(report.to_dict())
     else:
         for name, m in report.models.items():
-            in_file = f"{m.vectors_in_file} vectors in its index file"
-            click.echo(f"{printable(name)}: {m.entries} entries, {in_file}, checkpoint {m.checkpoint}")
+            in_file = f"{plural(m.vectors_in_file, 'vector')} in its index file"
+            entries = plural(m.entries, "entry", "entries")
+            click.echo(f"{printable(name)}: {entries}, {in_file}, checkpoint {m.checkpoint}")
         for line in report.repaired:
             click.echo(f"repaired: {printable(line)}")
         for line in report.planned:
