@@ -237,14 +237,29 @@ class Engine:
         return self.reindexer.run(model, index, memory, target_recall, seed, shards=shards, run=run)
 
     def query(
-        self, images: list[str], model: str, k: int = 10, batch_size: int = 256, include_generated: bool = False
+        self,
+        images: list[str],
+        model: str,
+        k: int = 10,
+        batch_size: int = 256,
+        include_generated: bool = False,
+        label: str | None = None,
+        under: str | None = None,
     ) -> Iterator[QueryResult | tuple[str, str]]:
-        return self.search.query(images, model, k, batch_size, include_generated)
+        """Neighbours of image files, folders and ``id:N`` items; ``label`` / ``under`` (a path) filter
+        the results; see :meth:`Search.query`."""
+        return self.search.query(images, model, k, batch_size, include_generated, label, under)
 
     def search_vectors(
-        self, vectors: np.ndarray, model: str, k: int = 10, include_generated: bool = False
+        self,
+        vectors: np.ndarray,
+        model: str,
+        k: int = 10,
+        include_generated: bool = False,
+        label: str | None = None,
+        under: str | None = None,
     ) -> list[list[Neighbour]]:
-        return self.search.vectors(vectors, model, k, include_generated)
+        return self.search.vectors(vectors, model, k, include_generated, self.search.allowed(label, under))
 
     def search_bytes(
         self,
@@ -254,11 +269,21 @@ class Engine:
         include_generated: bool = False,
         name: str = "<upload>",
         max_pixels: int | None = None,
+        label: str | None = None,
+        under: str | None = None,
     ) -> list[Neighbour]:
-        return self.search.by_bytes(data, model, k, include_generated, name, max_pixels)
+        return self.search.by_bytes(data, model, k, include_generated, name, max_pixels, label, under)
 
-    def search_image(self, image_id: int, model: str, k: int = 10, include_generated: bool = False) -> list[Neighbour]:
-        return self.search.by_id(image_id, model, k, include_generated)
+    def search_image(
+        self,
+        image_id: int,
+        model: str,
+        k: int = 10,
+        include_generated: bool = False,
+        label: str | None = None,
+        under: str | None = None,
+    ) -> list[Neighbour]:
+        return self.search.by_id(image_id, model, k, include_generated, label, under)
 
     def encode_files(self, paths: list[str], model: str) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
         return self.search.encode_files(paths, model)

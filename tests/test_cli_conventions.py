@@ -313,3 +313,41 @@ def test_messages_say_1_image_and_2_images(tmp_path: Path, home: Path) -> None:
     assert code == 0 and out.startswith("pixels: 1 entry, 1 vector in its index file")
     code, out, _ = invoke("--home", str(home), "models", "rm", "pixels")
     assert (code, out) == (0, "deleted model 'pixels' (pixels, 1 vector)\n")
+
+
+# -- --label and --under -------------------------------------------------------------------------
+
+
+def test_query_filters_by_label_and_path(library_home: Path, shapes: Path) -> None:
+    probe = str(sorted((shapes / "star").iterdir())[0])
+    code, everything, _ = query_json(library_home, probe, "--model", "pixels", "-k", "49")
+    assert code == 0 and len(everything[0]["results"]) == 49
+    ranked = everything[0]["results"]
+    code, ring, _ = query_json(library_home, probe, "--model", "pixels", "-k", "4", "--label", "ring")
+    # The same order and distances as the unfiltered ranking, with every other label taken out.
+    expected = [(n["id"], n["distance"]) for n in ranked if n["label"] == "ring"][:4]
+    assert code == 0 and [(n["id"], n["distance"]) for n in ring[0]["results"]] == expected
+    code, under, _ = query_json(library_home, probe, "--model", "pixels", "-k", "10", "--under", str(shapes / "ring"))
+    assert code == 0 and len(under[0]["results"]) == 6  # all six, and only them
+    assert {Path(n["path"]).parent for n in under[0]["results"]} == {shapes / "ring"}
+    code, both, _ = query_json(
+        library_home, probe, "--model", "pixels", "--label", "ring", "--under", str(shapes / "star")
+    )
+    assert code == 0 and both[0]["results"] == []  # no image is both
+    code, out, _ = invoke("--home", str(library_home), "query", probe, "--model", "pixels", "--label", "nope")
+    assert code == 0 and "(no results: the index is empty, or nothing in it matches the filters)" in out
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw", "ivfpq"])
+def test_filters_in_the_api_on_every_index_type(library: Engine, shapes: Path, index: str) -> None:
+    if index != "flat":
+        library.reindex("pixels", index)
+    probe = sorted((shapes / "star").iterdir())[0]
+    (result,) = library.query([str(probe)], "pixels", k=5, label="triangle")
+    assert [n.label for n in result.results] == ["triangle"] * 5
+    own = result.results[0].id
+    hits = library.search_image(own, "pixels", k=3, under=str(shapes / "ring"))
+    assert len(hits) == 3 and all(Path(str(n.path)).parent == shapes / "ring" for n in hits)
+    hits = library.search_bytes(probe.read_bytes(), "pixels", k=3, label="upload")
+    assert [n.label for n in hits] == ["upload"]  # the one upload, however far
+    assert library.search_image(own, "pixels", k=3, label="nothing-has-this") == []

@@ -37,6 +37,8 @@ MODEL_COLUMNS = ["name", "kind", "image_size", "channels", "fit", "dim", "metric
 @format_option(json_help="Same as --format json: one JSON line per query.")
 @click.option("--grid", type=click.Path(dir_okay=False), help="Write a PNG: each query, then its neighbours.")
 @click.option("--include-generated", is_flag=True, help="Also return generated images (generate --add).")
+@click.option("--label", help="Only results with this label.")
+@click.option("--under", type=click.Path(), help="Only results at or under this path (a folder or a file).")
 @click.pass_context
 def query(
     ctx: click.Context,
@@ -47,6 +49,8 @@ def query(
     as_json: bool,
     grid: str | None,
     include_generated: bool,
+    label: str | None,
+    under: str | None,
 ) -> None:
     """Find the indexed images nearest to each IMAGE (files, folders of images, or id:N for the
     library's image N; a file named like that: ./id:N).
@@ -62,13 +66,15 @@ def query(
       embedsearch query queries/ --model vae --json > results.jsonl
       embedsearch query photos/cat.png --model vae --format paths | xargs feh
       embedsearch query id:123 id:456 --model vae -k 5
+      embedsearch query photos/cat.png --model vae --label cat --under photos/2024/
     """
     from embedsearch.results import QueryResult
 
     fmt = chosen(fmt, as_json)
     rows = Rows(fmt, QUERY_COLUMNS)
     results, good, failed = [], 0, 0
-    for item in _engine(ctx).query(list(images), model, k, include_generated=include_generated):
+    found = _engine(ctx).query(list(images), model, k, include_generated=include_generated, label=label, under=under)
+    for item in found:
         if not isinstance(item, QueryResult):
             click.echo(f"skipped {printable(item[0])}: {printable(item[1])}", err=True)
             failed += 1

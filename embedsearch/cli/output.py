@@ -107,4 +107,4 @@ def print_result(result: Any) -> None:
         label = printable(n.label or "-")
         click.echo(f"{n.rank:>5}  {n.distance:>10.4f}  {n.id:>7}  {label:<16}  {printable(n.path)}")
     if not result.results:
-        click.echo("  (the index is empty)")
+        click.echo("  (no results: the index is empty, or nothing in it matches the filters)")
