@@ -208,13 +208,20 @@ class Engine:
         """Bulk-index a folder into a model; see :meth:`BulkIndexer.run`."""
         return self.index_models(data, [model], **kwargs)[0]
 
-    def index_models(self, data: str, models: list[str], **kwargs: Any) -> list[IndexReport]:
+    def index_models(self, data: str, models: list[str], prune: bool = False, **kwargs: Any) -> list[IndexReport]:
         """Bulk-index a folder into several models at once, each file read and decoded once; one report each.
 
         ``ray=RayOptions(address)`` (:mod:`embedsearch.core.ray_bulk`) reads, decodes and encodes on Ray.
+        Each report lists the indexed files under ``data`` that are gone from disk (``missing``);
+        ``prune`` forgets their images, as :meth:`remove` does (from every model).
         """
         self._writable(create=True)
-        return self.bulk.run(data, models, **kwargs)
+        reports = self.bulk.run(data, models, **kwargs)
+        if prune and reports[0].missing:
+            pruned = self.library.remove(reports[0].missing)
+            for report in reports:
+                report.pruned = pruned
+        return reports
 
     def reindex(
         self,

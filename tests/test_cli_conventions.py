@@ -351,3 +351,49 @@ def test_filters_in_the_api_on_every_index_type(library: Engine, shapes: Path, i
     hits = library.search_bytes(probe.read_bytes(), "pixels", k=3, label="upload")
     assert [n.label for n in hits] == ["upload"]  # the one upload, however far
     assert library.search_image(own, "pixels", k=3, label="nothing-has-this") == []
+
+
+# -- index: files gone from disk, --prune ----------------------------------------------------------
+
+
+def test_index_lists_files_gone_from_disk_and_prune_forgets_them(home: Path, shapes: Path) -> None:
+    base = ["--home", str(home), "index", str(shapes), "--model", "pixels"]
+    assert invoke(*base)[0] == 0
+    gone = sorted((shapes / "ring").iterdir())[:2]
+    for path in gone:
+        path.unlink()
+    moved = sorted((shapes / "star").iterdir())[0]
+    moved.rename(moved.with_name("renamed.png"))  # moved, not gone: its image follows it
+    broken = sorted((shapes / "cross").iterdir())[0]
+    broken.write_bytes(b"no longer an image")  # still on disk: failed, not gone
+    code, out, _ = invoke(*base)
+    lines = out.splitlines()
+    assert code == 0 and [line for line in lines if line.startswith("gone: ")] == [f"gone: {p}" for p in gone]
+    assert "2 indexed files no longer on disk, kept; 'index --prune' forgets them" in lines
+    assert f"failed: {broken}: " in out
+    code, out, _ = invoke(*base, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["missing"] == [str(p) for p in gone] and report["pruned"] == 0
+    code, out, _ = invoke("--home", str(home), "info", "--json")
+    assert json.loads(out)["images"] == 48  # kept until asked
+
+    code, out, _ = invoke(*base, "--prune")
+    assert code == 0 and "2 indexed files no longer on disk: forgot 2 images" in out
+    code, out, _ = invoke("--home", str(home), "info", "--json")
+    assert json.loads(out)["images"] == 46
+    code, out, _ = invoke(*base, "--json")
+    assert code == 0 and json.loads(out)["missing"] == []
+    code, out, _ = invoke(*base)
+    assert code == 0 and not [line for line in out.splitlines() if line.startswith("gone: ")]
+
+
+def test_index_prune_in_the_api_removes_from_every_model(engine: Engine, shapes: Path) -> None:
+    engine.index(str(shapes), "pixels")
+    engine.create_model("pca", "pca", str(shapes), options={"dim": 4})
+    engine.index(str(shapes), "pca")
+    victim = sorted((shapes / "ring").iterdir())[0]
+    victim.unlink()
+    pixels, pca = engine.index_models(str(shapes), ["pixels", "pca"], prune=True)
+    assert pixels.missing == pca.missing == [str(victim)] and pixels.pruned == pca.pruned == 1
+    assert {m.name: m.vectors for m in engine.models()} == {"pca": 47, "pixels": 47}
+    assert engine.index(str(shapes / "star"), "pixels").missing == []  # only the folder indexed counts
