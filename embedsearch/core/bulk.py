@@ -399,5 +399,4 @@ def _missing(store: Store, data: str, files: list[FileInfo]) -> list[str]:
     if not root.is_dir():
         return []
     seen = {f.path for f in files}
-    under = (im.path for im in store.images_under(str(root)) if im.path)
-    return sorted(p for p in under if p not in seen and not os.path.lexists(p))
+    return sorted(p for p in store.paths_under(str(root)) if p not in seen and not os.path.lexists(p))

@@ -536,6 +536,13 @@ class Store:
         with self.session() as s:
             return set(s.scalars(stmt))
 
+    def paths_under(self, path: str) -> list[str]:
+        """The paths of the images at or under ``path`` (only the paths: every index run asks)."""
+        prefix = path.rstrip("/") + "/"
+        with self.session() as s:
+            stmt = select(Image.path).where((Image.path == path) | Image.path.startswith(prefix, autoescape=True))
+            return [p for p in s.scalars(stmt) if p is not None]
+
     def images_under(self, path: str) -> list[Image]:
         prefix = path.rstrip("/") + "/"
         with self.session() as s:
