@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from embedsearch.cli.main import main
-from embedsearch.data.synth import SHAPES
 from embedsearch.engine import Engine
 from helpers import noise_image, png_bytes
 
@@ -133,49 +131,6 @@ def test_unreadable_database_is_one_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "cannot open the metadata database" in proc.stderr
-
-
-SUMMARY = re.compile(
-    r"^indexed (\d+) images \((\d+) new\) with 'pixels' and 'pca-demo'; "
-    r"(\d+)/(\d+) neighbours share their query's shape; grid: (.+)$"
-)
-
-
-def test_demo_runs_offline_and_writes_a_grid(home: Path) -> None:
-    per_class, k = 4, 6  # the demo asks for 6 results per query: itself and 5 neighbours
-    code, out, _ = run(home, "demo", "--per-class", str(per_class))
-    assert code == 0
-    *tables, summary = out.splitlines()
-    match = SUMMARY.match(summary)
-    assert match, summary
-    scanned, new, hits, total = (int(g) for g in match.groups()[:4])
-    assert scanned == new == per_class * len(SHAPES)
-    # One table per shape, for its first picture; each picture finds itself first, at distance 0.
-    starts = [i for i, line in enumerate(tables) if line.startswith("query: ")]
-    assert starts[0] == 0
-    blocks = ["\n".join(tables[a:b]) for a, b in zip(starts, [*starts[1:], len(tables)], strict=True)]
-    queries = [Path(block.splitlines()[0].removeprefix("query: ")) for block in blocks]
-    assert [q.parent.name for q in queries] == list(SHAPES)
-    assert all(q.name == f"{q.parent.name}-0000.png" for q in queries)
-    same_shape = 0
-    for query, block in zip(queries, blocks, strict=True):
-        rows = table_rows(block)
-        assert [r["rank"] for r in rows] == [str(i) for i in range(1, k + 1)]
-        assert (rows[0]["path"], float(rows[0]["distance"])) == (str(query), 0.0)
-        same_shape += sum(r["label"] == query.parent.name for r in rows[1:])
-    # The summary's count is the count of the tables above it.
-    assert (hits, total) == (same_shape, len(SHAPES) * (k - 1))
-    grid = Path(match.group(5))
-    assert grid == home / "demo" / "query-grid.png"
-    with Image.open(grid) as im:  # a row per query: the query, then its k results, in 96-pixel tiles
-        assert im.format == "PNG" and im.width > (k + 1) * 96 and im.height > len(SHAPES) * 96
-        assert len(im.convert("L").getcolors()) > 16  # pictures, not an empty frame
-
-    # A second run reuses the pictures and the models: nothing new, the same answer.
-    code, again, _ = run(home, "demo", "--per-class", str(per_class))
-    assert code == 0
-    second = SUMMARY.match(again.splitlines()[-1])
-    assert second and second.groups() == (str(scanned), "0", *match.groups()[2:])
 
 
 def tree(root: Path) -> set[str]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -16,6 +17,16 @@ from embedsearch.results import METRICS
 if TYPE_CHECKING:
     from embedsearch.core.ray_bulk import RayOptions
     from embedsearch.engine import Engine
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def ray_option(text: str) -> Callable[[F], F]:
+    """``--ray`` alone (Ray started here) or ``--ray ADDRESS`` (a cluster), as ``ray_address``."""
+    return click.option(
+        "--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]", help=text
+    )
 
 
 @click.command("index", context_settings=CONTEXT)
@@ -40,15 +51,9 @@ if TYPE_CHECKING:
 @click.option(
     "--workers", default=None, type=click.IntRange(0), help="Decoding processes, or Ray workers (default: all cores)."
 )
-@click.option(
-    "--ray",
-    "ray_address",
-    is_flag=False,
-    flag_value="local",
-    default=None,
-    metavar="[ADDRESS]",
-    help="Read, decode and encode on Ray: the cluster at ADDRESS ('auto', 'ray://head:10001'), "
-    "or Ray started here without one. Files must be at the same path on every node.",
+@ray_option(
+    "Read, decode and encode on Ray: the cluster at ADDRESS ('auto', 'ray://head:10001'), "
+    "or Ray started here without one. Files must be at the same path on every node."
 )
 @click.option("--prune", is_flag=True, help="Forget the indexed files under DATA that are gone from disk.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (one object per model).")
@@ -179,15 +184,7 @@ def _index_models(engine: Engine, model: str | None, all_models: bool) -> list[s
     type=click.IntRange(1),
     help="ivf/ivfpq: add the vectors in this many parallel jobs (threads, or Ray tasks), then merge the lists.",
 )
-@click.option(
-    "--ray",
-    "ray_address",
-    is_flag=False,
-    flag_value="local",
-    default=None,
-    metavar="[ADDRESS]",
-    help="Run the --shards jobs as Ray tasks: on the cluster at ADDRESS ('auto'), or on Ray started here.",
-)
+@ray_option("Run the --shards jobs as Ray tasks: on the cluster at ADDRESS ('auto'), or on Ray started here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the choice as JSON.")
 @click.pass_context
 def reindex(

@@ -202,20 +202,21 @@ def remove(ctx: click.Context, paths: tuple[str, ...], generated: bool) -> None:
 @main.command(context_settings=CONTEXT)
 @click.option("--per-class", default=40, show_default=True, type=click.IntRange(2, 2000))
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1, 1000), help="AE and VAE training.")
 @click.pass_context
-def demo(ctx: click.Context, per_class: int, seed: int) -> None:
-    """Make a labelled folder of synthetic shapes, index it, query it, write a grid. Offline.
+def demo(ctx: click.Context, per_class: int, seed: int, epochs: int) -> None:
+    """Synthetic labelled shapes: train an AE and a VAE, index with pixels, PCA, AE and VAE, score
+    each (precision@5), write one picture comparing them. Offline.
 
     \b
     Example:
       embedsearch --home /tmp/demo demo
     """
-    from embedsearch.demo import run_demo
+    from embedsearch.demo import DemoConfig, run_demo
 
-    outcome = run_demo(_engine(ctx), per_class=per_class, seed=seed)
-    for result in outcome.results:
-        _print_result(result)
-    click.echo(outcome.summary)
+    outcome = run_demo(_engine(ctx), DemoConfig(per_class=per_class, seed=seed, epochs=epochs))
+    for line in outcome.lines:
+        click.echo(line)
 
 
 @main.command(context_settings=CONTEXT)
