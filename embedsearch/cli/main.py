@@ -27,7 +27,6 @@ from embedsearch.cli.context import (
 from embedsearch.cli.context import emit as _emit
 from embedsearch.cli.context import engine as _engine
 from embedsearch.cli.output import plural
-from embedsearch.cli.output import print_result as _print_result
 from embedsearch.errors import EmbedSearchError, from_os_error
 from embedsearch.results import METRICS
 
