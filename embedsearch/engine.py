@@ -198,22 +198,30 @@ class Engine:
         self._writable(create=True)
         return self.registry.fit_model(name, kind, images, spec, **kwargs)
 
-    def delete_model(self, name: str) -> None:
+    def delete_model(self, name: str) -> ModelInfo:
+        """Delete a model with its index and checkpoints (the images stay); returns what it was."""
         self._writable()
-        self.registry.delete_model(name)
+        return self.registry.delete_model(name)
 
     # -- indexing and searching ---------------------------------------------------------------
     def index(self, data: str, model: str, **kwargs: Any) -> IndexReport:
         """Bulk-index a folder into a model; see :meth:`BulkIndexer.run`."""
         return self.index_models(data, [model], **kwargs)[0]
 
-    def index_models(self, data: str, models: list[str], **kwargs: Any) -> list[IndexReport]:
+    def index_models(self, data: str, models: list[str], prune: bool = False, **kwargs: Any) -> list[IndexReport]:
         """Bulk-index a folder into several models at once, each file read and decoded once; one report each.
 
         ``ray=RayOptions(address)`` (:mod:`embedsearch.core.ray_bulk`) reads, decodes and encodes on Ray.
+        Each report lists the indexed files under ``data`` that are gone from disk (``missing``);
+        ``prune`` forgets their images, as :meth:`remove` does (from every model).
         """
         self._writable(create=True)
-        return self.bulk.run(data, models, **kwargs)
+        reports = self.bulk.run(data, models, **kwargs)
+        if prune and reports[0].missing:
+            pruned = self.library.remove(reports[0].missing)
+            for report in reports:
+                report.pruned = pruned
+        return reports
 
     def reindex(
         self,
@@ -236,14 +244,29 @@ class Engine:
         return self.reindexer.run(model, index, memory, target_recall, seed, shards=shards, run=run)
 
     def query(
-        self, images: list[str], model: str, k: int = 10, batch_size: int = 256, include_generated: bool = False
+        self,
+        images: list[str],
+        model: str,
+        k: int = 10,
+        batch_size: int = 256,
+        include_generated: bool = False,
+        label: str | None = None,
+        under: str | None = None,
     ) -> Iterator[QueryResult | tuple[str, str]]:
-        return self.search.query(images, model, k, batch_size, include_generated)
+        """Neighbours of image files, folders and ``id:N`` items; ``label`` / ``under`` (a path) filter
+        the results; see :meth:`Search.query`."""
+        return self.search.query(images, model, k, batch_size, include_generated, label, under)
 
     def search_vectors(
-        self, vectors: np.ndarray, model: str, k: int = 10, include_generated: bool = False
+        self,
+        vectors: np.ndarray,
+        model: str,
+        k: int = 10,
+        include_generated: bool = False,
+        label: str | None = None,
+        under: str | None = None,
     ) -> list[list[Neighbour]]:
-        return self.search.vectors(vectors, model, k, include_generated)
+        return self.search.vectors(vectors, model, k, include_generated, self.search.allowed(label, under))
 
     def search_bytes(
         self,
@@ -253,11 +276,21 @@ class Engine:
         include_generated: bool = False,
         name: str = "<upload>",
         max_pixels: int | None = None,
+        label: str | None = None,
+        under: str | None = None,
     ) -> list[Neighbour]:
-        return self.search.by_bytes(data, model, k, include_generated, name, max_pixels)
+        return self.search.by_bytes(data, model, k, include_generated, name, max_pixels, label, under)
 
-    def search_image(self, image_id: int, model: str, k: int = 10, include_generated: bool = False) -> list[Neighbour]:
-        return self.search.by_id(image_id, model, k, include_generated)
+    def search_image(
+        self,
+        image_id: int,
+        model: str,
+        k: int = 10,
+        include_generated: bool = False,
+        label: str | None = None,
+        under: str | None = None,
+    ) -> list[Neighbour]:
+        return self.search.by_id(image_id, model, k, include_generated, label, under)
 
     def encode_files(self, paths: list[str], model: str) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
         return self.search.encode_files(paths, model)

@@ -115,7 +115,9 @@ class Thumbnail:
 @dataclass
 class IndexReport:
     """What a bulk run did. ``failed`` lists (path, reason) for every file that was skipped;
-    ``skipped_endings`` counts, by ending, the image files of formats that cannot be read here."""
+    ``skipped_endings`` counts, by ending, the image files of formats that cannot be read here;
+    ``missing`` the indexed files under the folder that are no longer on disk (``pruned``: how many
+    of their images the run forgot, with ``prune=True``)."""
 
     model: str
     scanned: int = 0
@@ -126,6 +128,8 @@ class IndexReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     skipped_endings: dict[str, int] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    pruned: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -141,6 +145,8 @@ class IndexReport:
             "duplicates": self.duplicates,
             "failed": [{"path": p, "reason": r} for p, r in self.failed],
             "skipped_endings": dict(self.skipped_endings),
+            "missing": list(self.missing),
+            "pruned": self.pruned,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 1),
         }

@@ -241,14 +241,14 @@ def test_tables_escape_control_characters_and_json_stays_exact(tmp_path: Path, h
     assert run(home, "index", str(data), "--model", "pixels")[0] == 0
     code, out, _ = run(home, "query", str(data), "--model", "pixels", "-k", "4")
     assert code == 0 and "\x1b" not in out and "\u202e" not in out
-    assert len(out.splitlines()) == 4 * (2 + 4)  # every row is one line: 'query:', header, 4 results
+    assert len(out.splitlines()) == 4 * (3 + 4)  # every row is one line: "query:", "model:", header, 4 results
     assert "evil\\n    1" in out and "red\\x1b[31m.png" in out and "\\u202egnp" in out and "/\\xff.png" in out
     code, out, _ = run(home, "query", str(data), "--model", "pixels", "-k", "4", "--json")
     found = {r["path"] for line in out.splitlines() for r in json.loads(line)["results"]}
     assert found == {str(data / n) for n in names} | {os.fsdecode(raw)}
     assert "\x1b" not in out and "\\u001b" in out  # never a raw ESC: JSON's own escape, decoded exactly
     code, out, _ = run(home, "remove", os.fsdecode(raw))
-    assert (code, out.strip()) == (0, "removed 1 images")
+    assert (code, out.strip()) == (0, "removed 1 image")
 
 
 def test_one_line_errors_escape_the_names_in_them(tmp_path: Path) -> None:

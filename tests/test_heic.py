@@ -161,7 +161,7 @@ def test_without_the_plugin_the_summary_counts_heic_with_the_install_hint(
     result = CliRunner().invoke(main, ["--home", str(home), "index", str(data), "--model", "pixels"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[-2].startswith("1 files, model 'pixels': added 1,")
+    assert lines[-2].startswith("1 file, model 'pixels': added 1,")
     assert (
         lines[-1] == "skipped 3 files with unsupported endings: .heic x3 (pip install 'embedsearch[heic]' to read them)"
     )

@@ -17,6 +17,7 @@ import click
 
 from embedsearch.cli.context import CONTEXT, settings
 from embedsearch.cli.context import engine as _engine
+from embedsearch.cli.output import NO_PATHS, chosen, flatten, format_option, plural, write_rows
 from embedsearch.errors import EmbedSearchError
 from embedsearch.results import FLOAT_METRICS
 
@@ -32,7 +33,7 @@ def _one_line_errors() -> Iterator[None]:
         raise click.ClickException(str(exc)) from None
 
 
-def _command_line(home: str | None, c: CompareConfig, as_json: bool, report: str | None) -> str:
+def _command_line(home: str | None, c: CompareConfig, fmt: str, report: str | None) -> str:
     """The command with every setting spelled out, so that the report says how to repeat the run."""
     args = ["embedsearch", *(["--home", home] if home else []), "compare", c.data, "--models", ",".join(c.models)]
     args += ["--queries", c.queries] if c.queries else ["--query-fraction", str(c.query_fraction)]
@@ -40,7 +41,7 @@ def _command_line(home: str | None, c: CompareConfig, as_json: bool, report: str
     args += ["--metric", c.metric] if c.metric else []
     args += ["--augment", ",".join(c.augment or []) or "none"]
     args += ["--consistency", str(c.consistency), "--temperature", str(c.temperature)]
-    args += (["--json"] if as_json else []) + (["--report", report] if report else [])
+    args += (["--format", fmt] if fmt != "table" else []) + (["--report", report] if report else [])
     return shlex.join(args)
 
 
@@ -89,7 +90,7 @@ def _command_line(home: str | None, c: CompareConfig, as_json: bool, report: str
 )
 @click.option("--consistency", type=click.FloatRange(0), help="InfoNCE weight of the AE and VAE made here [30].")
 @click.option("--temperature", type=click.FloatRange(0, min_open=True), help="InfoNCE temperature [0.1].")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
+@format_option(NO_PATHS, json_help="Same as --format json: the results as one JSON object.")
 @click.option("--report", type=click.Path(file_okay=False), help="Write report.md with PNG plots into this folder.")
 @click.pass_context
 def compare(
@@ -105,13 +106,15 @@ def compare(
     augment: str | None,
     consistency: float | None,
     temperature: float | None,
+    fmt: str | None,
     as_json: bool,
     report: str | None,
 ) -> None:
     """Compare models on labelled DATA (class subfolders, or an IDX images file beside its labels).
 
     Scores precision, mAP, recall, k-NN accuracy and near-duplicate recall with exact search, plus
-    reconstruction error (AE/VAE), KL and active dimensions (VAE) and speed.
+    reconstruction error (AE/VAE), KL and active dimensions (VAE) and speed. csv and tsv have a row
+    per model, a column per score (robustness.TRANSFORM.recall@10 ...).
 
     \b
     Example:
@@ -122,6 +125,7 @@ def compare(
     from embedsearch.evaluation.report import format_table, write_report
     from embedsearch.evaluation.scores import CompareConfig
 
+    fmt = chosen(fmt, as_json)
     names = [name.strip() for name in models.split(",") if name.strip()]
     with _one_line_errors():
         config = CompareConfig(
@@ -137,13 +141,21 @@ def compare(
             consistency=consistency,
             temperature=temperature,
         )
-        command = _command_line(settings(ctx).get("home"), config, as_json, report)
+        command = _command_line(settings(ctx).get("home"), config, fmt, report)
         engine = _engine(ctx)
         engine.open(create=True)  # compare makes the models it is asked for: a new library is fine
         result, artifacts = run_compare(engine, config, command)
         if report:
             click.echo(f"wrote {write_report(result, artifacts, report)}", err=True)
-    click.echo(json.dumps(result.summary()) if as_json else format_table(result))
+    summary = result.summary()
+    if fmt == "json":
+        click.echo(json.dumps(summary))
+    elif fmt in ("csv", "tsv"):
+        scores = {name: dict(flatten(m)) for name, m in summary["models"].items()}
+        columns = list(dict.fromkeys(key for row in scores.values() for key in row))
+        write_rows(fmt, ["model", *columns], ([name, *(row.get(c) for c in columns)] for name, row in scores.items()))
+    else:
+        click.echo(format_table(result))
 
 
 def _prefix(idx_images: str) -> str:
@@ -171,4 +183,5 @@ def export_images(idx_images: str, idx_labels: str, outdir: str, prefix: str | N
     with _one_line_errors():
         images, labels = read_idx_pair(idx_images, idx_labels)
         written = export_pngs(images, labels, outdir, prefix=_prefix(idx_images) if prefix is None else prefix)
-    click.echo(f"wrote {written} PNG files in {len(set(labels.tolist()))} label folders under {outdir}")
+    folders = plural(len(set(labels.tolist())), "label folder")
+    click.echo(f"wrote {plural(written, 'PNG file')} in {folders} under {outdir}")

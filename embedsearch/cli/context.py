@@ -29,6 +29,51 @@ def fit_option(help_text: str) -> Any:
     return click.option("--fit", type=click.Choice(FITS), default=None, help=help_text)
 
 
+HELP_HOME = "Library folder (env EMBEDSEARCH_HOME)."
+HELP_DB = "SQLAlchemy URL of the metadata database (env EMBEDSEARCH_DB); default: HOME/library.db."
+HELP_QUIET = "Only errors on stderr: no progress, no logs."
+HELP_VERBOSE = "Debug logs on stderr."
+
+
+def log_level(obj: dict[str, Any]) -> int:
+    """-q wins over -v, wherever each was given."""
+    return logging.ERROR if obj.get("quiet") else logging.DEBUG if obj.get("verbose") else logging.INFO
+
+
+def _set_global(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """A global option given after the subcommand: it overrides the one before (or the environment)."""
+    if value is None or value is False:
+        return
+    assert param.name is not None
+    obj = settings(ctx)
+    obj[param.name] = value
+    if param.name in ("quiet", "verbose"):
+        setup_logging(log_level(obj))
+
+
+def global_options() -> list[click.Option]:
+    """``--home``, ``--db``, ``-q``, ``-v`` for a subcommand, so that they work after it as well as
+    before (``embedsearch index DATA --model pixels -q``). They are not passed to the command's
+    function: they write into the group's settings (ctx.obj), the value given after the subcommand
+    winning; no default and no environment here (the group applied those already)."""
+    common: dict[str, Any] = {"expose_value": False, "callback": _set_global}
+    return [
+        click.Option(["--home"], type=click.Path(file_okay=False), help=HELP_HOME, **common),
+        click.Option(["--db"], help=HELP_DB, **common),
+        click.Option(["-q", "--quiet"], is_flag=True, help=HELP_QUIET, **common),
+        click.Option(["-v", "--verbose"], is_flag=True, help=HELP_VERBOSE, **common),
+    ]
+
+
+def add_global_options(command: click.Command) -> None:
+    """The global options on ``command`` and, for a group, on each of its subcommands (recursively)."""
+    names = {name for p in command.params for name in p.opts}
+    if not names & {"--home", "--db", "--quiet", "--verbose", "-q", "-v"}:
+        command.params.extend(global_options())
+    for sub in getattr(command, "commands", {}).values():
+        add_global_options(sub)
+
+
 def settings(ctx: click.Context) -> dict[str, Any]:
     """The main group's settings, or the environment's when a command runs on its own."""
     obj = ctx.find_object(dict)

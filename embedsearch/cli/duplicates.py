@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from embedsearch.cli.context import CONTEXT, emit, printable
 from embedsearch.cli.context import engine as _engine
-
-if TYPE_CHECKING:
-    from embedsearch.core.dedup import DuplicateReport
+from embedsearch.cli.output import chosen, format_option, plural, write_paths, write_rows
 
 
 @click.command("duplicates", context_settings=CONTEXT)
@@ -31,8 +26,8 @@ if TYPE_CHECKING:
     "--k", "k", type=click.IntRange(1, 1000), help="Instead of a threshold: pair images that are each among "
     "the other's K nearest neighbours (mutual K-NN)."
 )  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per group per line.")
-@click.option("--csv", "as_csv", is_flag=True, help="CSV rows group,id,path,distance (one per image).")
+@format_option(json_help="Same as --format json: one JSON object per group per line.")
+@click.option("--csv", "as_csv", is_flag=True, help="Same as --format csv: rows group,id,path,distance, one per image.")
 @click.option("--grid", type=click.Path(dir_okay=False), help="Write a PNG with a row per group (the 50 largest).")
 @click.pass_context
 def duplicates(
@@ -41,6 +36,7 @@ def duplicates(
     model: str,
     threshold: float | None,
     k: int | None,
+    fmt: str | None,
     as_json: bool,
     as_csv: bool,
     grid: str | None,
@@ -49,18 +45,20 @@ def duplicates(
     exact copies among its files too).
 
     Each group lists its first image (lowest id) and the others with their distance to it. Exact
-    copies (the same bytes) have distance 0 and the stored image's id.
+    copies (the same bytes) have distance 0 and the stored image's id. csv and tsv have a row per
+    image (group, id, path, distance); paths every image of every group, each group's first included.
 
     \b
     Example:
       embedsearch duplicates photos/ --model pixels --grid dups.png
-      embedsearch duplicates --model pca --threshold 0.8 --csv > dups.csv
+      embedsearch duplicates --model pca --threshold 0.8 --format csv > dups.csv
       embedsearch duplicates --model vae --k 2 --json > groups.jsonl
     """
     if threshold is not None and k is not None:
         raise click.UsageError("give --threshold or --k, not both")
-    if as_json and as_csv:
-        raise click.UsageError("give --json or --csv, not both")
+    if as_csv and (as_json or fmt not in (None, "csv")):
+        raise click.UsageError("--csv is --format csv: give one output format, not both")
+    fmt = "csv" if as_csv else chosen(fmt, as_json)
     progress = not (ctx.find_object(dict) or {}).get("quiet") and sys.stderr.isatty()
     kwargs = {"progress": progress} if data is not None else {}
     report = _engine(ctx).duplicates(model, threshold, k, data, **kwargs)
@@ -68,16 +66,20 @@ def duplicates(
         how = f"mutual {report.k}-NN"
     else:
         how = f"threshold {report.threshold:.4g}" + (" (calibrated)" if report.calibrated else "")
+    copies = plural(report.exact_copies, "exact copy", "exact copies")
     click.echo(
-        f"{len(report.groups)} groups of {report.vectors} images, model {printable(repr(model))} "
-        f"({report.metric}, {how}, {report.method}, {report.exact_copies} exact copies) in {report.seconds:.1f} s",
+        f"{plural(len(report.groups), 'group')} of {plural(report.vectors, 'image')}, model {printable(repr(model))} "
+        f"({report.metric}, {how}, {report.method}, {copies}) in {report.seconds:.1f} s",
         err=True,
     )
-    if as_json:
+    if fmt == "json":
         for group in report.groups:
             emit(asdict(group))
-    elif as_csv:
-        _write_csv(report)
+    elif fmt in ("csv", "tsv"):
+        rows = ([g.group, im.id, im.path, f"{im.distance:.6g}"] for g in report.groups for im in g.images)
+        write_rows(fmt, ["group", "id", "path", "distance"], rows)
+    elif fmt == "paths":
+        write_paths(im.path for g in report.groups for im in g.images)
     else:
         for group in report.groups:
             first, *rest = group.images
@@ -87,13 +89,3 @@ def duplicates(
         from embedsearch.render.duplicates import duplicates_grid
 
         click.echo(f"wrote {printable(duplicates_grid(report.groups, Path(grid)))}", err=True)
-
-
-def _write_csv(report: DuplicateReport) -> None:
-    buf = io.StringIO()
-    out = csv.writer(buf, lineterminator="\n")
-    out.writerow(["group", "id", "path", "distance"])
-    for group in report.groups:
-        out.writerows([group.group, im.id, im.path or "", f"{im.distance:.6g}"] for im in group.images)
-    # The file names exactly as they are on disk, even those that are not valid UTF-8.
-    click.echo(buf.getvalue().encode("utf-8", "surrogateescape"), nl=False)

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from embedsearch.cli.context import CONTEXT, fit_option, printable
+from embedsearch.cli.context import CONTEXT, fit_option, printable, settings
 from embedsearch.cli.context import emit as _emit
 from embedsearch.cli.context import engine as _engine
+from embedsearch.cli.output import plural
 from embedsearch.results import METRICS
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ def ray_option(text: str) -> Callable[[F], F]:
     "Read, decode and encode on Ray: the cluster at ADDRESS ('auto', 'ray://head:10001'), "
     "or Ray started here without one. Files must be at the same path on every node."
 )
+@click.option("--prune", is_flag=True, help="Forget the indexed files under DATA that are gone from disk.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (one object per model).")
 @click.pass_context
 def index(
@@ -66,6 +68,7 @@ def index(
     batch_size: int,
     workers: int | None,
     ray_address: str | None,
+    prune: bool,
     as_json: bool,
 ) -> None:
     """Bulk-index every image under DATA (a folder, recursively, or one file).
@@ -75,12 +78,14 @@ def index(
     With several models (``--model a,b`` or ``--all-models``) each file is read and decoded once
     for all of them. With --ray (pip install 'embedsearch[ray]') files are read, decoded and
     encoded on a Ray cluster, at the same path on every node (a shared filesystem); this process
-    scans and commits as without.
+    scans and commits as without. Indexed files under DATA that are gone from disk are listed
+    (and kept: an unmounted disk must not empty the library); --prune forgets them.
 
     \b
     Example:
       embedsearch index photos/ --model pixels
       embedsearch index photos/ --model pixels,vae
+      embedsearch index photos/ --all-models --prune
       embedsearch index /shared/photos --model vae --ray=auto
     """
     engine = _engine(ctx)
@@ -92,8 +97,9 @@ def index(
         fit=fit,
         batch_size=batch_size,
         workers=workers,
-        progress=not ctx.obj["quiet"] and sys.stderr.isatty(),
+        progress=not settings(ctx).get("quiet") and sys.stderr.isatty(),
         ray=_ray_options(ray_address),
+        prune=prune,
     )
     if as_json:
         for report in reports:
@@ -103,14 +109,30 @@ def index(
         click.echo(f"failed: {printable(path)}: {printable(reason)}")
     for report in reports:
         click.echo(
-            f"{report.scanned} files, model {printable(repr(report.model))}: added {report.added}, "
+            f"{plural(report.scanned, 'file')}, model {printable(repr(report.model))}: added {report.added}, "
             f"updated {report.updated}, unchanged {report.unchanged}, duplicates {report.duplicates}, "
             f"failed {len(report.failed)} in {report.seconds:.1f} s ({report.images_per_second:,.0f} images/s)"
         )
+    _print_missing(reports[0].missing, reports[0].pruned, prune)
     if reports[0].skipped_endings:
         from embedsearch.data.images import skipped_text
 
         click.echo(skipped_text(reports[0].skipped_endings))
+
+
+def _print_missing(missing: list[str], pruned: int, prune: bool) -> None:
+    """The gone files, the first 20 by name (all of them in --json), and what became of them."""
+    if not missing:
+        return
+    for path in missing[:20]:
+        click.echo(f"gone: {printable(path)}")
+    if len(missing) > 20:
+        click.echo(f"gone: ... and {len(missing) - 20} more (--json lists all)")
+    files = plural(len(missing), "indexed file")
+    if prune:
+        click.echo(f"{files} no longer on disk: forgot {plural(pruned, 'image')}")
+    else:
+        click.echo(f"{files} no longer on disk, kept; 'index --prune' forgets them")
 
 
 def _ray_options(address: str | None) -> RayOptions | None:

@@ -12,9 +12,21 @@ from typing import Any
 
 import click
 
-from embedsearch.cli.context import CONTEXT, fit_option, printable, setup_logging
+from embedsearch.cli.context import (
+    CONTEXT,
+    HELP_DB,
+    HELP_HOME,
+    HELP_QUIET,
+    HELP_VERBOSE,
+    add_global_options,
+    fit_option,
+    log_level,
+    printable,
+    setup_logging,
+)
 from embedsearch.cli.context import emit as _emit
 from embedsearch.cli.context import engine as _engine
+from embedsearch.cli.output import plural
 from embedsearch.errors import EmbedSearchError, from_os_error
 from embedsearch.results import METRICS
 
@@ -60,16 +72,16 @@ class _Group(click.Group):
     default="indexes",
     show_default=True,
     type=click.Path(file_okay=False),
-    help="Library folder (env EMBEDSEARCH_HOME).",
+    help=HELP_HOME,
 )
 @click.option(
     "--db",
     envvar="EMBEDSEARCH_DB",
     default=None,
-    help="SQLAlchemy URL of the metadata database (env EMBEDSEARCH_DB); default: HOME/library.db.",
+    help=HELP_DB,
 )
-@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr: no progress, no logs.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logs on stderr.")
+@click.option("-q", "--quiet", is_flag=True, help=HELP_QUIET)
+@click.option("-v", "--verbose", is_flag=True, help=HELP_VERBOSE)
 @click.version_option(package_name="embedsearch")
 @click.pass_context
 def main(ctx: click.Context, home: str, db: str | None, quiet: bool, verbose: bool) -> None:
@@ -80,67 +92,12 @@ def main(ctx: click.Context, home: str, db: str | None, quiet: bool, verbose: bo
       embedsearch demo
       embedsearch index photos/ --model pixels
       embedsearch query photos/cat.png --model pixels -k 5
+
+    The global options (--home, --db, -q, -v) may also follow the command:
+    'embedsearch index photos/ --model pixels -q --home lib/'.
     """
-    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
-    setup_logging(level)
-    ctx.obj = {"home": home, "db": db, "quiet": quiet}
-
-
-@main.command(context_settings=CONTEXT)
-@click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--model", required=True, help="Model whose index to search.")
-@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Neighbours per query.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON line per query.")
-@click.option("--grid", type=click.Path(dir_okay=False), help="Write a PNG: each query, then its neighbours.")
-@click.option("--include-generated", is_flag=True, help="Also return generated images (generate --add).")
-@click.pass_context
-def query(
-    ctx: click.Context,
-    images: tuple[str, ...],
-    model: str,
-    k: int,
-    as_json: bool,
-    grid: str | None,
-    include_generated: bool,
-) -> None:
-    """Find the indexed images nearest to each IMAGE (files, or folders of images).
-
-    \b
-    Example:
-      embedsearch query photos/cat.png --model pixels -k 5 --grid cats.png
-      embedsearch query queries/ --model vae --json > results.jsonl
-    """
-    from embedsearch.results import QueryResult
-
-    results, failed = [], 0
-    for item in _engine(ctx).query(list(images), model, k, include_generated=include_generated):
-        if not isinstance(item, QueryResult):
-            click.echo(f"skipped {printable(item[0])}: {printable(item[1])}", err=True)
-            failed += 1
-            continue
-        if as_json:
-            _emit({"query": item.query, "model": item.model, "results": [asdict(n) for n in item.results]})
-        else:
-            _print_result(item)
-        if grid:
-            results.append(item)
-    if not results and failed and not as_json:
-        raise click.ClickException("no query image could be read")
-    if grid and results:
-        from embedsearch.render.pictures import query_grid
-
-        click.echo(f"wrote {printable(query_grid(results, Path(grid)))}", err=True)
-
-
-def _print_result(result: Any) -> None:
-    """A table for people: names are escaped (a newline or an ANSI escape in a file name stays visible)."""
-    click.echo(f"query: {printable(result.query)}")
-    click.echo(f"{'rank':>5}  {'distance':>10}  {'id':>7}  {'label':<16}  path")
-    for n in result.results:
-        label = printable(n.label or "-")
-        click.echo(f"{n.rank:>5}  {n.distance:>10.4f}  {n.id:>7}  {label:<16}  {printable(n.path)}")
-    if not result.results:
-        click.echo("  (the index is empty)")
+    ctx.obj = {"home": home, "db": db, "quiet": quiet, "verbose": verbose}
+    setup_logging(log_level(ctx.obj))
 
 
 @main.command(context_settings=CONTEXT)
@@ -238,60 +195,7 @@ def remove(ctx: click.Context, paths: tuple[str, ...], generated: bool) -> None:
         raise click.UsageError("name PATH... to remove, or --generated")
     engine = _engine(ctx)
     removed = (engine.remove(list(paths)) if paths else 0) + (engine.remove_generated() if generated else 0)
-    click.echo(f"removed {removed} images")
-
-
-@main.command(context_settings=CONTEXT)
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def info(ctx: click.Context, as_json: bool) -> None:
-    """What the library holds: images, models, vectors per index, disk use.
-
-    \b
-    Example:
-      embedsearch --home indexes info --json
-    """
-    data = asdict(_engine(ctx).info())
-    if as_json:
-        _emit(data)
-        return
-    click.echo(f"library {printable(data['home'])}  ({printable(data['database'])})")
-    click.echo(f"images: {data['images']}")
-    _print_models(data["models"])
-    click.echo("disk: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in data["disk_bytes"].items()))
-
-
-def _print_models(models: list[dict[str, Any]]) -> None:
-    click.echo(f"{'model':<16} {'kind':<7} {'input':<10} {'fit':<4} {'dim':>6} {'metric':<7} {'vectors':>8}  index")
-    for m in models:
-        shape = f"{m['image_size']}x{m['image_size']}x{m['channels']}"
-        click.echo(
-            f"{printable(m['name']):<16} {m['kind']:<7} {shape:<10} {m['fit']:<4} {m['dim']:>6} "
-            f"{m['metric']:<7} {m['vectors']:>8}  {_index_text(m.get('index') or {})}"
-        )
-
-
-def _index_text(index: dict[str, Any]) -> str:
-    """``hnsw M=32 efSearch=48 recall 0.962``, or ``flat`` (exact)."""
-    if index.get("type", "flat") == "flat":
-        return "flat"
-    params = " ".join(f"{k}={v}" for k, v in (index.get("params") or {}).items())
-    recall = index.get("recall")
-    return f"{index['type']} {params}" + (f" recall {recall:.3f}" if recall is not None else "")
-
-
-@main.command(context_settings=CONTEXT)
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def models(ctx: click.Context, as_json: bool) -> None:
-    """List the library's models.
-
-    \b
-    Example:
-      embedsearch models --json
-    """
-    data = [asdict(m) for m in _engine(ctx).models()]
-    _emit(data) if as_json else _print_models(data)
+    click.echo(f"removed {plural(removed, 'image')}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -401,7 +305,7 @@ def generate(
         )
         return
     click.echo(
-        f"{len(result.candidates)} candidates from {result.model!r} ({result.mode}, seed {result.seed})"
+        f"{plural(len(result.candidates), 'candidate')} from {result.model!r} ({result.mode}, seed {result.seed})"
         + (f"; stored as ids {[c.id for c in result.candidates]}" if add else "")
     )
     for cand in result.candidates if search else []:
@@ -435,8 +339,9 @@ def check(ctx: click.Context, repair: bool, dry_run: bool, as_json: bool) -> Non
         _emit(report.to_dict())
     else:
         for name, m in report.models.items():
-            in_file = f"{m.vectors_in_file} vectors in its index file"
-            click.echo(f"{printable(name)}: {m.entries} entries, {in_file}, checkpoint {m.checkpoint}")
+            in_file = f"{plural(m.vectors_in_file, 'vector')} in its index file"
+            entries = plural(m.entries, "entry", "entries")
+            click.echo(f"{printable(name)}: {entries}, {in_file}, checkpoint {m.checkpoint}")
         for line in report.repaired:
             click.echo(f"repaired: {printable(line)}")
         for line in report.planned:
@@ -491,6 +396,7 @@ def _register_commands() -> None:
     from embedsearch.cli.compare import compare, export_images
     from embedsearch.cli.duplicates import duplicates
     from embedsearch.cli.indexing import index, reindex
+    from embedsearch.cli.listing import info, models, query
     from embedsearch.cli.serve import serve
 
     main.add_command(serve)
@@ -499,6 +405,11 @@ def _register_commands() -> None:
     main.add_command(duplicates)
     main.add_command(index)
     main.add_command(reindex)
+    main.add_command(query)
+    main.add_command(info)
+    main.add_command(models)
+    for command in main.commands.values():  # last: every command, wherever it is defined
+        add_global_options(command)
 
 
 _register_commands()

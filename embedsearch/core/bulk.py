@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -155,8 +156,10 @@ class BulkIndexer:
                 raise exc.keeping(_committed(state)) from None
             finally:
                 progress_bar.close()
+            missing = _missing(self.store, data, files)  # after the run: a moved file's image follows it
         for target in targets:
             target.report.seconds = time.perf_counter() - started
+            target.report.missing = missing
         return [target.report for target in targets]
 
     def _items(
@@ -387,3 +390,13 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _missing(store: Store, data: str, files: list[FileInfo]) -> list[str]:
+    """Indexed files under the folder ``data`` that the scan did not find and that are gone from disk
+    (a file still there but unreadable, or hidden now, is not missing)."""
+    root = Path(data).resolve()
+    if not root.is_dir():
+        return []
+    seen = {f.path for f in files}
+    return sorted(p for p in store.paths_under(str(root)) if p not in seen and not os.path.lexists(p))

@@ -68,12 +68,17 @@ class IndexCache:
             return index
 
     def search(
-        self, model: Model, vectors: np.ndarray, k: int, exclude: set[int] | frozenset[int]
+        self,
+        model: Model,
+        vectors: np.ndarray,
+        k: int,
+        exclude: set[int] | frozenset[int],
+        only: set[int] | frozenset[int] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(distances, ids), each (N, min(k, size)); see :meth:`VectorIndex.search`."""
         with self.lock:
             index = self.index(model)
-            return index.search(vectors, min(k, max(len(index), 1)), exclude)
+            return index.search(vectors, min(k, max(len(index), 1)), exclude, only)
 
     def size(self, model: Model) -> int:
         with self.lock:

@@ -339,10 +339,13 @@ class ModelRegistry:
                 shutil.rmtree(old, ignore_errors=True)
         (workdir / WEIGHTS_FILE).unlink(missing_ok=True)  # the layout before versioned folders
 
-    def delete_model(self, name: str) -> None:
-        self.model(name)
+    def delete_model(self, name: str) -> ModelInfo:
+        """Delete a model, its index entries, index file and checkpoints (the images stay); what it was."""
+        row = self.model(name)
+        info = model_info(row, self.store.entry_counts().get(row.id, 0))
         with self.cache.writing():
             self.store.delete_model(name)
             self.cache.drop(name)
             shutil.rmtree(self.layout.model_dir(name), ignore_errors=True)
         self.forget(name)
+        return info

@@ -525,6 +525,24 @@ class Store:
         with self.session() as s:
             return s.scalar(select(Image).where(Image.path == path))
 
+    def image_ids_where(self, label: str | None = None, under: str | None = None) -> set[int]:
+        """Ids of the images with this label and (both given: and) at or under this absolute path."""
+        stmt = select(Image.id)
+        if label is not None:
+            stmt = stmt.where(Image.label == label)
+        if under is not None:
+            prefix = under.rstrip("/") + "/"
+            stmt = stmt.where((Image.path == under) | Image.path.startswith(prefix, autoescape=True))
+        with self.session() as s:
+            return set(s.scalars(stmt))
+
+    def paths_under(self, path: str) -> list[str]:
+        """The paths of the images at or under ``path`` (only the paths: every index run asks)."""
+        prefix = path.rstrip("/") + "/"
+        with self.session() as s:
+            stmt = select(Image.path).where((Image.path == path) | Image.path.startswith(prefix, autoescape=True))
+            return [p for p in s.scalars(stmt) if p is not None]
+
     def images_under(self, path: str) -> list[Image]:
         prefix = path.rstrip("/") + "/"
         with self.session() as s:

@@ -162,18 +162,28 @@ class VectorIndex:
         return count
 
     def search(
-        self, vectors: np.ndarray, k: int, exclude: set[int] | frozenset[int] = frozenset()
+        self,
+        vectors: np.ndarray,
+        k: int,
+        exclude: set[int] | frozenset[int] = frozenset(),
+        only: set[int] | frozenset[int] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(distances, ids), each (N, k); id -1 means no result. L2: Euclidean; cosine: 1 - cos.
 
-        Ids in ``exclude`` are never returned (FAISS skips them during the scan).
+        Ids in ``exclude`` are never returned, and with ``only`` no id outside it (FAISS skips them
+        during the scan, so a filter costs no over-fetching).
         """
-        sel = None
+        sel: Any = None
         skip_ids = set(exclude) | ({-1} if self._masked else set())  # -1: masked (removed) vectors
-        if skip_ids:
+        if only is not None:
+            keep = np.fromiter(set(only) - skip_ids, dtype=np.int64)  # masked vectors are never in it
+            if not keep.size:
+                return np.full((len(vectors), k), np.inf, np.float32), np.full((len(vectors), k), -1, np.int64)
+            sel = faiss.IDSelectorBatch(keep)
+        elif skip_ids:
             skip = faiss.IDSelectorBatch(np.fromiter(skip_ids, dtype=np.int64))
             sel = faiss.IDSelectorNot(skip)
-            sel.keep = skip  # type: ignore[attr-defined]  # the wrapper does not own the selector: keep it alive
+            sel.keep = skip  # the wrapper does not own the selector: keep it alive
         params = ann.search_params(self.index, self.spec, sel)
         return knn.search(self.index, self.prepare(vectors), k, self.metric, params)
 
