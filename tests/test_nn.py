@@ -132,6 +132,8 @@ def test_training_logs_one_line_per_epoch_and_keeps_the_best(tmp_path: Path, cap
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(lines) == 3
     assert all(" val " in line and "kl" in line and line.split()[-1].endswith(("s", "*best")) for line in lines)
+    assert all("[nats/image]" in line for line in lines)  # a VAE's loss: negative ELBO, nats per image
+    assert [" eta " in line for line in lines] == [True, True, False]  # the time left, until the last epoch
     report = enc.report
     assert (report.train_images, report.val_images) == (9, 3)
     assert report.best_score == min(h.val_loss for h in report.history)

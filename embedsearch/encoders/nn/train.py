@@ -238,7 +238,12 @@ def load_weights(path: Path, config: ModelConfig, device: torch.device) -> tuple
     return model.to(device).eval(), meta
 
 
-def _describe(stats: EpochStats, total: int, variational: bool, best: bool) -> str:
+#: What a loss is measured in, by likelihood: each image's negative log-likelihood summed over its
+#: pixels (the VAE's loss is its negative ELBO), averaged over the images.
+LOSS_UNITS = {"bernoulli": "nats/image", "gaussian": "squared error/image"}
+
+
+def _describe(stats: EpochStats, total: int, variational: bool, best: bool, unit: str, eta: float) -> str:
     def terms(loss: float, recon: float | None, kl: float | None) -> str:
         return f"{loss:.3f} (recon {recon:.3f} kl {kl:.3f})" if variational else f"{loss:.3f}"
 
@@ -249,7 +254,16 @@ def _describe(stats: EpochStats, total: int, variational: bool, best: bool) -> s
         line += f" beta {stats.beta:.3g}"
     if stats.val_loss is not None:
         line += f" val {terms(stats.val_loss, stats.val_recon, stats.val_kl)}"
-    return line + f" {stats.seconds:.1f}s" + (" *best" if best else "")
+    line += f" [{unit}] {stats.seconds:.1f}s"
+    if stats.epoch < total:
+        line += f" eta {_duration(eta)}"
+    return line + (" *best" if best else "")
+
+
+def _duration(seconds: float) -> str:
+    """1m05s, 42s: the time left, as a person reads it."""
+    whole = max(0, round(seconds))
+    return f"{whole // 60}m{whole % 60:02d}s" if whole >= 60 else f"{whole}s"
 
 
 class Trainer:
@@ -287,7 +301,10 @@ class Trainer:
                 raise ModelError(f"training diverged at epoch {epoch} (loss {stats.train_loss}); lower lr")
             self.report.history.append(stats)
             best = self.report.best_score is None or stats.score < self.report.best_score
-            log.info("%s", _describe(stats, total, self.variational, best))
+            done = [h.seconds for h in self.report.history if h.epoch > start]  # this run's epochs only
+            eta = sum(done) / len(done) * (total - epoch)
+            unit = LOSS_UNITS[self.options.likelihood]
+            log.info("%s", _describe(stats, total, self.variational, best, unit, eta))
             if best:
                 self.report.best_epoch, self.report.best_score = epoch, stats.score
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
