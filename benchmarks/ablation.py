@@ -99,7 +99,7 @@ def run(name: str, settings: dict[str, Any], models: list[str], args: argparse.N
     )
     started = time.perf_counter()
     with Engine(home, create=True) as engine:
-        result, _ = run_compare(engine, config, command=f"benchmarks/ablation.py {name}")
+        result, _ = run_compare(engine, config, command=f"benchmarks/ablation.py {name}", keep_models=True)
     rows = []
     for model, res in result.models.items():
         rows.append(

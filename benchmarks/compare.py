@@ -109,7 +109,7 @@ def main() -> None:
     )
     started = time.perf_counter()
     with Engine(home, create=True) as engine:
-        result, artifacts = run_compare(engine, config, command)
+        result, artifacts = run_compare(engine, config, command, keep_models=True)
         write_report(result, artifacts, args.report)
     wall = time.perf_counter() - started
     print(format_table(result))

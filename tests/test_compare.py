@@ -107,6 +107,7 @@ def test_compare_end_to_end_json_and_report(tmp_path: Path, grey_shapes: Path) -
         "--json",
         "--report",
         str(out),
+        "--keep-models",
     )
     assert code == 0, stderr
     data = json.loads(stdout)
@@ -176,6 +177,7 @@ def test_models_made_by_compare_use_the_metric_asked_for(tmp_path: Path, grey_sh
         "--metric",
         "cosine",
         "--json",
+        "--keep-models",
     )
     assert code == 0, stderr
     models = json.loads(stdout)["models"]
@@ -205,6 +207,33 @@ def test_existing_model_with_another_spec_gets_adapted_images(tmp_path: Path, gr
     code, stdout, stderr = run(home, "compare", str(data), "--models", "pca16", "--json")
     assert code == 0, stderr
     assert json.loads(stdout)["models"]["pca16"]["dim"] == 8
+
+
+def test_compare_deletes_the_models_it_made_unless_kept_and_warns_of_one_that_saw_the_queries(
+    tmp_path: Path, grey_shapes: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from embedsearch.data.datasets import load_dataset
+    from embedsearch.data.images import InputSpec
+    from embedsearch.engine import Engine
+
+    home = tmp_path / "home"
+    spec = InputSpec(28, 1)
+    everything = load_dataset(str(grey_shapes), spec)
+    with Engine(home) as engine:  # a library model trained on all of DATA: the queries included
+        engine.fit_model("seen", "pca", everything.images, spec, options={"dim": 8}, source=str(grey_shapes))
+    code, _, stderr = run(home, "compare", str(grey_shapes), "--models", "pixels,pca,seen")
+    assert code == 0, stderr
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "model 'seen' was trained on" in warned[0] and "scores are optimistic" in warned[0]
+    caplog.clear()
+    with Engine(home) as engine:
+        assert [m.name for m in engine.models()] == ["seen"]  # pixels and pca were made here: deleted
+    code, _, stderr = run(home, "compare", str(grey_shapes), "--models", "pca", "--keep-models")
+    assert code == 0, stderr
+    code, _, stderr = run(home, "compare", str(grey_shapes), "--models", "pca")  # reused, trained on the database part
+    assert code == 0 and not [r for r in caplog.records if r.levelname == "WARNING"], stderr
+    with Engine(home) as engine:
+        assert sorted(m.name for m in engine.models()) == ["pca", "seen"]  # a reused model is never deleted
 
 
 def test_compare_errors_are_one_line(tmp_path: Path, grey_shapes: Path) -> None:
@@ -247,7 +276,17 @@ def test_compare_trains_ae_and_vae_with_the_recipe_asked_for_and_states_it(tmp_p
 
     out = tmp_path / "report"
     args = ["compare", str(grey_shapes), "--models", "ae,vae,pixels", "--query-fraction", "0.2", "--train-epochs", "1"]
-    args += ["--augment", "crop,noise", "--consistency", "5", "--temperature", "0.3", "--report", str(out)]
+    args += [
+        "--augment",
+        "crop,noise",
+        "--consistency",
+        "5",
+        "--temperature",
+        "0.3",
+        "--report",
+        str(out),
+        "--keep-models",
+    ]
     code, stdout, stderr = run(tmp_path / "home", *args)
     assert code == 0, stderr
     assert stdout.splitlines()[-1].endswith("augment crop,noise, consistency 5.0, temperature 0.3")

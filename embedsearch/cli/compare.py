@@ -92,6 +92,7 @@ def _command_line(home: str | None, c: CompareConfig, fmt: str, report: str | No
 @click.option("--temperature", type=click.FloatRange(0, min_open=True), help="InfoNCE temperature [0.1].")
 @format_option(NO_PATHS, json_help="Same as --format json: the results as one JSON object.")
 @click.option("--report", type=click.Path(file_okay=False), help="Write report.md with PNG plots into this folder.")
+@click.option("--keep-models", is_flag=True, help="Keep the models made here in the library (default: deleted after).")
 @click.pass_context
 def compare(
     ctx: click.Context,
@@ -109,6 +110,7 @@ def compare(
     fmt: str | None,
     as_json: bool,
     report: str | None,
+    keep_models: bool,
 ) -> None:
     """Compare models on labelled DATA (class subfolders, or an IDX images file beside its labels).
 
@@ -144,7 +146,7 @@ def compare(
         command = _command_line(settings(ctx).get("home"), config, fmt, report)
         engine = _engine(ctx)
         engine.open(create=True)  # compare makes the models it is asked for: a new library is fine
-        result, artifacts = run_compare(engine, config, command)
+        result, artifacts = run_compare(engine, config, command, keep_models=keep_models)
         if report:
             click.echo(f"wrote {write_report(result, artifacts, report)}", err=True)
     summary = result.summary()

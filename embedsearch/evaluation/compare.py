@@ -10,6 +10,7 @@ dataclasses that round-trip to JSON; the pictures the report draws travel separa
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,6 +201,14 @@ def prepare_model(engine: Any, name: str, kind: str | None, data: Data) -> tuple
     """The model's encoder and metric, training it on the database first when ``kind`` is given."""
     if kind is None:
         model = engine.model(name)
+        if _saw_queries(model.config, data):
+            log.warning(
+                "model %r was trained on %s, which holds this comparison's query images: its scores are optimistic "
+                "(let compare train its own: another --name, or delete it with 'embedsearch models rm %s')",
+                name,
+                model.config["data"]["source"],
+                name,
+            )
         log.info(
             "using the library's model %r (%s, %dx%dx%d %s, %s) as it is",
             name,
@@ -228,6 +237,22 @@ def prepare_model(engine: Any, name: str, kind: str | None, data: Data) -> tuple
     if cls.needs_training:
         log.info("trained %s model %r in %.1f s", kind, name, seconds)
     return engine.encoder(name), info.metric, seconds
+
+
+def _saw_queries(config: dict[str, Any], data: Data) -> bool:
+    """True if a library model was trained on images that include this run's queries: on the
+    --queries source itself, or on DATA with more images than its database part."""
+    trained = (config or {}).get("data") or {}
+    source = trained.get("source")
+    if not source or not encoder_class(config.get("kind", "pixels")).needs_training:
+        return False
+
+    def same(other: str) -> bool:
+        return os.path.realpath(source) == os.path.realpath(other)
+
+    if data.config.queries is not None:
+        return same(data.config.queries)
+    return same(data.config.data) and int(trained.get("images") or 0) > len(data.view(data.spec).db)
 
 
 def evaluate_model(name: str, kind: str, encoder: Encoder, metric: str, data: Data, art: Artifacts) -> ModelResult:
@@ -301,8 +326,11 @@ def _generative(
     art.latents[name] = q_vecs
 
 
-def run_compare(engine: Any, config: CompareConfig, command: str = "") -> tuple[CompareResult, Artifacts]:
-    """The whole comparison; ``command`` is recorded in the result for the report."""
+def run_compare(
+    engine: Any, config: CompareConfig, command: str = "", keep_models: bool = False
+) -> tuple[CompareResult, Artifacts]:
+    """The whole comparison; ``command`` is recorded in the result for the report. The models it
+    creates are deleted at the end unless ``keep_models`` (a later run then reuses them as they are)."""
     started = time.perf_counter()
     plan = plan_models(engine, config.models)  # unknown names fail before any data is read
     data = Data(config, engine.max_pixels)
@@ -327,6 +355,11 @@ def run_compare(engine: Any, config: CompareConfig, command: str = "") -> tuple[
         log.info(
             "%s: precision@%d %.4f, neardup_recall@10 %.4f", name, config.k, result.precision, result.neardup_recall[10]
         )
+    created = [name for name, result in results.items() if result.created]
+    if created and not keep_models:
+        for name in created:
+            engine.delete_model(name)
+        log.info("deleted the models made for this comparison (%s); --keep-models keeps them", ", ".join(created))
     outcome = CompareResult(
         config,
         config.data,
