@@ -242,6 +242,22 @@ def test_search_by_upload_and_by_id_agree(client: TestClient, trained_data: Path
     assert set(by_id["results"][0]) == {"rank", "id", "label", "distance", "url", "thumb"}
 
 
+def test_search_filters_by_label_and_folder(client: TestClient, trained_data: Path) -> None:
+    """Issue 16.2: --label and --under in the API too, by upload and by id."""
+    png = shape_file(trained_data, "star", 2)
+    form = {"model": "pixels", "k": "5", "label": "ring"}
+    found = client.post("/api/search", files={"file": ("q.png", png)}, data=form).json()["results"]
+    assert len(found) == 5 and {r["label"] for r in found} == {"ring"}
+    top = search_bytes(client, png, "pixels", k=1).json()["results"][0]
+    params = {"image_id": top["id"], "model": "pixels", "k": 50, "under": str(trained_data / "circle")}
+    found = client.get("/api/search", params=params).json()["results"]
+    assert len(found) == 6 and {r["label"] for r in found} == {"circle"}  # the 6 files of circle/ (labels: folders)
+    assert top["id"] not in {r["id"] for r in found}  # the query itself is a star: filtered out
+    assert client.get("/api/search", params={**params, "under": None, "label": "no-such"}).json()["results"] == []
+    bad = client.get("/api/search", params={**params, "under": "a\x00b"})
+    assert 400 <= bad.status_code < 500 and "error" in bad.json()
+
+
 def test_search_errors(client: TestClient, trained_data: Path) -> None:
     png = shape_file(trained_data)
     assert "unknown model 'nope'" in error_of(search_bytes(client, png, "nope"), 404)

@@ -48,6 +48,8 @@ class Search:
         """The ids a search filtered by label and/or path may return; None: no filter."""
         if label is None and under is None:
             return None
+        if under is not None and "\x00" in under:
+            raise InvalidArgumentError("the folder to search under holds a NUL byte, which no path can; check it")
         folder = None if under is None else str(Path(under).resolve())  # as indexing stored the paths
         return frozenset(self.store.image_ids_where(label, folder))
 

@@ -262,6 +262,8 @@ async def delete_image(image_id: ImageId, engine: WriteEngine) -> dict[str, Any]
 
 
 # -- search and generation ---------------------------------------------------------------------
+#: Longest label or folder a search may filter by (a label is at most a folder name; a path, a path).
+MAX_FILTER = 4096
 
 
 @router.post("/search", response_model=SearchOut, tags=["search"])
@@ -271,12 +273,17 @@ async def search_upload(
     file: Annotated[UploadFile, File(description="the query image (not stored)")],
     model: Annotated[str, Form()],
     k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
+    label: Annotated[str | None, Form(max_length=MAX_FILTER, description="only images with this label")] = None,
+    under: Annotated[str | None, Form(max_length=MAX_FILTER, description="only files under this folder")] = None,
 ) -> dict[str, Any]:
-    """The indexed images nearest to an uploaded image, nearest first."""
+    """The indexed images nearest to an uploaded image, nearest first (optionally only those with a
+    label, or whose file is under a folder)."""
     service = _service(request)
     name, limit = client_name(file.filename), service.max_query_pixels
     async with service.decodes.reading([file], limit) as (data,):
-        found = await in_thread(engine.search_bytes, data, model, k, name=name, max_pixels=limit)
+        found = await in_thread(
+            engine.search_bytes, data, model, k, name=name, max_pixels=limit, label=label, under=under
+        )
     return {"model": model, "results": hits(found)}
 
 
@@ -286,9 +293,13 @@ async def search_image(
     image_id: Annotated[int, Query(ge=0, le=MAX_ID)],
     model: Annotated[str, Query()],
     k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+    label: Annotated[str | None, Query(max_length=MAX_FILTER, description="only images with this label")] = None,
+    under: Annotated[str | None, Query(max_length=MAX_FILTER, description="only files under this folder")] = None,
 ) -> dict[str, Any]:
-    """The indexed images nearest to an indexed image (itself first), from its stored vector."""
-    return {"model": model, "results": hits(await in_thread(engine.search_image, image_id, model, k))}
+    """The indexed images nearest to an indexed image (itself first, if it passes the filters), from
+    its stored vector."""
+    found = await in_thread(engine.search_image, image_id, model, k, label=label, under=under)
+    return {"model": model, "results": hits(found)}
 
 
 @router.post("/generate", response_model=GenerateOut, tags=["search"])
