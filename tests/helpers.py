@@ -340,3 +340,17 @@ def index_entries(home: Path) -> int:
 
 
 _ENGINES: dict[str, Any] = {}
+
+
+def labelled_pngs(root: Path, n: int, seed: int) -> Path:
+    """``n`` seeded 28x28 grey PNGs in ``class<label>/`` folders under ``root``, plus one broken file
+    (``bad.png``): the corpus of the kill-and-rerun tests."""
+    from embedsearch.data.synth import make_image_array
+
+    images, labels = make_image_array(n, 28, 1, seed=seed)
+    for i, (arr, label) in enumerate(zip(images, labels, strict=False)):
+        folder = root / f"class{label}"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(arr[..., 0], "L").save(folder / f"{i:05d}.png")
+    (root / "bad.png").write_text("not an image")
+    return root

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from embedsearch.data.synth import make_image_array
 from embedsearch.engine import Engine
 from helpers import index_entries as entries
+from helpers import labelled_pngs
 
 #: Every test here runs on both metadata stores (conftest.py: ``database``).
 pytestmark = pytest.mark.slow
@@ -25,13 +24,7 @@ N_GOOD = 2400
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("crash-corpus")
-    images, labels = make_image_array(N_GOOD, 28, 1, seed=3)
-    for i, (arr, label) in enumerate(zip(images, labels, strict=False)):
-        folder = root / f"class{label}"
-        folder.mkdir(exist_ok=True)
-        Image.fromarray(arr[..., 0], "L").save(folder / f"{i:05d}.png")
-    (root / "bad.png").write_text("not an image")
+    root = labelled_pngs(tmp_path_factory.mktemp("crash-corpus"), N_GOOD, seed=3)
     (root / "empty.jpg").write_bytes(b"")
     return root
 

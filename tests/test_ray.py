@@ -20,11 +20,10 @@ from PIL import Image
 
 from embedsearch.cli.main import main
 from embedsearch.core.ray_bulk import INSTALL_HINT, RayOptions
-from embedsearch.data.synth import make_image_array
 from embedsearch.engine import Engine
 from embedsearch.errors import ExtraNotInstalledError
 from embedsearch.results import IndexReport
-from helpers import index_entries, vector_library
+from helpers import index_entries, labelled_pngs, vector_library
 
 #: Ray's start-up costs seconds: once per module, in local mode, on two CPUs (issue 15).
 RAY_SETTINGS = {"num_cpus": 2, "object_store_memory": int(2e8), "include_dashboard": False}
@@ -137,13 +136,7 @@ N_GOOD = 2400
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ray-corpus")
-    images, labels = make_image_array(N_GOOD, 28, 1, seed=5)
-    for i, (arr, label) in enumerate(zip(images, labels, strict=False)):
-        (root / f"class{label}").mkdir(exist_ok=True)
-        Image.fromarray(arr[..., 0], "L").save(root / f"class{label}" / f"{i:05d}.png")
-    (root / "bad.png").write_text("not an image")
-    return root
+    return labelled_pngs(tmp_path_factory.mktemp("ray-corpus"), N_GOOD, seed=5)
 
 
 def _index_command(home: Path, data: Path, *extra: str) -> list[str]:
