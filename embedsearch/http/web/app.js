@@ -279,8 +279,10 @@ function showOod(slot, out) {
   const pct = out.ood_percentile;
   if (pct === undefined || pct === null) { box.hidden = true; return; }
   const warning = out.warning ? el("strong", { class: "warning" }, `⚠ ${out.warning}`) : null;
-  box.replaceChildren(el("span", { class: "pct", title: "the query's reconstruction error among the library's images" },
-    `unusual for this model: ${Number(pct).toFixed(1)}th percentile`), warning);
+  const p = Number(pct).toFixed(1);
+  box.replaceChildren(el("span", { class: "pct",
+    title: "the query's reconstruction error (VAE: negative ELBO) as a percentile of the indexed images' values" },
+  `OOD percentile ${p}: less typical for this model than ${p} % of the library's images`), ...(warning ? [warning] : []));
   box.classList.toggle("warn", Boolean(out.warning));
   box.hidden = false;
 }

@@ -16,7 +16,7 @@ export function resetExplain(slot) {
   }
 }
 
-const picture = (src, alt, caption) => el("figure", { class: "recon" },
+const picture = (src, alt, caption) => el("figure", { class: "recon", title: alt },
   el("img", { class: "pixelated", src, alt }), el("figcaption", {}, caption));
 
 export async function explainColumn(slot, query, model, results) {
@@ -39,12 +39,15 @@ export async function explainColumn(slot, query, model, results) {
     }
     if (mine !== asked[slot]) return;
     box.replaceChildren(el("span", { class: "explain-title" }, `What ${model} keeps of the query:`),
-      picture(out.query.reconstruction, `${model}'s reconstruction of the query`, "query, reconstructed"));
+      picture(out.query.reconstruction, `${model}'s reconstruction of the query`, "query, recon."));
     for (const hit of out.hits) {
       const node = document.querySelector(`#column-${slot} .result[data-id="${hit.id}"] .explain`);
       if (!node) continue;
-      node.replaceChildren(picture(hit.reconstruction, `${model}'s reconstruction of #${hit.id}`, "reconstructed"),
-        hit.midpoint ? picture(hit.midpoint, `midpoint between the query and #${hit.id}`, "midpoint") : null);
+      const pictures = [picture(hit.reconstruction, `${model}'s reconstruction of #${hit.id}`, "recon.")];
+      if (hit.midpoint) {
+        pictures.push(picture(hit.midpoint, `decoded midpoint between the query's code and #${hit.id}'s`, "midpoint"));
+      }
+      node.replaceChildren(...pictures);
       node.hidden = false;
     }
   } catch (err) {
