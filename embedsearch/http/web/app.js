@@ -295,14 +295,15 @@ function renderResults(slot, results) {
     return;
   }
   // Positions among the other images: a search by id finds the query itself first, and it is left out.
-  list.replaceChildren(...results.map((hit, i) => resultTile(hit, i + 1)));
+  const { metric } = modelOf($(`#model-${slot}`).value) || {};
+  list.replaceChildren(...results.map((hit, i) => resultTile(hit, i + 1, metric)));
 }
 
-function resultTile(hit, rank) {
+function resultTile(hit, rank, metric) {
   return el("li", { class: "result", "data-id": hit.id },
     el("span", { class: "rank" }, String(rank)),
     el("span", { class: "agree", title: "found by both models", "aria-label": "found by both models" }, "★"),
-    hitButton(hit, searchById),
+    hitButton(hit, searchById, "", metric),
     el("div", { class: "tile-actions" },
       el("button", { type: "button", class: "as-b", title: `use #${hit.id} as image B for “between”`,
         "aria-label": `As B: #${hit.id} as the second image of “between”`,

@@ -130,12 +130,15 @@ export function confirmButton(label, confirmLabel, attrs, action) {
   return button;
 }
 
+// Hamming distances (hashes) are whole numbers of bits; the others get three decimals.
+const distance = (d, metric) => (metric === "hamming" ? String(Math.round(d)) : d.toFixed(3));
+
 // A result tile's button: the thumbnail, the label, the distance and the file name; it searches by the image.
-export function hitButton(hit, onPick, extraClass = "") {
+export function hitButton(hit, onPick, extraClass = "", metric = "") {
   const name = hit.name || `image #${hit.id}`;
   const caption = el("span", { class: "caption" },
     textLine("label", hit.label || "—"),
-    el("span", { class: "distance", title: "distance to the query" }, hit.distance.toFixed(3)),
+    el("span", { class: "distance", title: "distance to the query" }, distance(hit.distance, metric)),
     textLine("name", name));
   return el("button", {
     type: "button", class: `hit ${extraClass}`, title: `#${hit.id} ${name} — search from this image`,
