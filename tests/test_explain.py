@@ -279,3 +279,14 @@ def test_http_explain_errors(client: TestClient, trained: Engine, trained_data: 
     assert "has no decoder" in error(upload, 400)
     not_image = client.post("/api/explain", files={"file": ("t.png", b"not an image")}, data={"model": "vae"})
     assert error(not_image, 415)
+
+
+def test_http_explain_is_a_read_guarded_by_token_for_reads(trained: Engine, trained_data: Path) -> None:
+    image_id = id_of(trained, image_path(trained_data, "triangle", 1))
+    params = {"image_id": image_id, "model": "vae", "hits": str(image_id)}
+    with TestClient(create_app(trained, token="t0ken"), base_url="http://localhost") as open_reads:
+        assert open_reads.get("/api/explain", params=params).status_code == 200
+    with TestClient(create_app(trained, token="t0ken", token_for_reads=True), base_url="http://localhost") as closed:
+        assert closed.get("/api/explain", params=params).status_code == 401
+        with_token = closed.get("/api/explain", params=params, headers={"Authorization": "Bearer t0ken"})
+        assert with_token.status_code == 200 and with_token.json()["hits"][0]["id"] == image_id
