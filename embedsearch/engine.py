@@ -6,6 +6,7 @@ service receives its collaborators here (composition); none of them imports this
     store ── layout, writer lock
       └─ IndexCache (the one owner of index state)
            └─ ModelRegistry ── Search ── ImageLibrary ── BulkIndexer, Generator, Checker, Thumbnails
+                └─ Explainer (decodes stored codes: results explained)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from embedsearch.core.browse import Browser, ImagePage, LabelCount, VectorMap
 from embedsearch.core.bulk import BulkIndexer
 from embedsearch.core.check import Checker
 from embedsearch.core.dedup import DuplicateFinder, DuplicateReport
+from embedsearch.core.explain import Explainer, Explanation
 from embedsearch.core.generate import GenerateRequest, Generation, Generator
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.layout import THUMBS, Layout, WriterLock
@@ -91,6 +93,7 @@ class Engine:
         self.reindexer = Reindexer(self.store, self.cache, self.registry)
         self.thumbs = Thumbnails(self.library, self.layout, max_pixels)
         self.browser = Browser(self.store, self.registry)
+        self.explainer = Explainer(self.store, self.registry, max_pixels)
         if create:
             self.open(create=True)
 
@@ -296,6 +299,18 @@ class Engine:
 
     def encode_files(self, paths: list[str], model: str) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
         return self.search.encode_files(paths, model)
+
+    def explain(
+        self,
+        model: str,
+        query: str | int | bytes,
+        hits: list[int],
+        name: str = "<upload>",
+        max_pixels: int | None = None,
+    ) -> Explanation:
+        """What an AE or VAE kept of a query (a path, ``id:N``, an image id or an image's bytes) and of
+        each hit (image ids): decoded codes, and for a VAE the decoded midpoints; see core/explain.py."""
+        return self.explainer.explain(model, query, hits, name, max_pixels)
 
     def generated_ids(self) -> set[int]:
         return self.cache.generated()

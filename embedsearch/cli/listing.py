@@ -36,6 +36,12 @@ MODEL_COLUMNS = ["name", "kind", "image_size", "channels", "fit", "dim", "metric
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Neighbours per query.")
 @format_option(json_help="Same as --format json: one JSON line per query.")
 @click.option("--grid", type=click.Path(dir_okay=False), help="Write a PNG: each query, then its neighbours.")
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="With --grid (AE, VAE): under each query's row, what the model kept: the query's and each hit's "
+    "reconstruction, and for a VAE the decoded midpoint between the query and each hit.",
+)
 @click.option("--include-generated", is_flag=True, help="Also return generated images (generate --add).")
 @click.option("--label", help="Only results with this label.")
 @click.option("--under", type=click.Path(), help="Only results at or under this path (a folder or a file).")
@@ -48,6 +54,7 @@ def query(
     fmt: str | None,
     as_json: bool,
     grid: str | None,
+    explain: bool,
     include_generated: bool,
     label: str | None,
     under: str | None,
@@ -67,12 +74,16 @@ def query(
       embedsearch query photos/cat.png --model vae --format paths | xargs feh
       embedsearch query id:123 id:456 --model vae -k 5
       embedsearch query photos/cat.png --model vae --label cat --under photos/2024/
+      embedsearch query photos/cat.png id:123 --model vae -k 5 --explain --grid why.png
     """
     from embedsearch.results import QueryResult
 
+    if explain and not grid:
+        raise click.UsageError("--explain draws the reconstructions into the picture: add --grid OUT.png")
     fmt = chosen(fmt, as_json)
     rows = Rows(fmt, QUERY_COLUMNS)
     results, good, failed = [], 0, 0
+    explained = []  # with --explain: an Explanation per result
     found = _engine(ctx).query(list(images), model, k, include_generated=include_generated, label=label, under=under)
     for item in found:
         if not isinstance(item, QueryResult):
@@ -80,13 +91,16 @@ def query(
             failed += 1
             continue
         good += 1
+        if explain:  # before the first output: a model without a decoder is an error, not half a run
+            explained.append(_engine(ctx).explain(model, item.query, [n.id for n in item.results]))
         _write_query(fmt, item, rows)
         if grid:
             results.append(item)
     if grid and results:
-        from embedsearch.render.pictures import query_grid
+        from embedsearch.render.pictures import explained_grid, query_grid
 
-        click.echo(f"wrote {printable(query_grid(results, Path(grid)))}", err=True)
+        out = explained_grid(results, explained, Path(grid)) if explain else query_grid(results, Path(grid))
+        click.echo(f"wrote {printable(out)}", err=True)
     if failed:  # after every good result: a script sees them all, and the status says some are missing
         total = plural(good + failed, "query image")
         raise click.ClickException(f"{failed} of {total} could not be read (listed above)")

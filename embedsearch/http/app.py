@@ -310,6 +310,7 @@ def create_app(
     whose ``Origin`` is not one of them, or that says ``Sec-Fetch-Site: cross-site``, gets 403.
     """
     from embedsearch.http import generate_routes, library_routes
+    from embedsearch.http.explain_routes import router as explain_router
     from embedsearch.http.routes import router
 
     if max_upload_bytes < 1:
@@ -352,6 +353,7 @@ def create_app(
     app.include_router(router)
     app.include_router(generate_routes.router)
     app.include_router(library_routes.router)
+    app.include_router(explain_router)
     _add_page(app)
     app.add_middleware(BodyLimit, limit=max_upload_bytes)
     app.add_middleware(SiteGuard, allowed=allowed_names(allowed_hosts))  # before anything reads the body

@@ -131,6 +131,23 @@ class GenerateOut(BaseModel):
     candidates: list[CandidateOut]
 
 
+class ExplainedQueryOut(BaseModel):
+    id: int | None = Field(description="the query's image id; null for an uploaded query")
+    reconstruction: str = Field(description="data:image/png;base64,...: what the model kept of the query")
+
+
+class ExplainedHitOut(BaseModel):
+    id: int
+    reconstruction: str = Field(description="data:image/png;base64,...: the hit's stored code, decoded")
+    midpoint: str | None = Field(description="VAE: (mu_query + mu_hit) / 2 decoded, as a data: URL; null for an AE")
+
+
+class ExplainOut(BaseModel):
+    model: str
+    query: ExplainedQueryOut
+    hits: list[ExplainedHitOut]
+
+
 class DuplicateImageOut(BaseModel):
     id: int
     name: str | None = Field(description="file name only; the server's folders are not shown")

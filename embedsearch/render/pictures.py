@@ -13,6 +13,7 @@ from embedsearch.errors import ImageError
 from embedsearch.render.grid import Tile, save_grid
 
 if TYPE_CHECKING:
+    from embedsearch.core.explain import Explanation
     from embedsearch.core.generate import Generation
     from embedsearch.results import QueryResult
 
@@ -36,6 +37,31 @@ def query_grid(results: list[QueryResult], out: Path, tile_size: int = 96) -> Pa
         row += [image_tile(n.path, f"#{n.rank} {n.distance:.3f}", tile_size) for n in result.results]
         rows.append(row)
     return save_grid(rows, out, tile_size=tile_size, row_titles=[Path(r.query).name for r in results])
+
+
+def explained_grid(results: list[QueryResult], explained: list[Explanation], out: Path, tile_size: int = 96) -> Path:
+    """Per query: its row as :func:`query_grid` draws it (an id:N query as its file), then a row
+    "decoded" (the query's and each hit's reconstruction, under the pictures they are of) and, for a
+    VAE, a row "midpoint" (the decoded midpoint between the query's code and each hit's; its first
+    cell is empty)."""
+    rows: list[list[Tile]] = []
+    titles: list[str] = []
+    for result, ex in zip(results, explained, strict=True):
+        ranks = [f"#{n.rank}" for n in result.results]
+        rows.append([image_tile(ex.path, "query", tile_size)])  # an id:N query's own file
+        rows[-1] += [image_tile(n.path, f"#{n.rank} {n.distance:.3f}", tile_size) for n in result.results]
+        rows.append([Tile(to_pil(ex.reconstruction), "query decoded")])
+        rows[-1] += [Tile(to_pil(h.reconstruction), f"{r} decoded") for r, h in zip(ranks, ex.hits, strict=True)]
+        # Pillow's built-in font draws spaces narrow: a colon keeps the model's name apart.
+        titles += [Path(result.query).name, f"decoded: {result.model}"]
+        if ex.has_midpoints:
+            mids = [
+                Tile(None if h.midpoint is None else to_pil(h.midpoint), f"{r} midpoint")
+                for r, h in zip(ranks, ex.hits, strict=True)
+            ]
+            rows.append([Tile(None, "(query+hit)/2"), *mids])
+            titles.append(f"midpoint: {result.model}")
+    return save_grid(rows, out, tile_size=tile_size, row_titles=titles)
 
 
 def reconstruction_grid(originals: np.ndarray, recons: np.ndarray, names: list[str], out: Path) -> Path:
