@@ -11,8 +11,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool as in_thread
 
 from embedsearch.engine import Engine
-from embedsearch.errors import NotFoundError
-from embedsearch.http.routes import Credentials, ReadEngine, _service, _token, hits
+from embedsearch.http.routes import Credentials, ReadEngine, _service, _stored_pixels, _token, hits
 from embedsearch.http.schemas import GenerateIn, GenerateOut
 
 router = APIRouter(prefix="/api")
@@ -32,15 +31,6 @@ async def generate(body: GenerateIn, request: Request, credentials: Credentials,
         pixels += await in_thread(_stored_pixels, engine, image_id)
     async with _service(request).decodes.held_pixels(pixels):  # "near" and "between" decode stored images
         return await in_thread(_generate, engine, body)
-
-
-def _stored_pixels(engine: Engine, image_id: int) -> int:
-    """Width x height of a stored image (0 if there is none: the engine reports that in its own order)."""
-    try:
-        record = engine.image(image_id)
-    except NotFoundError:
-        return 0
-    return record.width * record.height
 
 
 def _generate(engine: Engine, body: GenerateIn) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from embedsearch.core.thumbs import SIZES as THUMB_SIZES
 from embedsearch.engine import Engine
-from embedsearch.errors import ImageError
+from embedsearch.errors import ImageError, NotFoundError
 from embedsearch.http.schemas import (
     MAX_GROUPS,
     MAX_ID,
@@ -128,6 +128,16 @@ def image_out(record: ImageRecord) -> dict[str, Any]:
         else:
             out[f.name] = getattr(record, f.name)
     return out
+
+
+def _stored_pixels(engine: Engine, image_id: int) -> int:
+    """Width x height of a stored image (0 if there is none: the engine reports that in its own order);
+    for the decode slots of the routes that decode a stored image (generate near/between, explain)."""
+    try:
+        record = engine.image(image_id)
+    except NotFoundError:
+        return 0
+    return record.width * record.height
 
 
 def client_name(filename: str | None) -> str:
