@@ -312,6 +312,12 @@ def test_the_map_of_each_model_and_a_click_searches(site: Site, browser: Any) ->
     picked = int(top.get_attribute("data-id") or -1)
     top.click()
     wait_for_query(page, picked)
+    page.click("#tab-map")  # and by keyboard: a small map's points are tab stops
+    first = page.locator("#map-canvas circle").first
+    keyed = int(first.get_attribute("data-id") or -1)
+    first.focus()
+    page.keyboard.press("Enter")
+    wait_for_query(page, keyed)
     assert not problems, problems
 
 

@@ -9,10 +9,11 @@ const SIZE = 600; // the map's drawing box (the SVG scales to its width)
 const COLOURS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
   "#9c755f", "#2f4b7c", "#a0cbe8", "#8cd17d"];
 const OTHER = "#9aa1ac";
+const KEYBOARD_POINTS = 300;
 
 let onPick = () => {};
 const lib = { offset: 0, loaded: false };
-const map = { loaded: null }; // the model whose map is drawn
+const map = { loaded: null, out: null }; // the model whose map is drawn, and its answer
 
 export function initLibrary(options) {
   onPick = options.onPick;
@@ -34,13 +35,17 @@ function fillLabels() {
 }
 
 export function showLibrary() { if (!lib.loaded) loadPage(); }
-export function showMap() { if (map.loaded !== $("#map-model").value) loadMap(); }
+export function showMap() {
+  if (map.loaded !== $("#map-model").value) loadMap();
+  else if (map.out) drawMap(map.out); // again: the current query's point is marked
+}
 
 // After an upload or deletion: counts in the label list, and the open views drawn again.
 export function libraryChanged() {
   fillLabels();
   lib.loaded = false;
   map.loaded = null;
+  map.out = null;
   if (!$("#view-library").hidden) loadPage();
   if (!$("#view-map").hidden) loadMap();
 }
@@ -82,7 +87,7 @@ async function loadMap() {
   $("#map-info").textContent = "Projecting…";
   try {
     const out = await api(`/api/map?${new URLSearchParams({ model })}`);
-    if (map.loaded === model) drawMap(out);
+    if (map.loaded === model) { map.out = out; drawMap(out); }
   } catch (err) {
     $("#map-info").textContent = err.message;
   }
@@ -113,20 +118,26 @@ function drawMap(out) {
   const root = svg("svg", { viewBox: `0 0 ${SIZE} ${SIZE}`, role: "img", class: "map-svg",
     "aria-label": `2-D map of ${out.model}'s vectors, coloured by label` });
   const current = state.query && state.query.id;
+  // Each point a tab stop on small maps only: thousands of stops would trap the keyboard (the
+  // Library view lists the same images).
+  const keyboard = out.points.length <= KEYBOARD_POINTS;
   for (const p of out.points) {
     const cx = pad + (p.x - x0) * scale + (SIZE - 2 * pad - (x1 - x0) * scale) / 2;
     const cy = SIZE - pad - (p.y - y0) * scale - (SIZE - 2 * pad - (y1 - y0) * scale) / 2;
     const dot = svg("circle", { cx: cx.toFixed(1), cy: cy.toFixed(1), r: p.id === current ? radius + 3 : radius,
       fill: colours.get(p.label), "data-id": p.id, class: p.id === current ? "point current" : "point" });
+    if (keyboard) { dot.setAttribute("tabindex", "0"); dot.setAttribute("role", "button"); }
     const tip = svg("title");
     tip.textContent = `${p.label || "no label"} — #${p.id} (click to search by it)`;
     dot.append(tip);
     root.append(dot);
   }
-  root.addEventListener("click", (e) => {
+  const pick = (e) => {
     const id = e.target.dataset && e.target.dataset.id;
     if (id !== undefined) onPick(Number(id));
-  });
+  };
+  root.addEventListener("click", pick);
+  root.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); pick(e); } });
   $("#map-canvas").replaceChildren(root);
   $("#map-legend").replaceChildren(...counts.map(([label, n]) => {
     const swatch = el("span", { class: "swatch" });
