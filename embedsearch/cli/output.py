@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from embedsearch.cli.context import printable
+from embedsearch.results import OOD_PERCENTILE
 
 FORMATS = ["table", "json", "csv", "tsv", "paths"]
 #: The formats of commands whose results are not image files (models, info, compare).
@@ -97,11 +98,19 @@ def plural(n: int, word: str, many: str | None = None) -> str:
     return f"{n} {word if n == 1 else many or word + 's'}"
 
 
+def ood_line(result: Any) -> str:
+    """How unusual a query is for its model, in words (its ``ood_percentile`` is set)."""
+    where = f"percentile {result.ood_percentile:g} of the model's indexed images"
+    return f"{where} (above {OOD_PERCENTILE:g}: out of distribution)"
+
+
 def print_result(result: Any) -> None:
     """A query's table for people, naming its model; names are escaped (a newline or an ANSI escape in
     a file name stays visible)."""
     click.echo(f"query: {printable(result.query)}")
     click.echo(f"model: {printable(result.model)}")
+    if result.ood_percentile is not None:
+        click.echo(f"novelty: {ood_line(result)}")
     click.echo(f"{'rank':>5}  {'distance':>10}  {'id':>7}  {'label':<16}  path")
     for n in result.results:
         label = printable(n.label or "-")
