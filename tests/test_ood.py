@@ -235,7 +235,10 @@ def test_the_cli_reports_the_percentile_and_warns(learnt: tuple[Engine, Path, Pa
     assert run.exit_code == 0, run.output
     assert run.stdout.count("novelty: percentile ") == 2
     [warning] = [line for line in run.stderr.splitlines() if line.startswith("warning:")]  # one line, the noise's
-    assert warning.startswith(f"warning: {noise}: {OOD_WARNING} (percentile ") and "above 99" in warning
+    assert warning.startswith(f"warning: {noise}: {OOD_WARNING} (novelty percentile ") and warning.endswith(
+        ", above 99)"
+    )
+    assert run.stdout.count("of the model's indexed images, above 99: out of distribution") == 1  # the noise's table
     run = CliRunner().invoke(main, ["--home", str(home), "query", str(noise), "--model", "pixels", "--json"])
     assert json.loads(run.stdout)["ood_percentile"] is None and "novelty" not in run.stderr
 

@@ -99,9 +99,15 @@ def plural(n: int, word: str, many: str | None = None) -> str:
 
 
 def ood_line(result: Any) -> str:
-    """How unusual a query is for its model, in words (its ``ood_percentile`` is set)."""
-    where = f"percentile {result.ood_percentile:g} of the model's indexed images"
-    return f"{where} (above {OOD_PERCENTILE:g}: out of distribution)"
+    """The table's line on how unusual a query is for its model (its ``ood_percentile`` is set)."""
+    line = f"novelty: percentile {result.ood_percentile:g} of the model's indexed images"
+    return f"{line}, above {OOD_PERCENTILE:g}: out of distribution" if result.warning else line
+
+
+def ood_warning_line(result: Any) -> str:
+    """The one stderr line of a query above the threshold (its ``warning`` is set)."""
+    where = f"novelty percentile {result.ood_percentile:g}, above {OOD_PERCENTILE:g}"
+    return f"warning: {printable(result.query)}: {result.warning} ({where})"
 
 
 def print_result(result: Any) -> None:
@@ -110,7 +116,7 @@ def print_result(result: Any) -> None:
     click.echo(f"query: {printable(result.query)}")
     click.echo(f"model: {printable(result.model)}")
     if result.ood_percentile is not None:
-        click.echo(f"novelty: {ood_line(result)}")
+        click.echo(ood_line(result))
     click.echo(f"{'rank':>5}  {'distance':>10}  {'id':>7}  {'label':<16}  path")
     for n in result.results:
         label = printable(n.label or "-")
