@@ -112,6 +112,26 @@ def test_workers_ship_each_novelty_beside_its_code(trained: Engine, trained_data
     assert with_novelty(plain, None) is plain
 
 
+def test_the_api_has_the_fields_on_every_store(trained: Engine, trained_data: Path) -> None:
+    """SearchOut's ood_percentile and warning, by upload and by id (whose stored value is ranked)."""
+    probe = sorted(trained_data.rglob("*.png"))[3]
+    image_id = trained.store.image_by_path(str(probe)).id
+    with TestClient(create_app(trained), base_url="http://localhost") as client:
+        for model in ("vae", "pixels"):
+            sent = {"file": ("q.png", probe.read_bytes())}
+            by_upload = client.post("/api/search", files=sent, data={"model": model, "k": "2"}).json()
+            by_id = client.get("/api/search", params={"image_id": image_id, "model": model, "k": 2}).json()
+            for body in (by_upload, by_id):
+                assert set(body) == {"model", "results", "ood_percentile", "warning"}, body
+            if model == "pixels":
+                assert by_upload["ood_percentile"] is None and by_id["ood_percentile"] is None
+            else:
+                want = trained.query_image(image_id, model).ood_percentile
+                assert by_id["ood_percentile"] == want and 0 < want <= 100
+                assert by_upload["ood_percentile"] == pytest.approx(want, abs=5)
+                assert by_id["warning"] == ood_warning(want)
+
+
 def test_the_warning_is_set_above_the_99th_percentile_only() -> None:
     assert ood_warning(None) is None and ood_warning(99.0) is None and ood_warning(42.0) is None
     assert (
