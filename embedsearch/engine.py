@@ -284,7 +284,21 @@ class Engine:
         label: str | None = None,
         under: str | None = None,
     ) -> list[Neighbour]:
-        return self.search.by_bytes(data, model, k, include_generated, name, max_pixels, label, under)
+        return self.query_bytes(data, model, k, include_generated, name, max_pixels, label, under).results
+
+    def query_bytes(
+        self,
+        data: bytes,
+        model: str,
+        k: int = 10,
+        include_generated: bool = False,
+        name: str = "<upload>",
+        max_pixels: int | None = None,
+        label: str | None = None,
+        under: str | None = None,
+    ) -> QueryResult:
+        """:meth:`search_bytes` with the query's out-of-distribution percentile (``ood_percentile``)."""
+        return self.search.query_bytes(data, model, k, include_generated, name, max_pixels, label, under)
 
     def search_image(
         self,
@@ -295,7 +309,19 @@ class Engine:
         label: str | None = None,
         under: str | None = None,
     ) -> list[Neighbour]:
-        return self.search.by_id(image_id, model, k, include_generated, label, under)
+        return self.query_image(image_id, model, k, include_generated, label, under).results
+
+    def query_image(
+        self,
+        image_id: int,
+        model: str,
+        k: int = 10,
+        include_generated: bool = False,
+        label: str | None = None,
+        under: str | None = None,
+    ) -> QueryResult:
+        """:meth:`search_image` with the percentile of the image's stored novelty (``ood_percentile``)."""
+        return self.search.query_image(image_id, model, k, include_generated, label, under)
 
     def encode_files(self, paths: list[str], model: str) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
         return self.search.encode_files(paths, model)

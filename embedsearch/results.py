@@ -26,11 +26,28 @@ class Neighbour:
     distance: float
 
 
+#: A query whose novelty ranks above this percentile of its model's indexed images is out of distribution.
+OOD_PERCENTILE = 99.0
+OOD_WARNING = "this image is unlike what the model was trained on: results may be meaningless"
+
+
+def ood_warning(percentile: float | None) -> str | None:
+    """The out-of-distribution warning for a query at ``percentile``, or None (in distribution, or unknown)."""
+    return OOD_WARNING if percentile is not None and percentile > OOD_PERCENTILE else None
+
+
 @dataclass
 class QueryResult:
     query: str
     model: str
     results: list[Neighbour]
+    #: The query's novelty (AE reconstruction loss, VAE negative ELBO) as a percentile (0-100) of its
+    #: model's indexed images'; None for kinds without one or a model with no stored values.
+    ood_percentile: float | None = None
+
+    @property
+    def warning(self) -> str | None:
+        return ood_warning(self.ood_percentile)
 
 
 @dataclass

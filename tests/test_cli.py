@@ -58,7 +58,8 @@ def test_index_query_info_remove_end_to_end(tmp_path: Path, home: Path, shapes: 
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and len(lines) == 7
     first = lines[0]
-    assert list(first) == ["query", "model", "results"] and first["model"] == "pixels"
+    assert list(first) == ["query", "model", "ood_percentile", "warning", "results"] and first["model"] == "pixels"
+    assert first["ood_percentile"] is None and first["warning"] is None  # pixels: no novelty (test_ood.py)
     assert list(first["results"][0]) == ["rank", "id", "path", "label", "distance"]
     assert first["results"][0]["path"] == str(probe) and first["results"][0]["distance"] == 0.0
     with Image.open(grid) as im:

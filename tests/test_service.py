@@ -547,7 +547,7 @@ def test_package_errors_map_to_statuses(
     def fail(*_: Any, **__: Any) -> None:
         raise error
 
-    monkeypatch.setattr(trained, "search_image", fail)
+    monkeypatch.setattr(trained, "query_image", fail)  # what GET /api/search calls
     response = client.get("/api/search", params={"image_id": 1, "model": "vae"})
     assert error_of(response, status) == str(error)
     assert (response.headers.get("retry-after") == "5") == (status == 503)

@@ -20,6 +20,7 @@ from embedsearch.cli.output import (
     chosen,
     flatten,
     format_option,
+    ood_warning_line,
     plural,
     print_result,
     write_paths,
@@ -67,6 +68,9 @@ def query(
     neighbour (query, model, rank, id, path, label, distance); paths the neighbours' files, one per
     line.
 
+    Through an AE or VAE model each query also gets its novelty percentile among the indexed images
+    ("ood_percentile" in json); above 99, a warning line on stderr: the results may be meaningless.
+
     \b
     Example:
       embedsearch query photos/cat.png --model pixels -k 5 --grid cats.png
@@ -108,8 +112,12 @@ def query(
 
 def _write_query(fmt: str, result: Any, rows: Rows) -> None:
     if fmt == "json":
-        _emit({"query": result.query, "model": result.model, "results": [asdict(n) for n in result.results]})
-    elif fmt in ("csv", "tsv"):
+        out = {"query": result.query, "model": result.model, "ood_percentile": result.ood_percentile}
+        _emit({**out, "warning": result.warning, "results": [asdict(n) for n in result.results]})
+        return
+    if result.warning:  # on stderr: the rows and paths on stdout stay what a script reads
+        click.echo(ood_warning_line(result), err=True)
+    if fmt in ("csv", "tsv"):
         rows.write([result.query, result.model, n.rank, n.id, n.path, n.label, n.distance] for n in result.results)
     elif fmt == "paths":
         write_paths(n.path for n in result.results)

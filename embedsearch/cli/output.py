@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from embedsearch.cli.context import printable
+from embedsearch.results import OOD_PERCENTILE
 
 FORMATS = ["table", "json", "csv", "tsv", "paths"]
 #: The formats of commands whose results are not image files (models, info, compare).
@@ -97,11 +98,25 @@ def plural(n: int, word: str, many: str | None = None) -> str:
     return f"{n} {word if n == 1 else many or word + 's'}"
 
 
+def ood_line(result: Any) -> str:
+    """The table's line on how unusual a query is for its model (its ``ood_percentile`` is set)."""
+    line = f"novelty: percentile {result.ood_percentile:g} of the model's indexed images"
+    return f"{line}, above {OOD_PERCENTILE:g}: out of distribution" if result.warning else line
+
+
+def ood_warning_line(result: Any) -> str:
+    """The one stderr line of a query above the threshold (its ``warning`` is set)."""
+    where = f"novelty percentile {result.ood_percentile:g}, above {OOD_PERCENTILE:g}"
+    return f"warning: {printable(result.query)}: {result.warning} ({where})"
+
+
 def print_result(result: Any) -> None:
     """A query's table for people, naming its model; names are escaped (a newline or an ANSI escape in
     a file name stays visible)."""
     click.echo(f"query: {printable(result.query)}")
     click.echo(f"model: {printable(result.model)}")
+    if result.ood_percentile is not None:
+        click.echo(ood_line(result))
     click.echo(f"{'rank':>5}  {'distance':>10}  {'id':>7}  {'label':<16}  path")
     for n in result.results:
         label = printable(n.label or "-")

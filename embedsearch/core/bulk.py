@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from embedsearch.core import novelty
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.models import ModelRegistry
 from embedsearch.core.ray_bulk import RayOptions, encode_on_ray, ray_module
@@ -203,10 +204,11 @@ class BulkIndexer:
     def _flush(self, batch: _Batch, state: _State) -> None:
         if not (len(batch) or batch.touched or batch.deleted):
             return
-        vectors = [_encode(t.encoder, xs, state.encoded) for t, xs in zip(state.targets, batch.inputs, strict=True)]
+        encoded = [_encode(t.encoder, xs, state.encoded) for t, xs in zip(state.targets, batch.inputs, strict=True)]
+        vectors = [vecs for vecs, _ in encoded]
         entries = {
-            t.row.id: list(zip(keys, [v.tobytes() for v in vecs], strict=True))
-            for t, keys, vecs in zip(state.targets, batch.keys, vectors, strict=True)
+            t.row.id: novelty.entries(keys, vecs, scores)
+            for t, keys, (vecs, scores) in zip(state.targets, batch.keys, encoded, strict=True)
         }
         new_ids = self.store.write_batch(
             entries, batch.new_images, batch.changed, deleted=batch.deleted, touched=batch.touched
@@ -220,11 +222,14 @@ class BulkIndexer:
             target.indexed.update(ids.tolist())
 
 
-def _encode(encoder: Encoder, inputs: list[np.ndarray], encoded: bool) -> np.ndarray:
-    """(N, dim) float32, or (N, bytes) uint8 bits, of a batch's images (``encoded``: their codes already)."""
+def _encode(encoder: Encoder, inputs: list[np.ndarray], encoded: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(N, dim) float32, or (N, bytes) uint8 bits, of a batch's images, and their (N,) novelties or None
+    (``encoded``: their codes already, novelty included: :func:`novelty.with_novelty`)."""
     if not inputs:
-        return np.zeros((0, encoder.code_width), encoder.code_dtype)
-    return np.stack(inputs) if encoded else encoder.encode(np.stack(inputs))
+        return np.zeros((0, encoder.code_width), encoder.code_dtype), None
+    if encoded:
+        return novelty.split_novelty(encoder, np.stack(inputs))
+    return encoder.encode_scored(np.stack(inputs))
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from embedsearch.core import novelty
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.layout import FORMATS, Layout
 from embedsearch.core.models import ModelRegistry
@@ -86,9 +87,10 @@ class ImageLibrary:
             image_id = existing
             key: int | str = existing if existing is not None else meta.sha256
             lacking = [(m, e) for m, e in targets if existing is None or not self.store.entry_ids_of(m.id, [existing])]
-            vectors = [encoder.encode(pixels_of[encoder.spec][None]) for _, encoder in lacking]  # (1, dim) each
+            scored = [encoder.encode_scored(pixels_of[encoder.spec][None]) for _, encoder in lacking]  # (1, dim) each
+            vectors = [v for v, _ in scored]
             if lacking:  # the image and every model's vector in one transaction
-                entries = {m.id: [(key, v[0].tobytes())] for (m, _), v in zip(lacking, vectors, strict=True)}
+                entries = {m.id: novelty.entries([key], v, n) for (m, _), (v, n) in zip(lacking, scored, strict=True)}
                 new = self.store.write_batch(entries, [values] if existing is None else [])
                 image_id = new.get(meta.sha256, image_id)
                 for (model, _), vector in zip(lacking, vectors, strict=True):
@@ -197,7 +199,7 @@ class ImageLibrary:
         model, encoder = self.registry.model(model_name), self.registry.encoder(model_name)
         if not images:
             return []
-        vectors = encoder.encode(np.stack([im.pixels for im in images]))  # (N, dim)
+        vectors, scores = encoder.encode_scored(np.stack([im.pixels for im in images]))  # (N, dim), (N,) or None
         digests = [sha256(im.png) for im in images]
         with self.cache.writing():
             known = self.store.all_shas_for(digests)
@@ -225,7 +227,8 @@ class ImageLibrary:
                         "provenance": im.provenance,
                     }
                 )
-            entries = [(d, vectors[i].tobytes()) for d, i in first.items()]
+            keep = list(first.values())
+            entries = novelty.entries(list(first), vectors[keep], None if scores is None else scores[keep])
             ids = self.store.write_batch({model.id: entries}, rows)
             new = np.array([ids[d] for d in first], dtype=np.int64)
             self.cache.add(model, new, vectors[list(first.values())])

@@ -22,7 +22,7 @@ from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.layout import Layout
 from embedsearch.core.reencode import Encoded, encode_all
 from embedsearch.core.schema import Model
-from embedsearch.core.store import Store
+from embedsearch.core.store import Entry, Store
 from embedsearch.data.datasets import data_spec, load_dataset
 from embedsearch.data.images import InputSpec
 from embedsearch.encoders.base import WEIGHTS_FILE, Encoder, encoder_class, write_config
@@ -305,14 +305,12 @@ class ModelRegistry:
         self._encoders[name] = encoder
         return model_info(model, len(entries))
 
-    def _held_now(
-        self, current: Model | None, encoder: Encoder, encoded: Encoded
-    ) -> tuple[list[tuple[int, bytes]], list[int]]:
+    def _held_now(self, current: Model | None, encoder: Encoder, encoded: Encoded) -> tuple[list[Entry], list[int]]:
         """The entries of what the old model holds now: others may have added or removed images meanwhile."""
         now = set(self.store.entry_image_ids(current.id)) if current is not None else set()
-        done = {int(i) for i, _ in encoded.entries} | set(encoded.unreadable)
+        done = {i for i, _, _ in encoded.entries} | set(encoded.unreadable)
         late = encode_all(self.store, encoder, sorted(now - done), self.max_pixels)
-        entries = [(int(i), v) for i, v in encoded.entries + late.entries if int(i) in now]
+        entries = [entry for entry in encoded.entries + late.entries if entry[0] in now]
         unreadable = [i for i in encoded.unreadable + late.unreadable if i in now]
         return entries, unreadable
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedsearch.core import shards
+from embedsearch.core.novelty import with_novelty
 from embedsearch.data.images import FileInfo, InputSpec
 from embedsearch.data.ingest import Decoded, decode_chunk
 from embedsearch.errors import ClusterError, ExtraNotInstalledError, InvalidArgumentError
@@ -90,7 +91,7 @@ class EncodeFiles:
 def _codes(encoder: Encoder, pixels: list[np.ndarray]) -> np.ndarray:
     if not pixels:
         return np.zeros((0, encoder.code_width), encoder.code_dtype)
-    return encoder.encode(np.stack(pixels))
+    return with_novelty(*encoder.encode_scored(np.stack(pixels)))  # novelty (AE, VAE) as a last column
 
 
 def encode_on_ray(

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedsearch.core.store import Store
+from embedsearch.core.novelty import entries
+from embedsearch.core.store import Entry, Store
 from embedsearch.data.images import decode_file
 from embedsearch.encoders.base import Encoder
 from embedsearch.errors import ImageError
@@ -26,7 +27,7 @@ BATCH = 256
 class Encoded:
     """Vectors of the images that could be read, and the ids of those that could not."""
 
-    entries: list[tuple[int | str, bytes]] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
     unreadable: list[int] = field(default_factory=list)
 
 
@@ -47,8 +48,8 @@ def encode_batches(store: Store, encoder: Encoder, ids: Sequence[int], max_pixel
                 log.debug("image %d: not re-encoded: %s", image_id, exc)
                 out.unreadable.append(image_id)
         if good:
-            vectors = encoder.encode(np.stack(pixels))  # (n, dim) float32
-            out.entries = [(i, v.tobytes()) for i, v in zip(good, vectors, strict=True)]
+            vectors, scores = encoder.encode_scored(np.stack(pixels))  # (n, dim) float32, (n,) or None
+            out.entries = entries(good, vectors, scores)
         yield out
 
 

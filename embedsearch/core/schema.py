@@ -147,6 +147,9 @@ class IndexEntry(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
+    #: How unusual the image is for the model (AE: reconstruction loss, VAE: negative ELBO), measured
+    #: when it was encoded; null for kinds without one and for entries written before it was stored.
+    novelty: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 #: id, path and label of the images whose ids are in the JSON array ``:ids`` (SQLite's json_each).

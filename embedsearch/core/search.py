@@ -12,6 +12,7 @@ import numpy as np
 from embedsearch.core import knn
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.models import ModelRegistry
+from embedsearch.core.novelty import NoveltyRanks
 from embedsearch.core.store import Store
 from embedsearch.data.images import decode_bytes, decode_file, scan
 from embedsearch.errors import DataError, ImageError, InvalidArgumentError, NotFoundError
@@ -29,6 +30,7 @@ class Search:
         self.cache = cache
         self.registry = registry
         self.max_pixels = max_pixels
+        self.novelty = NoveltyRanks(store, cache)
 
     def encode_files(self, paths: list[str], model: str) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
         """Vectors (N, dim) of image files, with the paths used and the failures."""
@@ -106,21 +108,28 @@ class Search:
             if os.path.isdir(item) and not found:
                 raise DataError(f"{item}: the folder holds no images")
             files.extend(found)
-        self.registry.model(model)
+        row = self.registry.model(model)
         only = self.allowed(label, under)
         for start in range(0, len(files), batch_size):
-            vectors, used, failed = self._encode_items(files[start : start + batch_size], model)
+            vectors, scores, used, failed = self._encode_items(files[start : start + batch_size], model)
             yield from failed
-            for path, hits in zip(used, self.vectors(vectors, model, k, include_generated, only), strict=True):
-                yield QueryResult(path, model, hits)
+            neighbours = self.vectors(vectors, model, k, include_generated, only)
+            ranks = self.novelty.percentiles(row, scores)
+            for path, hits, rank in zip(used, neighbours, ranks, strict=True):
+                yield QueryResult(path, model, hits, rank)
 
-    def _encode_items(self, items: list[str], model: str) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
-        """:meth:`encode_files` for files and ``id:N`` items: vectors in the order of the items used."""
+    def _encode_items(
+        self, items: list[str], model: str
+    ) -> tuple[np.ndarray, list[float | None], list[str], list[tuple[str, str]]]:
+        """:meth:`encode_files` for files and ``id:N`` items: vectors and novelties (an indexed image's
+        stored one) in the order of the items used."""
         row = self.registry.model(model)
         ids = [int(m.group(1)) for m in map(IMAGE_ID.fullmatch, items) if m]
         stored = dict(self.store.entry_vectors(row.id, ids)) if ids else {}
+        novelty: dict[int, float | None] = self.store.entry_novelty(row.id, list(stored)) if stored else {}
         records = self.store.images([i for i in ids if i not in stored]) if ids else {}
         rows: dict[int, np.ndarray] = {}  # position in items -> (1, width) code
+        scores: dict[int, float | None] = {}  # position in items -> novelty
         to_decode: list[tuple[int, str]] = []
         failed: list[tuple[str, str]] = []
         for pos, item in enumerate(items):
@@ -130,6 +139,7 @@ class Search:
                 to_decode.append((pos, item))
             elif image_id in stored:
                 rows[pos] = knn.from_bytes(stored[image_id], row.metric, row.dim)
+                scores[pos] = novelty.get(image_id)
             elif image_id in records and records[image_id].path:
                 to_decode.append((pos, str(records[image_id].path)))
             else:
@@ -144,13 +154,16 @@ class Search:
             except ImageError as exc:
                 failed.append((items[pos], exc.reason))
         if arrays:
-            rows.update((pos, code[None]) for pos, code in zip(decoded, encoder.encode(np.stack(arrays)), strict=True))
+            codes, measured = encoder.encode_scored(np.stack(arrays))  # (n, width), (n,) or None
+            rows.update((pos, code[None]) for pos, code in zip(decoded, codes, strict=True))
+            scores.update(zip(decoded, [None] * len(decoded) if measured is None else measured.tolist(), strict=True))
         order = sorted(rows)
         if not order:
-            return np.zeros((0, encoder.code_width), encoder.code_dtype), [], failed
-        return np.concatenate([rows[pos] for pos in order]), [items[pos] for pos in order], failed
+            return np.zeros((0, encoder.code_width), encoder.code_dtype), [], [], failed
+        vectors = np.concatenate([rows[pos] for pos in order])
+        return vectors, [scores[pos] for pos in order], [items[pos] for pos in order], failed
 
-    def by_bytes(
+    def query_bytes(
         self,
         data: bytes,
         model: str,
@@ -160,15 +173,19 @@ class Search:
         max_pixels: int | None = None,
         label: str | None = None,
         under: str | None = None,
-    ) -> list[Neighbour]:
-        """Neighbours of an image given as bytes; ``max_pixels`` lowers the library's pixel limit for it
-        (the service's limit for query images), checked from the header before anything is decoded."""
+    ) -> QueryResult:
+        """Neighbours of an image given as bytes, and its out-of-distribution percentile; ``max_pixels``
+        lowers the library's pixel limit for it (the service's limit for query images), checked from
+        the header before anything is decoded."""
         encoder = self.registry.encoder(model)
         limit = self.max_pixels if max_pixels is None else min(max_pixels, self.max_pixels)
         _, pixels = decode_bytes(data, encoder.spec, name, limit)
-        return self.vectors(encoder.encode(pixels[None]), model, k, include_generated, self.allowed(label, under))[0]
+        code, scores = encoder.encode_scored(pixels[None])  # (1, width), (1,) or None
+        hits = self.vectors(code, model, k, include_generated, self.allowed(label, under))[0]
+        [rank] = self.novelty.percentiles(self.registry.model(model), [None if scores is None else float(scores[0])])
+        return QueryResult(name, model, hits, rank)
 
-    def by_id(
+    def query_image(
         self,
         image_id: int,
         model: str,
@@ -176,8 +193,9 @@ class Search:
         include_generated: bool = False,
         label: str | None = None,
         under: str | None = None,
-    ) -> list[Neighbour]:
-        """Neighbours of an indexed image, from its stored vector (no decoding)."""
+    ) -> QueryResult:
+        """Neighbours of an indexed image, from its stored vector (no decoding), and the percentile of
+        its stored novelty."""
         row = self.registry.model(model)
         found = self.store.entry_vectors(row.id, [image_id])
         if not found:
@@ -185,4 +203,6 @@ class Search:
                 raise NotFoundError(f"no image with id {image_id}")
             raise NotFoundError(f"image {image_id} is not in model {model!r}'s index")
         vector = knn.from_bytes(found[0][1], row.metric, row.dim)  # (1, dim), or (1, dim // 8) bits
-        return self.vectors(vector, model, k, include_generated, self.allowed(label, under))[0]
+        hits = self.vectors(vector, model, k, include_generated, self.allowed(label, under))[0]
+        [rank] = self.novelty.percentiles(row, [self.store.entry_novelty(row.id, [image_id]).get(image_id)])
+        return QueryResult(f"id:{image_id}", model, hits, rank)

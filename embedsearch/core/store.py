@@ -55,6 +55,16 @@ from embedsearch.files import disk_size
 
 log = logging.getLogger(__name__)
 
+#: One index entry to write: (image id, vector bytes, novelty or None).
+Entry = tuple[int, bytes, float | None]
+#: What the writers take: an entry, or (image, vector bytes) for one without novelty; the image is
+#: named by id or, for an image the same batch inserts, by its sha256.
+EntryIn = tuple[int | str, bytes] | tuple[int | str, bytes, float | None]
+
+
+def _triple(entry: EntryIn) -> tuple[int | str, bytes, float | None]:
+    return entry if len(entry) == 3 else (entry[0], entry[1], None)
+
 
 _BY_JSON_IDS = select(Image.id, Image.path, Image.label).where(
     Image.id.in_(select(text("value")).select_from(text("json_each(:ids)")))
@@ -434,7 +444,7 @@ class Store:
             s.flush()
             return model
 
-    def replace_model(self, name: str, entries: Sequence[tuple[int, bytes]] = (), **values: Any) -> Model:
+    def replace_model(self, name: str, entries: Sequence[EntryIn] = (), **values: Any) -> Model:
         """Create or overwrite a model called ``name``, with its first index ``entries``, in one transaction.
 
         The old model's entries go with its row, so a kill leaves either the old model whole or the new one.
@@ -447,7 +457,10 @@ class Store:
             if entries:
                 s.execute(
                     insert(cast(Table, IndexEntry.__table__)),
-                    [{"model_id": model.id, "image_id": i, "vector": v} for i, v in entries],
+                    [
+                        {"model_id": model.id, "image_id": i, "vector": v, "novelty": n}
+                        for i, v, n in map(_triple, entries)
+                    ],
                 )
             return model
 
@@ -557,7 +570,7 @@ class Store:
     # -- entries ------------------------------------------------------------------------------
     def write_batch(
         self,
-        entries: Mapping[int, Sequence[tuple[int | str, bytes]]],
+        entries: Mapping[int, Sequence[EntryIn]],
         new_images: Sequence[dict[str, Any]] = (),
         changed: Sequence[dict[str, Any]] = (),
         deleted: Sequence[int] = (),
@@ -565,9 +578,10 @@ class Store:
     ) -> dict[str, int]:
         """Commit one batch: insert new images, update changed ones, (re)write their entries.
 
-        ``entries`` maps a model id to (image, vector) pairs, the image named by id or, for a new
-        image, by sha256. Returns sha -> id of the new images. Everything happens in one
-        transaction, so a kill leaves all or nothing.
+        ``entries`` maps a model id to (image, vector, novelty) triples (:data:`EntryIn`), the image
+        named by id or, for a new image, by sha256; novelty is None (or left out) for kinds without
+        one. Returns sha -> id of the new images. Everything happens in one transaction, so a kill
+        leaves all or nothing.
         """
         with self.session() as s:
             ids: dict[str, int] = {}
@@ -589,18 +603,15 @@ class Store:
                     insert(cast(Table, Image.__table__)).returning(Image.sha256, Image.id), list(new_images)
                 )
                 ids = dict(rows.all())
-            for model_id, pairs in entries.items():
-                resolved = [(ids[key] if isinstance(key, str) else key, vec) for key, vec in pairs]
+            for model_id, given in entries.items():
+                pairs = [_triple(entry) for entry in given]
+                resolved = [(ids[key] if isinstance(key, str) else key, vec, score) for key, vec, score in pairs]
                 if not resolved:
                     continue
-                known = [
-                    image_id
-                    for (key, _), (image_id, _) in zip(pairs, resolved, strict=True)
-                    if not isinstance(key, str)
-                ]
+                known = [key for key, _, _ in pairs if not isinstance(key, str)]
                 if known:  # a new image has no entries to replace
                     s.execute(delete(IndexEntry).where(IndexEntry.model_id == model_id, IndexEntry.image_id.in_(known)))
-                _insert_entries(s.connection(), [(model_id, i, v) for i, v in resolved])
+                _insert_entries(s.connection(), [(model_id, i, v, n) for i, v, n in resolved])
             return ids
 
     def all_shas(self) -> dict[str, int]:
@@ -623,6 +634,20 @@ class Store:
                 IndexEntry.model_id == model_id, IndexEntry.image_id.in_(list(image_ids))
             )
             return [(image_id, vector) for image_id, vector in s.execute(stmt)]
+
+    def entry_novelty(self, model_id: int, image_ids: Sequence[int]) -> dict[int, float | None]:
+        """image id -> the stored novelty of its entry in the model (None: not measured)."""
+        with self.session() as s:
+            stmt = select(IndexEntry.image_id, IndexEntry.novelty).where(
+                IndexEntry.model_id == model_id, IndexEntry.image_id.in_(list(image_ids))
+            )
+            return {int(i): None if n is None else float(n) for i, n in s.execute(stmt)}
+
+    def novelties(self, model_id: int) -> list[float]:
+        """Every measured novelty of a model's entries (the population a query's is ranked in)."""
+        stmt = select(IndexEntry.novelty).where(IndexEntry.model_id == model_id, IndexEntry.novelty.is_not(None))
+        with self.session() as s:
+            return [float(n) for n in s.scalars(stmt) if n is not None]
 
     def entry_image_ids(self, model_id: int) -> list[int]:
         with self.session() as s:
@@ -687,18 +712,19 @@ class Store:
 _MARKS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
 
 
-def _insert_entries(conn: Connection, rows: list[tuple[int, int, bytes]]) -> None:
-    """INSERT (model_id, image_id, vector) rows with the driver's own executemany.
+def _insert_entries(conn: Connection, rows: list[tuple[int, int, bytes, float | None]]) -> None:
+    """INSERT (model_id, image_id, vector, novelty) rows with the driver's own executemany.
 
     Measured on a bulk run of 20k 784-d vectors: SQLAlchemy's per-row parameter processing cost 3x
-    what SQLite itself spent inserting; these three columns need none of it (ints and bytes).
+    what SQLite itself spent inserting; these columns need none of it (ints, bytes, floats or NULL).
     """
     mark = _MARKS.get(conn.dialect.paramstyle)
     table = cast(Table, IndexEntry.__table__)
+    names = ("model_id", "image_id", "vector", "novelty")
     if mark is None:  # a driver with named or numeric markers: the portable way
-        conn.execute(insert(table), [{"model_id": m, "image_id": i, "vector": v} for m, i, v in rows])
+        conn.execute(insert(table), [dict(zip(names, row, strict=True)) for row in rows])
         return
     quote = conn.dialect.identifier_preparer
-    columns = ", ".join(quote.quote(c) for c in ("model_id", "image_id", "vector"))
-    sql = f"INSERT INTO {quote.format_table(table)} ({columns}) VALUES ({mark}, {mark}, {mark})"
+    columns = ", ".join(quote.quote(c) for c in names)
+    sql = f"INSERT INTO {quote.format_table(table)} ({columns}) VALUES ({', '.join([mark] * len(names))})"
     conn.exec_driver_sql(sql, rows)  # a list of tuples: executemany

@@ -81,6 +81,8 @@ class VectorIndex:
         #: Why the file this was loaded from could not be used (it is then rebuilt from the database).
         self.problem: str | None = None
         self._masked = 0
+        #: Counts adds and removes: what is cached from the entries (their novelties) is stale once it moves.
+        self.version = 0
 
     @classmethod
     def for_model(cls, model: Model) -> VectorIndex:
@@ -132,6 +134,7 @@ class VectorIndex:
         """
         if not len(ids):
             return
+        self.version += 1
         x = self.prepare(vectors)
         if not self.index.is_trained:
             self.index = ann.train(self.spec, self.dim, self.metric, x, seed)
@@ -144,6 +147,7 @@ class VectorIndex:
     def remove(self, ids: np.ndarray | list[int]) -> int:
         if len(ids) == 0:
             return 0
+        self.version += 1
         if self.spec.approximate:
             return self._mask(np.asarray(ids, dtype=np.int64))
         # faiss's stubs only list remove_ids(IDSelector); its wrapper also takes an int64 array of ids.

@@ -127,6 +127,14 @@ class Encoder(ABC):
     @abstractmethod
     def encode(self, images: np.ndarray) -> np.ndarray: ...
 
+    def encode_scored(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``encode``'s codes and each image's novelty ``(N,)`` float64, or None for a kind that has none.
+
+        Indexing stores the novelty beside each vector, and a query's is ranked among them
+        (:mod:`embedsearch.core.novelty`); only a kind that models its images (AE, VAE) has one.
+        """
+        return self.encode(images), None
+
     @classmethod
     @abstractmethod
     def fit(
@@ -169,6 +177,14 @@ class DecodingEncoder(Encoder):
     @abstractmethod
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
         """(N, S, S, C) uint8 images -> their (N, S, S, C) uint8 reconstructions through the code."""
+
+    @abstractmethod
+    def novelty(self, images: np.ndarray) -> np.ndarray:
+        """(N, S, S, C) uint8 -> (N,) float64: how badly the model explains each image, in its training loss's
+        units (AE: reconstruction loss; VAE: negative ELBO). Deterministic: the same image, the same value."""
+
+    def encode_scored(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.encode(images), self.novelty(images)
 
 
 class PosteriorEncoder(DecodingEncoder):

@@ -46,7 +46,7 @@ from embedsearch.results import Thumbnail
 from embedsearch.version import __version__
 
 if TYPE_CHECKING:
-    from embedsearch.results import ImageRecord, Neighbour
+    from embedsearch.results import ImageRecord, Neighbour, QueryResult
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,16 @@ def hits(neighbours: list[Neighbour]) -> list[dict[str, Any]]:
         }
         for n in neighbours
     ]
+
+
+def search_out(found: QueryResult) -> dict[str, Any]:
+    """A query's neighbours as ``SearchOut``, with how unusual the query is for the model."""
+    return {
+        "model": found.model,
+        "results": hits(found.results),
+        "ood_percentile": found.ood_percentile,
+        "warning": found.warning,
+    }
 
 
 def image_out(record: ImageRecord) -> dict[str, Any]:
@@ -290,9 +300,9 @@ async def search_upload(
     name, limit = client_name(file.filename), service.max_query_pixels
     async with service.decodes.reading([file], limit) as (data,):
         found = await in_thread(
-            engine.search_bytes, data, model, k, name=name, max_pixels=limit, label=label, under=under
+            engine.query_bytes, data, model, k, name=name, max_pixels=limit, label=label, under=under
         )
-    return {"model": model, "results": hits(found)}
+    return search_out(found)
 
 
 @router.get("/search", response_model=SearchOut, tags=["search"])
@@ -306,8 +316,8 @@ async def search_image(
 ) -> dict[str, Any]:
     """The indexed images nearest to an indexed image (itself first, if it passes the filters), from
     its stored vector."""
-    found = await in_thread(engine.search_image, image_id, model, k, label=label, under=under)
-    return {"model": model, "results": hits(found)}
+    found = await in_thread(engine.query_image, image_id, model, k, label=label, under=under)
+    return search_out(found)
 
 
 #: One duplicates search at a time: it reads the whole index (seconds on a large library).

@@ -32,6 +32,12 @@ class Hit(BaseModel):
 class SearchOut(BaseModel):
     model: str
     results: list[Hit]
+    ood_percentile: float | None = Field(
+        None,
+        description="the query's novelty (AE reconstruction loss, VAE negative ELBO) as a percentile of the "
+        "model's indexed images'; null for pixels, PCA and hash models, or when none was stored",
+    )
+    warning: str | None = Field(None, description="set when ood_percentile is above 99: the results may be meaningless")
 
 
 class Uploaded(BaseModel):

@@ -146,6 +146,26 @@ class NeuralEncoder(DecodingEncoder):
         with torch.inference_mode():
             return self._numpy([self.model.encode(x) for x in self._batches(images)], self.dim)
 
+    def encode_scored(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, S, S, C) uint8 -> codes (N, latent_dim) float32 and novelty (N,) float64, in one forward pass.
+
+        Indexing calls this instead of ``encode``: the decoder pass is the only extra cost.
+        """
+        likelihood = self._options(self.options).likelihood
+        codes: list[torch.Tensor] = []
+        losses: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for x in self._batches(images):
+                code, loss = self.model.novelty(x, likelihood)  # (B, L), (B,)
+                codes.append(code)
+                losses.append(loss)
+        scores = torch.cat(losses).to("cpu", torch.float64).numpy() if losses else np.zeros(0)
+        return self._numpy(codes, self.dim), scores
+
+    def novelty(self, images: np.ndarray) -> np.ndarray:
+        """(N, S, S, C) uint8 -> (N,) float64: reconstruction loss (AE) or negative ELBO at z = mu (VAE)."""
+        return self.encode_scored(images)[1]
+
     def decode(self, z: np.ndarray) -> np.ndarray:
         """(N, latent_dim) latent vectors -> (N, S, S, C) uint8 images."""
         z = np.asarray(z, dtype=np.float32)

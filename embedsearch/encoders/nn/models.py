@@ -257,6 +257,11 @@ class Autoencoder(nn.Module):
         recon = reconstruction_loss(self.decode_logits(z), target, likelihood)
         return recon, torch.zeros_like(recon), z
 
+    def novelty(self, x: torch.Tensor, likelihood: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The search code of each image and its reconstruction loss: (N, C, S, S) -> (N, L), (N,)."""
+        z = self.encode(x)  # (N, L)
+        return z, reconstruction_loss(self.decode_logits(z), x, likelihood)
+
     def loss(
         self, x: torch.Tensor, likelihood: str, beta: float = 1.0, generator: torch.Generator | None = None
     ) -> LossTerms:
@@ -286,6 +291,16 @@ class VariationalAutoencoder(Autoencoder):
         z = reparameterize(mu, logvar, generator)  # (N, L)
         recon = reconstruction_loss(self.decode_logits(z), target, likelihood)  # (N,)
         return recon, kl_divergence(mu, logvar), mu
+
+    def novelty(self, x: torch.Tensor, likelihood: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """mu and the negative ELBO (beta 1) with z = mu instead of a sample: (N, C, S, S) -> (N, L), (N,).
+
+        Decoding the mean makes the value deterministic (a sampled z would give the same image a
+        different score per query); it is the ELBO's usual one-sample estimate at its most likely sample.
+        """
+        mu, logvar = self.encode_dist(x)  # (N, L) each
+        recon = reconstruction_loss(self.decode_logits(mu), x, likelihood)  # (N,)
+        return mu, recon + kl_divergence(mu, logvar)
 
 
 def build_model(config: ModelConfig, seed: int) -> Autoencoder:
