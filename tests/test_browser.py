@@ -405,26 +405,35 @@ def test_a_results_page_of_16_photos_transfers_under_1_mb_of_thumbnails(photo_si
         context.close()
 
 
-def test_a_column_shows_the_ood_percentile_and_warning_it_is_given(site: Site, browser: Any) -> None:
-    """The page against the search answer's ``ood_percentile`` and ``warning`` (issue 16.4's contract):
-    the service's answers are passed through with those fields set, the AE's above the 99th percentile."""
-    page, problems = open_page(browser, site.url, 1280, 900)
-    warning = "this image is unlike what the model was trained on: results may be meaningless"
+@pytest.fixture(scope="module")
+def learnt_url(learnt: tuple[Engine, Path, Path]) -> Iterator[str]:
+    """A service over ``learnt``: an AE and a VAE that tell the shapes from noise."""
+    with live_server(create_app(learnt[0])) as url:
+        yield url
 
-    def with_ood(route: Any) -> None:
-        body = route.fetch().json()
-        unusual = body["model"] == "ae"
-        body.update(ood_percentile=99.6 if unusual else 42.0, warning=warning if unusual else None)
-        route.fulfill(json=body)
 
-    page.route("**/api/search?*", with_ood)  # by id: Playwright's route.fetch() drops an upload's file
-    cross = httpx.get(site.url + "/api/images", params={"label": "cross", "limit": 1}).json()["images"][0]["id"]
-    page.goto(f"{site.url}/?q={cross}")
-    wait_for_query(page, cross)
-    assert "percentile 99.6" in page.inner_text("#column-a .ood") and warning in page.inner_text("#column-a .warning")
-    calm = page.inner_text("#column-b .ood")
-    assert "percentile 42.0" in calm and "null" not in calm and page.locator("#column-b .warning").count() == 0
+@pytest.mark.sqlite_only  # training is the slow part; the store's side of the percentiles runs in test_ood.py
+def test_each_column_shows_how_unusual_the_query_is_and_warns_out_of_distribution(
+    learnt: tuple[Engine, Path, Path], learnt_url: str, browser: Any, tmp_path: Path
+) -> None:
+    """The AE's and the VAE's OOD percentile in their columns; random noise gets the service's warning
+    in both, a shape the models never saw gets a percentile and no warning, pixels neither."""
+    page, problems = open_page(browser, learnt_url, 1280, 900)
+    search_through_page(page, noise_file(tmp_path, 3))
+    for slot in ("a", "b"):
+        box = page.locator(f"#column-{slot} .ood")
+        percentile = float(re.search(r"percentile ([\d.]+)", box.inner_text()).group(1))  # type: ignore[union-attr]
+        assert percentile > 99 and "unlike what the model was trained on" in box.locator(".warning").inner_text()
     save(page, "browser-ood-warning.png")
+
+    unseen = sorted(learnt[2].rglob("*.png"))[0]
+    search_through_page(page, unseen)
+    for slot in ("a", "b"):
+        assert "percentile" in page.inner_text(f"#column-{slot} .ood")
+        assert page.locator(f"#column-{slot} .warning").count() == 0
+    page.select_option("#model-a", "pixels")
+    searched(page)
+    assert not page.is_visible("#column-a .ood")  # pixels: no percentile
     assert not problems, problems
 
 
