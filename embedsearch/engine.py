@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from embedsearch.core import ray_bulk
+from embedsearch.core.browse import Browser, ImagePage, LabelCount, VectorMap
 from embedsearch.core.bulk import BulkIndexer
 from embedsearch.core.check import Checker
 from embedsearch.core.dedup import DuplicateFinder, DuplicateReport
@@ -91,6 +92,7 @@ class Engine:
         self.duplicate_finder = DuplicateFinder(self.store, self.cache, self.registry)
         self.reindexer = Reindexer(self.store, self.cache, self.registry)
         self.thumbs = Thumbnails(self.library, self.layout, max_pixels)
+        self.browser = Browser(self.store, self.registry)
         self.explainer = Explainer(self.store, self.registry, max_pixels)
         if create:
             self.open(create=True)
@@ -392,6 +394,19 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         return self.library.stats()
+
+    # -- browsing -----------------------------------------------------------------------------
+    def images(self, label: str | None = None, offset: int = 0, limit: int = 48) -> ImagePage:
+        """A page of the library's images in the order they were added (``label``: only those)."""
+        return self.browser.images(label, offset, limit)
+
+    def labels(self) -> list[LabelCount]:
+        """Every label with its number of images, most common first."""
+        return self.browser.labels()
+
+    def vector_map(self, model: str, seed: int = 0) -> VectorMap:
+        """A 2-D PCA of (a seeded sample of) a model's vectors, cached until they change; see core.browse."""
+        return self.browser.vector_map(model, seed)
 
     # -- generating, checking ----------------------------------------------------------------
     def generate(self, model: str, **kwargs: Any) -> Generation:

@@ -30,6 +30,8 @@ A trained library, built once per module that asks for it (training is the slow 
 * ``trained_data``: 8 shape classes x 6, 28x28 grey; read it, do not change it.
 * ``trained``: an open :class:`Engine` over ``trained_data`` with ``pixels``, an ``ae`` and a ``vae``
   (latent 8, 2 epochs). Tests of one module share it: they assert what holds whatever the others added.
+* ``learnt``: (engine, home, held-out shapes): 8 shapes x 20 with an AE and a VAE of 10 epochs, which
+  tell shapes from noise (out-of-distribution tests).
 """
 
 from __future__ import annotations
@@ -256,6 +258,26 @@ def trained(
             eng.create_model(kind, kind, str(trained_data), options=TRAINED_OPTIONS)
             eng.index(str(trained_data), kind, workers=0)
         yield eng
+
+
+#: An AE and a VAE that have learnt the shapes (the ``trained`` fixture's two epochs have not).
+LEARNT = {"epochs": 10, "latent_dim": 8, "batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def learnt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Engine, Path, Path]]:
+    """(engine, its home, held-out shapes): 8 shapes x 20, 28x28 grey, with pixels, an AE and a VAE
+    that tell shapes from noise (tests of out-of-distribution warnings; mark them ``sqlite_only``)."""
+    data, held_out = tmp_path_factory.mktemp("learnt-data"), tmp_path_factory.mktemp("held-out")
+    make_shapes(data, per_class=20, size=28, mode="L")
+    make_shapes(held_out, per_class=4, size=28, mode="L", seed=5)  # the same kind of shapes, never seen
+    home = tmp_path_factory.mktemp("learnt") / "home"
+    with Engine(home) as engine:
+        engine.index(str(data), "pixels", workers=0)
+        for kind in ("ae", "vae"):
+            engine.create_model(kind, kind, str(data), options=LEARNT)
+            engine.index(str(data), kind, workers=0)
+        yield engine, home, held_out
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ and check the in-distribution and out-of-distribution queries through the Engine
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +21,10 @@ from embedsearch.core.novelty import split_novelty, with_novelty
 from embedsearch.core.ray_bulk import EncodeFiles
 from embedsearch.core.store import Store, alembic_config
 from embedsearch.data.images import decode_file, scan
-from embedsearch.data.synth import make_shapes
 from embedsearch.engine import Engine
 from embedsearch.http.app import create_app
 from embedsearch.results import OOD_WARNING, QueryResult, ood_warning
 from helpers import noise_image, png_bytes
-
-#: An AE and a VAE that have learnt the shapes (the ``trained`` fixture's two epochs have not).
-LEARNT = {"epochs": 10, "latent_dim": 8, "batch_size": 16}
 
 
 def noise_png(seed: int = 3, size: int = 28) -> bytes:
@@ -196,21 +191,6 @@ def test_upgrading_a_library_from_before_novelty_keeps_its_entries_unscored(url:
 
 
 # -- models that know the shapes: in distribution and out ----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def learnt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Engine, Path, Path]]:
-    """(engine, its home, held-out shapes): 8 shapes x 20, 28x28 grey, with pixels, an AE and a VAE."""
-    data, held_out = tmp_path_factory.mktemp("learnt-data"), tmp_path_factory.mktemp("held-out")
-    make_shapes(data, per_class=20, size=28, mode="L")
-    make_shapes(held_out, per_class=4, size=28, mode="L", seed=5)  # the same kind of shapes, never seen
-    home = tmp_path_factory.mktemp("learnt") / "home"
-    with Engine(home) as engine:
-        engine.index(str(data), "pixels", workers=0)
-        for kind in ("ae", "vae"):
-            engine.create_model(kind, kind, str(data), options=LEARNT)
-            engine.index(str(data), kind, workers=0)
-        yield engine, home, held_out
 
 
 @pytest.mark.slow

@@ -239,7 +239,7 @@ def test_search_by_upload_and_by_id_agree(client: TestClient, trained_data: Path
     assert all(r["url"] == f"/api/images/{r['id']}/file" for r in by_bytes["results"])
     by_id = client.get("/api/search", params={"image_id": top["id"], "model": model, "k": 5}).json()
     assert by_id["results"][0]["id"] == top["id"]
-    assert set(by_id["results"][0]) == {"rank", "id", "label", "distance", "url", "thumb"}
+    assert set(by_id["results"][0]) == {"rank", "id", "label", "distance", "url", "thumb", "name"}
 
 
 def test_search_filters_by_label_and_folder(client: TestClient, trained_data: Path) -> None:

@@ -309,6 +309,7 @@ def create_app(
     ``allowed_hosts``: Host names answered besides localhost, 127.0.0.1 and ::1 (any port); a write
     whose ``Origin`` is not one of them, or that says ``Sec-Fetch-Site: cross-site``, gets 403.
     """
+    from embedsearch.http import generate_routes, library_routes
     from embedsearch.http.explain_routes import router as explain_router
     from embedsearch.http.routes import router
 
@@ -350,6 +351,8 @@ def create_app(
     app.state.service = service
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(generate_routes.router)
+    app.include_router(library_routes.router)
     app.include_router(explain_router)
     _add_page(app)
     app.add_middleware(BodyLimit, limit=max_upload_bytes)

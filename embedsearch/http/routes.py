@@ -7,7 +7,6 @@ per request, where a plain ``def`` route would take a second one to validate its
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import re
@@ -33,8 +32,6 @@ from embedsearch.http.schemas import (
     MAX_K,
     Deleted,
     DuplicatesOut,
-    GenerateIn,
-    GenerateOut,
     HealthOut,
     ImageOut,
     ModelOut,
@@ -111,6 +108,7 @@ def hits(neighbours: list[Neighbour]) -> list[dict[str, Any]]:
             "distance": n.distance,
             "url": file_url(n.id),
             "thumb": thumb_url(n.id),
+            "name": PurePosixPath(n.path).name if n.path else None,
         }
         for n in neighbours
     ]
@@ -140,6 +138,16 @@ def image_out(record: ImageRecord) -> dict[str, Any]:
         else:
             out[f.name] = getattr(record, f.name)
     return out
+
+
+def _stored_pixels(engine: Engine, image_id: int) -> int:
+    """Width x height of a stored image (0 if there is none: the engine reports that in its own order);
+    for the decode slots of the routes that decode a stored image (generate near/between, explain)."""
+    try:
+        record = engine.image(image_id)
+    except NotFoundError:
+        return 0
+    return record.width * record.height
 
 
 def client_name(filename: str | None) -> str:
@@ -271,7 +279,7 @@ async def delete_image(image_id: ImageId, engine: WriteEngine) -> dict[str, Any]
     return {"id": image_id, "deleted": True}
 
 
-# -- search and generation ---------------------------------------------------------------------
+# -- search -------------------------------------------------------------------------------------
 #: Longest label or folder a search may filter by (a label is at most a folder name; a path, a path).
 MAX_FILTER = 4096
 
@@ -310,53 +318,6 @@ async def search_image(
     its stored vector."""
     found = await in_thread(engine.query_image, image_id, model, k, label=label, under=under)
     return search_out(found)
-
-
-@router.post("/generate", response_model=GenerateOut, tags=["search"])
-async def generate(body: GenerateIn, request: Request, credentials: Credentials, engine: ReadEngine) -> dict[str, Any]:
-    """New candidates from a model's decoder (VAE prior, or near an indexed image), with their
-    nearest indexed images when ``search`` > 0. ``add`` stores them (a write: needs the token).
-    """
-    if body.add:
-        _service(request).authorize(_token(credentials), write=True)
-    pixels = 0 if body.near is None else await in_thread(_stored_pixels, engine, body.near)
-    async with _service(request).decodes.held_pixels(pixels):  # "near" decodes the stored image
-        return await in_thread(_generate, engine, body)
-
-
-def _stored_pixels(engine: Engine, image_id: int) -> int:
-    """Width x height of a stored image (0 if there is none: the engine reports that in its own order)."""
-    try:
-        record = engine.image(image_id)
-    except NotFoundError:
-        return 0
-    return record.width * record.height
-
-
-def _generate(engine: Engine, body: GenerateIn) -> dict[str, Any]:
-    from embedsearch.core.generate import to_png
-
-    out = engine.generate(
-        body.model,
-        n=body.n,
-        seed=body.seed,
-        temperature=body.temperature,
-        near=body.near,
-        spread=body.spread,
-        search_k=body.search,
-        add=body.add,
-    )
-    candidates = [
-        {
-            "index": c.index,
-            "latent": c.latent,
-            "id": c.id,
-            "neighbours": hits(c.neighbours),
-            "image": "data:image/png;base64," + base64.b64encode(to_png(c.image)).decode("ascii"),
-        }
-        for c in out.candidates
-    ]
-    return {"model": out.model, "mode": out.mode, "seed": out.seed, "candidates": candidates}
 
 
 #: One duplicates search at a time: it reads the whole index (seconds on a large library).

@@ -26,6 +26,7 @@ class Hit(BaseModel):
     distance: float
     url: str = Field(description="/api/images/{id}/file")
     thumb: str = Field(description="/api/images/{id}/thumb: a 256 px WebP, for result tiles")
+    name: str | None = Field(None, description="file name only; the server's folders are not shown")
 
 
 class SearchOut(BaseModel):
@@ -111,6 +112,13 @@ class GenerateIn(BaseModel):
     search: int = Field(0, ge=0, le=50, description="k nearest indexed images per candidate (0: none)")
     temperature: float = Field(1.0, gt=0, le=10, description="prior sampling: scale of the noise")
     spread: float = Field(1.0, ge=0, le=10, description="near sampling: scale of the posterior's spread")
+    between: list[int] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="two indexed image ids: the path from the first's code to the other's",
+    )
+    steps: int = Field(8, ge=2, le=64, description="between: candidates on the path, both ends included")
     add: bool = Field(False, description="store the candidates as generated images (a write: needs the token)")
 
 
@@ -170,3 +178,46 @@ class DuplicatesOut(BaseModel):
     pairs: int
     total_groups: int = Field(description="groups found; the first `limit` are returned")
     groups: list[DuplicateGroupOut]
+
+
+class BriefOut(BaseModel):
+    id: int
+    name: str | None = Field(description="file name only; the server's folders are not shown")
+    label: str | None
+    width: int
+    height: int
+    generated: bool
+    url: str = Field(description="/api/images/{id}/file")
+    thumb: str = Field(description="/api/images/{id}/thumb")
+
+
+class ImagePageOut(BaseModel):
+    total: int = Field(description="images that match the filter, on all pages")
+    offset: int
+    limit: int
+    images: list[BriefOut]
+
+
+class LabelOut(BaseModel):
+    label: str | None = Field(description="null: the images without a label")
+    count: int
+
+
+class LabelsOut(BaseModel):
+    labels: list[LabelOut]
+
+
+class PointOut(BaseModel):
+    id: int
+    x: float
+    y: float
+    label: str | None
+
+
+class MapOut(BaseModel):
+    model: str
+    method: str = Field("pca", description="a linear projection onto the sample's two main directions")
+    vectors: int = Field(description="the model's vectors; points holds a seeded sample of them")
+    seed: int
+    explained: list[float] = Field(description="share of the sample's variance along x and along y")
+    points: list[PointOut]

@@ -1,255 +1,375 @@
-// embedsearch page: pick or drop an image, see two models' nearest images side by side, and ask a
-// VAE for new images near it. Plain JS against the JSON API; no build step, no dependencies.
-"use strict";
+// embedsearch page: pick or drop an image and see two models' nearest images side by side (any model
+// in either column), add it to the library or not, generate from the decoders, browse the library and
+// a 2-D map of each model's vectors. The URL holds the search, so a result can be shared or bookmarked.
+import {
+  $, api, clampInt, confirmButton, el, fillSelect, modelOf, retryPending, setStatus, setToken, showError,
+  hitButton, showNotice, state, textLine, withToken,
+} from "./util.js";
+import { explainColumn, resetExplain } from "./explain.js";
+import { initGenerate, queryChanged, setB } from "./generate.js";
+import { initLibrary, libraryChanged, showLibrary, showMap } from "./library.js";
 
-const $ = (sel) => document.querySelector(sel);
-const TOKEN_KEY = "embedsearch-token";
-const SEARCH_NEIGHBOURS = 3; // real images shown under each generated candidate
+const SLOTS = ["a", "b"];
+const VIEWS = ["search", "library", "map"];
+const shown = { a: [], b: [] }; // each column's current results
 
-const state = {
-  models: [],       // from /api/models
-  query: null,      // {id, url, name} of an indexed image, or {file, url, name} when it could not be added
-  token: sessionStorage.getItem(TOKEN_KEY) || "",
-  run: 0,           // bumps on each new query so that late answers of an old one are dropped
-  summary: "",      // "N images · M models"
-};
+// -- models, labels, counts -----------------------------------------------------------------------
 
-// -- small helpers ---------------------------------------------------------------------------
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (key === "class") node.className = value;
-    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
-    else if (value !== null && value !== undefined) node.setAttribute(key, value);
-  }
-  for (const child of children) node.append(child);
-  return node;
-}
-
-class ApiError extends Error {
-  constructor(status, message) { super(message); this.status = status; }
-}
-
-async function api(path, options = {}) {
-  const headers = new Headers(options.headers || {});
-  if (state.token) headers.set("Authorization", `Bearer ${state.token}`);
-  const response = await fetch(path, { ...options, headers });
-  const body = await response.json().catch(() => ({}));
-  if (!response.ok) throw new ApiError(response.status, body.error || `${response.status} ${response.statusText}`);
-  return body;
-}
-
-function showError(message) {
-  const box = $("#error");
-  box.textContent = message || "";
-  box.hidden = !message;
-}
-
-// The header shows what the page is doing, else what the library holds.
-function setStatus(text) { $("#status").textContent = text || state.summary; }
-
-// Tiles show /api/images/{id}/thumb (256 px WebP, or the image itself when it is that small), never
-// the original: 16 photo tiles are a few hundred kB, not tens of MB.
-function thumb(url, alt) {
-  const img = el("img", { src: url, alt: alt || "", loading: "lazy", decoding: "async" });
-  img.addEventListener("load", () => img.classList.toggle("pixelated", img.naturalWidth <= 96));
-  return img;
-}
-
-const clampInt = (input, lo, hi, fallback) => {
-  const v = Number.parseInt(input.value, 10);
-  return Number.isFinite(v) ? Math.min(hi, Math.max(lo, v)) : fallback;
-};
-
-// -- models ---------------------------------------------------------------------------------
-
-async function loadModels() {
-  const [{ models }, stats] = await Promise.all([api("/api/models"), api("/api/stats")]);
+async function loadLibrary() {
+  const [{ models }, stats, { labels }] = await Promise.all([api("/api/models"), api("/api/stats"), api("/api/labels")]);
   state.models = models;
+  state.labels = labels;
+  state.summary = `${stats.images.toLocaleString()} image${stats.images === 1 ? "" : "s"} · `
+    + `${models.length} model${models.length === 1 ? "" : "s"}`;
+  setStatus("");
+  const select = $("#filter-label");
+  const chosen = select.value;
+  select.replaceChildren(el("option", { value: "" }, "any label"),
+    ...labels.filter((l) => l.label !== null).map((l) => el("option", { value: l.label }, `${l.label} (${l.count})`)));
+  select.value = labels.some((l) => l.label === chosen) ? chosen : "";
+  for (const slot of SLOTS) showFacts(slot);
+}
+
+// After an upload or a deletion: the header's counts, the model facts, the labels, the browser.
+async function refreshCounts() {
+  try { await loadLibrary(); } catch (err) { showError(err.message); }
+  libraryChanged();
+}
+
+function fillModels() {
+  const { models } = state;
   const first = (kind) => models.find((m) => m.kind === kind);
   const a = first("ae") || models[0];
   const b = first("vae") || models.find((m) => m !== a) || a;
   fillSelect($("#model-a"), models, a);
   fillSelect($("#model-b"), models, b);
-  const decoders = models.filter((m) => m.kind === "vae");
-  fillSelect($("#gen-model"), decoders, decoders[0]);
-  if (!decoders.length) $("#gen-info").textContent = "The library has no VAE model to generate with.";
-  for (const slot of ["a", "b"]) showFacts(slot);
-  state.summary = `${stats.images.toLocaleString()} images · ${models.length} models`;
-  setStatus("");
   if (!models.length) showError("The library has no models yet: train one with 'embedsearch train'.");
 }
 
-function fillSelect(select, models, chosen) {
-  select.replaceChildren(...models.map((m) => el("option", { value: m.name }, m.name === m.kind ? m.name : `${m.name} (${m.kind})`)));
-  if (chosen) select.value = chosen.name;
-}
-
 function showFacts(slot) {
-  const model = state.models.find((m) => m.name === $(`#model-${slot}`).value);
-  const facts = $(`#column-${slot} .model-facts`);
-  facts.textContent = model ? `${model.kind.toUpperCase()} · ${model.dim}-d · ${model.vectors.toLocaleString()} vectors` : "";
+  const model = modelOf($(`#model-${slot}`).value);
+  $(`#column-${slot} .model-facts`).textContent = model
+    ? `${model.kind.toUpperCase()} · ${model.dim}-d · ${model.vectors.toLocaleString()} vectors` : "";
+  const explain = $(`#explain-${slot}`);
+  explain.disabled = !model || !(model.kind === "ae" || model.kind === "vae");
+  if (explain.disabled) explain.checked = false;
 }
 
-// -- the query ------------------------------------------------------------------------------
+// -- the URL --------------------------------------------------------------------------------------
 
-async function useFile(file) {
+function currentView() { return VIEWS.find((v) => !$(`#view-${v}`).hidden) || "search"; }
+
+function writeUrl(push = false) {
+  const p = new URLSearchParams();
+  if (state.query && state.query.id !== undefined) p.set("q", state.query.id);
+  for (const slot of SLOTS) if ($(`#model-${slot}`).value) p.set(slot, $(`#model-${slot}`).value);
+  p.set("k", clampInt($("#k"), 1, 50, 8));
+  if ($("#filter-label").value) p.set("label", $("#filter-label").value);
+  if ($("#filter-under").value.trim()) p.set("under", $("#filter-under").value.trim());
+  if (currentView() !== "search") p.set("view", currentView());
+  const url = `${location.pathname}?${p}`;
+  if (url !== location.pathname + location.search) history[push ? "pushState" : "replaceState"](null, "", url);
+}
+
+// Restore what a shared or bookmarked URL names: models, k, filters, view, and the query image.
+async function readUrl() {
+  const p = new URLSearchParams(location.search);
+  for (const slot of SLOTS) if (modelOf(p.get(slot))) $(`#model-${slot}`).value = p.get(slot);
+  for (const slot of SLOTS) showFacts(slot);
+  if (p.get("k")) $("#k").value = p.get("k");
+  const label = p.get("label") || "";
+  if (label && ![...$("#filter-label").options].some((o) => o.value === label)) {
+    $("#filter-label").append(el("option", { value: label }, label));
+  }
+  $("#filter-label").value = label;
+  $("#filter-under").value = p.get("under") || "";
+  showView(VIEWS.includes(p.get("view")) ? p.get("view") : "search", false);
+  const id = Number.parseInt(p.get("q"), 10);
+  if (Number.isFinite(id) && id >= 0) await searchById(id, { push: false });
+  else if (state.query && state.query.id !== undefined) clearQuery();
+}
+
+// -- views ------------------------------------------------------------------------------------------
+
+function showView(view, write = true) {
+  for (const v of VIEWS) {
+    $(`#view-${v}`).hidden = v !== view;
+    $(`#tab-${v}`).setAttribute("aria-selected", String(v === view));
+    $(`#tab-${v}`).tabIndex = v === view ? 0 : -1;
+  }
+  if (view === "library") showLibrary();
+  if (view === "map") showMap();
+  if (write) writeUrl(false);
+}
+
+// -- the query ----------------------------------------------------------------------------------------
+
+// A file from the picker or a drop: searched by its bytes (POST /api/search), which stores nothing.
+function useFile(file) {
   if (!file) return;
   showError("");
-  const localUrl = URL.createObjectURL(file);
-  const form = new FormData();
-  form.append("files", file, file.name);
-  setStatus("Adding your image…");
+  setQuery({ file, url: URL.createObjectURL(file), name: file.name }, { push: true });
+}
+
+async function searchById(id, { push = true } = {}) {
+  showError("");
   try {
-    const { images } = await api("/api/images", { method: "POST", body: form });
-    const added = images[0];
-    // The preview is the browser's own copy of the file: nothing is downloaded again.
-    setQuery({ id: added.id, url: localUrl, name: file.name, created: added.created });
+    const image = await api(`/api/images/${id}`);
+    setQuery({ id, url: `/api/images/${id}/thumb`, name: image.name || `image #${id}`, label: image.label }, { push });
   } catch (err) {
-    if (err.status !== 401) { setStatus(""); showError(err.message); return; }
-    $("#token-row").hidden = false; // reads are open: search by the bytes, without storing them
-    setQuery({ file, url: localUrl, name: file.name });
+    showError(`Image #${id}: ${err.message}`);
   }
 }
 
-function setQuery(query) {
+function setQuery(query, { push = true } = {}) {
   state.query = query;
-  state.run += 1;
   const preview = $("#preview");
   preview.src = query.url;
-  preview.alt = query.name || "query image";
+  preview.alt = `query: ${query.name || "image"}`;
   preview.hidden = false;
   $("#drop").classList.add("has-image");
   $("#drop-text").textContent = "Choose another image";
-  const where = query.id !== undefined ? `image #${query.id}${query.created === false ? " (already in the library)" : ""}`
-    : "not stored (a token is needed to add images)";
-  $("#query-info").textContent = `${query.name || "query"} — ${where}`;
-  $("#gen-go").disabled = query.id === undefined || !$("#gen-model").value;
-  $("#candidates").replaceChildren();
+  showQueryInfo();
+  queryChanged();
+  if (currentView() !== "search") showView("search", false);
+  writeUrl(push);
   searchBoth();
 }
 
-function searchBoth() {
-  if (!state.query) return;
-  setStatus("Searching…");
-  Promise.allSettled([searchColumn("a"), searchColumn("b")]).then(() => setStatus(""));
+function clearQuery() {
+  state.query = null;
+  state.run += 1;
+  $("#preview").hidden = true;
+  $("#drop").classList.remove("has-image");
+  $("#drop-text").innerHTML = "Choose an image<br>or drop it here";
+  showQueryInfo();
+  queryChanged();
+  for (const slot of SLOTS) {
+    shown[slot] = [];
+    $(`#column-${slot} .results`).replaceChildren(el("li", { class: "empty" }, "Pick an image to search."));
+    $(`#column-${slot} .ood`).hidden = true;
+    resetExplain(slot);
+  }
+  $("#agree-legend").hidden = true;
 }
 
-async function searchColumn(slot) {
+function showQueryInfo() {
+  const q = state.query;
+  const actions = $("#query-actions");
+  actions.replaceChildren();
+  if (!q) { $("#query-info").textContent = ""; return; }
+  if (q.id !== undefined) {
+    $("#query-info").replaceChildren(textLine("name", q.name || "query"),
+      ` — image #${q.id}${q.label ? `, label ${q.label}` : ""}, in the library`);
+    actions.append(confirmButton("Delete from library", "Press again to delete",
+      { id: "delete-query", class: "danger" }, () => deleteImage(q.id)));
+  } else {
+    $("#query-info").replaceChildren(textLine("name", q.name || "query"), " — not stored: searched by its bytes");
+    actions.append(el("label", { class: "visually-hidden", for: "add-label" }, "Label for the library"),
+      el("input", { id: "add-label", type: "text", placeholder: "label (optional)", maxlength: "200" }),
+      el("button", { id: "add-btn", type: "button", onclick: addQuery }, "Add to library"));
+  }
+}
+
+async function addQuery() {
   const query = state.query;
-  const run = state.run;
+  if (!query || !query.file) return;
+  const form = new FormData();
+  form.append("files", query.file, query.name);
+  const label = ($("#add-label") && $("#add-label").value.trim()) || "";
+  if (label) form.append("label", label);
+  setStatus("Adding your image…");
+  try {
+    const out = await withToken("Adding an image", () => api("/api/images", { method: "POST", body: form }), addQuery);
+    if (!out) return;
+    const added = out.images[0];
+    showNotice(added.created ? `Added as image #${added.id}.` : `Already in the library as image #${added.id}.`);
+    // The preview stays the browser's own copy; the file is kept so that a deletion can undo the add.
+    setQuery({ ...query, id: added.id, label: label || undefined }, { push: true });
+    refreshCounts();
+  } catch (err) {
+    showError(err.message);
+  } finally {
+    setStatus("");
+  }
+}
+
+async function deleteImage(id) {
+  const out = await withToken("Deleting an image", () => api(`/api/images/${id}`, { method: "DELETE" }),
+    () => deleteImage(id))
+    .catch((err) => { showError(err.message); return undefined; });
+  if (!out) return;
+  showNotice(`Image #${id} deleted from the library.`);
+  if (state.b && state.b.id === id) setB(null);
+  const q = state.query;
+  if (q && q.id === id) {
+    if (q.file) setQuery({ file: q.file, url: q.url, name: q.name }, { push: true }); // unstored again
+    else { clearQuery(); writeUrl(true); }
+  } else {
+    searchBoth();
+  }
+  refreshCounts();
+}
+
+// -- the two columns --------------------------------------------------------------------------------
+
+function filters() {
+  const out = {};
+  if ($("#filter-label").value) out.label = $("#filter-label").value;
+  if ($("#filter-under").value.trim()) out.under = $("#filter-under").value.trim();
+  return out;
+}
+
+// body[data-searched] names the query once every column asked for has its answer (tests wait for it).
+async function search(slots) {
+  if (!state.query) return;
+  const run = slots.length === SLOTS.length ? ++state.run : state.run;
+  const key = state.query.id !== undefined ? String(state.query.id) : "file";
+  delete document.body.dataset.searched;
+  setStatus("Searching…");
+  await Promise.allSettled(slots.map((slot) => searchColumn(slot, run)));
+  if (run === state.run) document.body.dataset.searched = key;
+  setStatus("");
+}
+
+const searchBoth = () => search(SLOTS);
+
+async function searchColumn(slot, run = state.run) {
+  const query = state.query;
   const model = $(`#model-${slot}`).value;
   const k = clampInt($("#k"), 1, 50, 8);
   const list = $(`#column-${slot} .results`);
   if (!query || !model) return;
   list.classList.add("loading");
   try {
-    let results;
+    let out;
     if (query.id !== undefined) {
-      const params = new URLSearchParams({ image_id: query.id, model, k: k + 1 });
-      results = (await api(`/api/search?${params}`)).results.filter((r) => r.id !== query.id).slice(0, k);
+      const params = new URLSearchParams({ image_id: query.id, model, k: k + 1, ...filters() });
+      out = await api(`/api/search?${params}`);
+      out.results = out.results.filter((r) => r.id !== query.id).slice(0, k);
     } else {
       const form = new FormData();
       form.append("file", query.file, query.name);
       form.append("model", model);
       form.append("k", k);
-      results = (await api("/api/search", { method: "POST", body: form })).results;
+      for (const [key, value] of Object.entries(filters())) form.append(key, value);
+      out = await api("/api/search", { method: "POST", body: form });
     }
-    if (run === state.run) renderResults(list, results);
+    if (run !== state.run) return;
+    shown[slot] = out.results;
+    showOod(slot, out);
+    renderResults(slot, out.results);
+    markAgreement();
+    if ($(`#explain-${slot}`).checked) explainColumn(slot, query, model, out.results);
   } catch (err) {
-    if (run === state.run) list.replaceChildren(el("li", { class: "empty" }, err.message));
+    if (run === state.run) {
+      shown[slot] = [];
+      list.replaceChildren(el("li", { class: "empty" }, err.message));
+      markAgreement();
+    }
   } finally {
     list.classList.remove("loading");
   }
 }
 
-function hitCard(hit, extraClass = "") {
-  const caption = el("span", { class: "caption" },
-    el("span", { class: "label" }, hit.label || "—"),
-    el("span", { class: "distance", title: "distance" }, hit.distance.toFixed(3)));
-  return el("button", {
-    type: "button", class: `hit ${extraClass}`, title: `#${hit.id} — search from this image`,
-    onclick: () => setQuery({ id: hit.id, url: hit.thumb, name: `${hit.label || "image"} #${hit.id}` }),
-  }, thumb(hit.thumb, hit.label), caption);
+// How unusual the query is for an AE or VAE (its reconstruction error as a percentile of the
+// library's), with the service's warning when it is above the 99th percentile.
+function showOod(slot, out) {
+  const box = $(`#column-${slot} .ood`);
+  const pct = out.ood_percentile;
+  if (pct === undefined || pct === null) { box.hidden = true; return; }
+  const warning = out.warning ? el("strong", { class: "warning" }, `⚠ ${out.warning}`) : null;
+  const p = Number(pct).toFixed(1);
+  box.replaceChildren(el("span", { class: "pct",
+    title: "the query's reconstruction error (VAE: negative ELBO) as a percentile of the indexed images' values" },
+  `OOD percentile ${p}: less typical for this model than ${p} % of the library's images`), ...(warning ? [warning] : []));
+  box.classList.toggle("warn", Boolean(out.warning));
+  box.hidden = false;
 }
 
-function renderResults(list, results) {
+function renderResults(slot, results) {
+  const list = $(`#column-${slot} .results`);
+  resetExplain(slot);
   if (!results.length) {
-    list.replaceChildren(el("li", { class: "empty" }, "No results: the index is empty."));
+    list.replaceChildren(el("li", { class: "empty" }, "No results (the index is empty, or nothing passes the filters)."));
     return;
   }
   // Positions among the other images: a search by id finds the query itself first, and it is left out.
-  list.replaceChildren(...results.map((hit, i) => el("li", { class: "result" },
-    el("span", { class: "rank" }, String(i + 1)), hitCard(hit))));
+  const { metric } = modelOf($(`#model-${slot}`).value) || {};
+  list.replaceChildren(...results.map((hit, i) => resultTile(hit, i + 1, metric)));
 }
 
-// -- generation -------------------------------------------------------------------------------
+function resultTile(hit, rank, metric) {
+  return el("li", { class: "result", "data-id": hit.id },
+    el("span", { class: "rank" }, String(rank)),
+    el("span", { class: "agree", title: "found by both models", "aria-label": "found by both models" }, "★"),
+    hitButton(hit, searchById, "", metric),
+    el("div", { class: "tile-actions" },
+      el("button", { type: "button", class: "as-b", title: `use #${hit.id} as image B for “between”`,
+        "aria-label": `As B: #${hit.id} as the second image of “between”`,
+        onclick: () => setB({ id: hit.id, thumb: hit.thumb, name: hit.name || `#${hit.id}` }) }, "As B"),
+      confirmButton("✕", "Sure?", { class: "del danger", title: `delete #${hit.id} from the library`,
+        "aria-label": `delete #${hit.id} from the library` }, () => deleteImage(hit.id))),
+    el("div", { class: "explain", hidden: true }));
+}
 
-async function generate() {
-  const query = state.query;
-  if (!query || query.id === undefined) return;
-  const run = state.run;
-  const body = {
-    model: $("#gen-model").value, near: query.id, search: SEARCH_NEIGHBOURS,
-    n: clampInt($("#gen-n"), 1, 32, 8), seed: clampInt($("#gen-seed"), 0, 2 ** 31, 0),
-  };
-  const button = $("#gen-go");
-  button.disabled = true;
-  showError("");
-  try {
-    const out = await api("/api/generate", {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-    });
-    if (run === state.run) renderCandidates(out.candidates);
-  } catch (err) {
-    showError(err.message);
-  } finally {
-    button.disabled = false;
+// Results found by both columns get a star (and a legend says how many).
+function markAgreement() {
+  const ids = SLOTS.map((slot) => new Set(shown[slot].map((h) => h.id)));
+  const common = new Set([...ids[0]].filter((id) => ids[1].has(id)));
+  for (const li of document.querySelectorAll(".columns .result")) {
+    li.classList.toggle("agreed", common.has(Number(li.dataset.id)));
   }
+  const legend = $("#agree-legend");
+  legend.hidden = !(shown.a.length && shown.b.length);
+  $("#agree-count").textContent = `${common.size} of the results are found by both models`;
 }
 
-function renderCandidates(candidates) {
-  $("#candidates").replaceChildren(...candidates.map((c) => el("figure", { class: "candidate" },
-    el("img", { class: "generated pixelated", src: c.image, alt: `generated candidate ${c.index + 1}` }),
-    el("figcaption", {}, `candidate ${c.index + 1}`),
-    el("div", { class: "neighbours" }, ...c.neighbours.map((hit) => hitCard(hit, "small"))))));
-}
-
-// -- wiring ---------------------------------------------------------------------------------
+// -- wiring ---------------------------------------------------------------------------------------------
 
 function wire() {
-  $("#file").addEventListener("change", (e) => useFile(e.target.files[0]));
+  $("#file").addEventListener("change", (e) => { useFile(e.target.files[0]); e.target.value = ""; });
   const drop = $("#drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (e) => {
-    e.preventDefault();
-    drop.classList.remove("over");
-    useFile(e.dataTransfer.files[0]);
-  });
-  for (const slot of ["a", "b"]) {
-    $(`#model-${slot}`).addEventListener("change", () => { showFacts(slot); searchColumn(slot); });
+  drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); useFile(e.dataTransfer.files[0]); });
+  for (const slot of SLOTS) {
+    $(`#model-${slot}`).addEventListener("change", () => { showFacts(slot); writeUrl(); search([slot]); });
+    $(`#explain-${slot}`).addEventListener("change", (e) => {
+      if (e.target.checked && state.query && shown[slot].length) {
+        explainColumn(slot, state.query, $(`#model-${slot}`).value, shown[slot]);
+      } else resetExplain(slot);
+    });
   }
-  $("#k").addEventListener("change", searchBoth);
-  $("#gen-go").addEventListener("click", generate);
+  for (const id of ["#k", "#filter-label", "#filter-under"]) {
+    $(id).addEventListener("change", () => { writeUrl(); searchBoth(); });
+  }
+  for (const v of VIEWS) $(`#tab-${v}`).addEventListener("click", () => showView(v));
+  $(".tabs").addEventListener("keydown", (e) => { // arrow keys move between the tabs
+    const step = { ArrowRight: 1, ArrowLeft: -1 }[e.key];
+    if (!step) return;
+    const next = VIEWS[(VIEWS.indexOf(currentView()) + step + VIEWS.length) % VIEWS.length];
+    showView(next);
+    $(`#tab-${next}`).focus();
+  });
   const token = $("#token");
   token.value = state.token;
   if (state.token) $("#token-row").hidden = false;
-  token.addEventListener("change", () => {
-    state.token = token.value.trim();
-    sessionStorage.setItem(TOKEN_KEY, state.token);
-    if (state.query && state.query.file) useFile(state.query.file);
-  });
+  token.addEventListener("change", () => { setToken(token.value); retryPending(); });
+  window.addEventListener("popstate", () => readUrl());
 }
 
 async function main() {
   wire();
   try {
-    await loadModels();
+    await loadLibrary();
+    fillModels();
+    initGenerate({ onPick: (id) => searchById(id) });
+    initLibrary({ onPick: (id) => searchById(id) });
+    await readUrl();
   } catch (err) {
     if (err.status === 401) $("#token-row").hidden = false;
-    showError(`Cannot load the models: ${err.message}`);
+    showError(`Cannot load the library: ${err.message}`);
   }
   document.body.dataset.ready = "true";
 }

@@ -1,0 +1,109 @@
+// Generation from the decoders: the VAE's prior, samples near the query, and the path between the
+// query and a second image B in two models side by side (an AE and a VAE by default). Each candidate
+// is shown with its nearest real images.
+import { $, clampInt, decoders, el, fillSelect, hitButton, postJson, showError, state, thumb } from "./util.js";
+
+const NEIGHBOURS = 3; // real images shown under each candidate
+const INFO = {
+  near: "Samples the VAE's posterior around the query's code and decodes the samples.",
+  prior: "Draws codes from the VAE's prior (a standard normal) and decodes them: what the model thinks images look like.",
+  between: "Decodes the straight path from the query's code to B's, ends included, in two models side by side: "
+    + "an AE has no prior to sample, but it can walk between two images.",
+};
+let onPick = () => {};
+let run = 0;
+
+const vaes = () => state.models.filter((m) => m.kind === "vae");
+const mode = () => $("#gen-mode").value;
+const stored = () => state.query && state.query.id !== undefined;
+
+export function initGenerate(options) {
+  onPick = options.onPick;
+  const all = decoders();
+  fillSelect($("#gen-model"), vaes(), vaes()[0]);
+  fillSelect($("#gen-model-a"), all, all.find((m) => m.kind === "ae") || all[0]);
+  fillSelect($("#gen-model-b"), all, all.find((m) => m.kind === "vae") || all[1] || all[0]);
+  $("#gen-mode").addEventListener("change", () => { $("#candidates").replaceChildren(); update(); });
+  for (const id of ["#gen-model", "#gen-model-a", "#gen-model-b"]) $(id).addEventListener("change", update);
+  $("#gen-go").addEventListener("click", generate);
+  $("#b-clear").addEventListener("click", () => setB(null));
+  update();
+}
+
+// Called on every new query: old candidates belong to the old one.
+export function queryChanged() {
+  run += 1;
+  $("#candidates").replaceChildren();
+  update();
+}
+
+export function setB(b) {
+  state.b = b;
+  const slot = $("#b-slot");
+  if (b) {
+    slot.replaceChildren(thumb(b.thumb, `image B: ${b.name}`), el("span", { class: "b-name", title: b.name }, `#${b.id} ${b.name}`));
+    $("#gen-mode").value = "between";
+  } else {
+    slot.textContent = "none yet: press “As B” on a result";
+  }
+  $("#b-clear").hidden = !b;
+  update();
+}
+
+// Which controls the chosen mode uses, and why the button is disabled when it is.
+function update() {
+  const m = mode();
+  $("#gen-info").textContent = INFO[m];
+  for (const node of document.querySelectorAll(".gen-sample")) node.hidden = m === "between";
+  for (const node of document.querySelectorAll(".gen-vae")) node.hidden = m === "between";
+  for (const node of document.querySelectorAll(".gen-between")) node.hidden = m !== "between";
+  $("#b-row").hidden = m !== "between";
+  let why = "";
+  if (m !== "between" && !vaes().length) why = "The library has no VAE model to sample from.";
+  else if (m === "between" && !decoders().length) why = "The library has no AE or VAE model.";
+  else if (m !== "prior" && !stored()) why = "Add the query to the library (or pick a result) to generate from it.";
+  else if (m === "between" && !state.b) why = "Choose image B: press “As B” on a result.";
+  else if (m === "between" && state.b.id === state.query.id) why = "B is the query itself: choose another image.";
+  $("#gen-why").textContent = why;
+  $("#gen-why").hidden = !why;
+  $("#gen-go").disabled = Boolean(why);
+}
+
+async function generate() {
+  const m = mode();
+  const mine = ++run;
+  const base = { search: NEIGHBOURS };
+  let asks;
+  if (m === "between") {
+    const ends = { ...base, between: [state.query.id, state.b.id], steps: clampInt($("#gen-steps"), 2, 16, 6) };
+    const names = [...new Set([$("#gen-model-a").value, $("#gen-model-b").value])];
+    asks = names.map((model) => ({ ...ends, model }));
+  } else {
+    const sample = { ...base, model: $("#gen-model").value, n: clampInt($("#gen-n"), 1, 32, 8),
+      seed: clampInt($("#gen-seed"), 0, 2 ** 31, 0) };
+    asks = [m === "near" ? { ...sample, near: state.query.id } : sample];
+  }
+  const button = $("#gen-go");
+  button.disabled = true;
+  showError("");
+  try {
+    const outs = await Promise.all(asks.map((body) => postJson("/api/generate", body)));
+    if (mine === run) $("#candidates").replaceChildren(...outs.map(renderRow));
+  } catch (err) {
+    showError(err.message);
+  } finally {
+    update();
+  }
+}
+
+function renderRow(out) {
+  const { kind = "", metric = "" } = state.models.find((x) => x.name === out.model) || {};
+  const title = out.mode === "between" ? `${out.model} (${kind.toUpperCase()}): query → B` : `${out.model}: ${out.mode}, seed ${out.seed}`;
+  const total = out.candidates.length;
+  return el("section", { class: "gen-row", "data-model": out.model },
+    el("h3", {}, title),
+    el("div", { class: "candidates-grid" }, ...out.candidates.map((c) => el("figure", { class: "candidate" },
+      el("img", { class: "generated pixelated", src: c.image, alt: `generated by ${out.model}: candidate ${c.index + 1} of ${total}` }),
+      el("figcaption", {}, out.mode === "between" ? `step ${c.index + 1}/${total}` : `candidate ${c.index + 1}`),
+      el("div", { class: "neighbours" }, ...c.neighbours.map((hit) => hitButton(hit, onPick, "small", metric)))))));
+}
