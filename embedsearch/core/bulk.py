@@ -26,7 +26,7 @@ import numpy as np
 from embedsearch.core import novelty
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.models import ModelRegistry
-from embedsearch.core.ray_bulk import RayOptions, encode_on_ray, ray_module
+from embedsearch.core.ray_bulk import RayOptions, encode_on_ray, require_ray
 from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
 from embedsearch.data.images import FileInfo, InputSpec, infer_spec, scan
@@ -129,7 +129,7 @@ class BulkIndexer:
         if not names:
             raise InvalidArgumentError("name at least one model to index into")
         if ray is not None:
-            ray_module()  # missing Ray is one line before any work, not after the scan
+            require_ray()  # missing Ray is one line before any work, not after the scan
         with self.cache.writing():  # decide whether to create the model under the lock: no run may race us
             skipped: Counter[str] = Counter()  # image files of formats not read here, by ending
             files = list(scan(data, skipped))
