@@ -113,16 +113,18 @@ def encode_on_ray(
     max_pixels: int,
     options: RayOptions,
     workers: int | None = None,
+    start: RayStart | None = None,
 ) -> Iterator[Decoded]:
     """``files`` decoded and encoded by every ``(encoder, view)`` on Ray, in order, as they are consumed.
 
     ``workers``: Ray actors, one CPU each (default: the cluster's CPUs). Each good item carries
     ``codes`` (one per encoder) instead of ``views``; failures come as a local run reports them.
     While a local Ray starts, the driver decodes and encodes the first chunks itself (see _stream).
+    ``start``: Ray started already, for these ``options`` (by default it starts now).
     """
     if not files:
         return
-    start = RayStart(options)
+    start = start or RayStart(options)
     try:
         yield from _stream(start, files, EncodeFiles(encoders, specs, max_pixels), options, workers)
     finally:  # a Ray this run started ends with it, in the background; one the caller started is theirs
@@ -181,6 +183,12 @@ class RayStart:
     def close(self) -> None:
         """The run is done with Ray: one it started shuts down in its thread, unwaited for."""
         self._stop.set()
+
+    def __enter__(self) -> RayStart:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def join(self) -> None:
         self._thread.join()
