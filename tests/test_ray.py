@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from embedsearch.cli.main import main
-from embedsearch.core.ray_bulk import INSTALL_HINT, RayOptions
+from embedsearch.core.ray_bulk import INSTALL_HINT, EncodeFiles, RayOptions
 from embedsearch.engine import Engine
 from embedsearch.errors import ExtraNotInstalledError
 from embedsearch.results import IndexReport
@@ -100,9 +100,13 @@ def _index_both(
 
 @pytest.mark.slow
 def test_ray_indexes_exactly_what_a_local_run_does(
-    tmp_path: Path, dbs: dict[str, str | None], messy: Path, ray_local: Any
+    tmp_path: Path, dbs: dict[str, str | None], messy: Path, ray_local: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    taken: list[int] = []  # files of the chunks the driver took itself while the actors started
+    encode = EncodeFiles.encode  # the actors' processes import the module afresh: they are not counted
+    monkeypatch.setattr(EncodeFiles, "encode", lambda self, files: taken.append(len(files)) or encode(self, files))
     local, on_ray = _index_both(tmp_path, dbs, messy, ["pixels", "pca"], batch_size=16)
+    assert 0 < sum(taken) < 2 * local[0].scanned  # Ray's two runs were shared by the driver and the actors
     assert [_counts(r) for r in on_ray] == [_counts(r) for r in local]
     assert sorted(p for p, _ in local[0].failed) == [str(messy / "broken.png"), str(messy / "empty.png")]
     a = _state(tmp_path / "local", ["pixels", "pca"], dbs["local"])
@@ -173,6 +177,37 @@ def test_a_killed_ray_driver_then_a_rerun_indexes_every_good_image_once(tmp_path
         db_ids = engine.store.entry_image_ids(model.id)
         assert len(db_ids) == len(set(db_ids)) == N_GOOD == engine.info().images
         assert sorted(engine.vector_index("pixels").ids().tolist()) == sorted(db_ids)
+
+
+@pytest.mark.slow
+def test_a_ray_the_run_started_is_shut_down_after_it_and_the_next_run_starts_its_own(
+    tmp_path: Path, shapes: Path
+) -> None:
+    """Ray starts in a thread beside the run and shuts down there after it (issue 15's start-up
+    costs): ``settle()`` waits for that shutdown (no thread or child process of it is left), and a
+    second run in the process starts Ray afresh (a subprocess: no other test's Ray runs there)."""
+    pytest.importorskip("ray")
+    code = f"""
+import glob, os, threading, ray
+from pathlib import Path
+from PIL import Image
+from embedsearch.core.ray_bulk import RayOptions, settle
+from embedsearch.engine import Engine
+options, down = RayOptions(num_cpus=2, object_store_memory=int(2e8)), []
+with Engine({str(tmp_path / "h")!r}) as engine:
+    for n in range(2):
+        if n:
+            Image.new("RGB", (32, 32), (0, 90, 10)).save({str(shapes / "new.png")!r})
+        print(engine.index({str(shapes)!r}, "pixels", ray=options).added)
+        settle()
+        kids = "".join(Path(f).read_text() for f in glob.glob(f"/proc/{{os.getpid()}}/task/*/children"))
+        alive = [t.name for t in threading.enumerate() if t.name.startswith("embedsearch")]
+        down.append(not ray.is_initialized() and not alive and not kids.split())
+print(down)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:3] == ["48", "1", "[True, True]"]
 
 
 def test_without_ray_the_ray_option_says_how_to_install_it(

@@ -26,7 +26,7 @@ import numpy as np
 from embedsearch.core import novelty
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.models import ModelRegistry
-from embedsearch.core.ray_bulk import RayOptions, encode_on_ray, ray_module
+from embedsearch.core.ray_bulk import RayOptions, RayStart, encode_on_ray, require_ray
 from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
 from embedsearch.data.images import FileInfo, InputSpec, infer_spec, scan
@@ -129,8 +129,10 @@ class BulkIndexer:
         if not names:
             raise InvalidArgumentError("name at least one model to index into")
         if ray is not None:
-            ray_module()  # missing Ray is one line before any work, not after the scan
-        with self.cache.writing():  # decide whether to create the model under the lock: no run may race us
+            require_ray()  # missing Ray is one line before any work, not after the scan
+        with self.cache.writing(), ExitStack() as starting:  # models are made under the lock: no run races us
+            # A first run into a model reads every file: Ray starts now, beside the scan (else once there is work).
+            start = starting.enter_context(RayStart(ray)) if ray is not None and self._new(names) else None
             skipped: Counter[str] = Counter()  # image files of formats not read here, by ending
             files = list(scan(data, skipped))
             for name in names:
@@ -146,7 +148,7 @@ class BulkIndexer:
             batch = _Batch(len(targets))
             try:
                 with ExitStack() as stack:
-                    for item in self._items(work.todo, targets, specs, workers, ray, stack):
+                    for item in self._items(work.todo, targets, specs, workers, ray, start, stack):
                         _route(item, state, batch)
                         progress_bar.update(targets[0].report)
                         if len(batch) + len(batch.touched) >= batch_size:
@@ -170,16 +172,22 @@ class BulkIndexer:
         specs: list[InputSpec],
         workers: int | None,
         ray: RayOptions | None,
+        start: RayStart | None,
         stack: ExitStack,
     ) -> Iterator[Decoded]:
         """The executor, the only difference between a local and a Ray run: decoded files in scan order."""
         if ray is not None:
             encoders = [(t.encoder, t.view) for t in targets]
-            return encode_on_ray(todo, encoders, specs, self.max_pixels, ray, workers)
+            return encode_on_ray(todo, encoders, specs, self.max_pixels, ray, workers, start)
         if uses_pool(todo, workers):
             for target in targets:
                 stack.enter_context(target.encoder.sharing_cores())
         return decode_all(todo, specs, self.max_pixels, workers)
+
+    def _new(self, names: list[str]) -> bool:
+        """Whether a model of the run is new or has no vectors yet."""
+        counts = self.store.entry_counts()
+        return any((row := self.store.model(name)) is None or not counts.get(row.id) for name in names)
 
     def _targets(self, names: list[str]) -> tuple[list[_Target], list[InputSpec]]:
         """Each model with its index's ids, and the distinct input specs the files are decoded to."""

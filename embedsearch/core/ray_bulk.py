@@ -19,8 +19,10 @@ imported only here and only when a run asks for it.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -68,8 +70,18 @@ def ray_module() -> ModuleType:
     try:
         import ray
     except ImportError:
-        raise ExtraNotInstalledError(f"working on Ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+        raise ExtraNotInstalledError(_MISSING) from None
     return ray
+
+
+def require_ray() -> None:
+    """One line saying how to install Ray if it is not installed, without importing it (0.6 s here):
+    a bulk run imports it in the thread that starts it."""
+    if importlib.util.find_spec("ray") is None:
+        raise ExtraNotInstalledError(_MISSING)
+
+
+_MISSING = f"working on Ray needs Ray, which is not installed: {INSTALL_HINT}"
 
 
 class EncodeFiles:
@@ -101,23 +113,94 @@ def encode_on_ray(
     max_pixels: int,
     options: RayOptions,
     workers: int | None = None,
+    start: RayStart | None = None,
 ) -> Iterator[Decoded]:
     """``files`` decoded and encoded by every ``(encoder, view)`` on Ray, in order, as they are consumed.
 
     ``workers``: Ray actors, one CPU each (default: the cluster's CPUs). Each good item carries
     ``codes`` (one per encoder) instead of ``views``; failures come as a local run reports them.
+    While a local Ray starts, the driver decodes and encodes the first chunks itself (see _stream).
+    ``start``: Ray started already, for these ``options`` (by default it starts now).
     """
     if not files:
         return
-    ray = ray_module()
-    started = _connect(ray, options)
+    start = start or RayStart(options)
     try:
-        yield from _stream(ray, files, encoders, specs, max_pixels, options, workers)
-    except ray.exceptions.RayError as exc:
-        raise ClusterError(f"a Ray worker failed: {_first_line(exc)}; what was committed is kept, run again") from None
-    finally:
-        if started:  # a Ray this run started ends with it; one the caller started is theirs
-            ray.shutdown()
+        yield from _stream(start, files, EncodeFiles(encoders, specs, max_pixels), options, workers)
+    finally:  # a Ray this run started ends with it, in the background; one the caller started is theirs
+        start.close()
+
+
+class RayStart:
+    """Ray started (or joined) in a thread of its own, so that its seconds of start-up overlap the run.
+
+    That thread also shuts a Ray it started down, after :meth:`close`: Ray ties its processes to
+    their parent with Linux's ``PR_SET_PDEATHSIG``, which fires when the *thread* that forked them
+    ends, so the thread that calls ``ray.init`` must live as long as Ray (and a SIGKILLed driver
+    still takes Ray with it, as every thread dies). The driver does not wait for the shutdown;
+    the interpreter does, before it exits (the thread is not a daemon): no Ray process outlives it.
+    """
+
+    def __init__(self, options: RayOptions) -> None:
+        global _last
+        settle()  # the Ray an earlier run of this process started must be gone before we look for one
+        self.options = options
+        self._ready, self._stop = threading.Event(), threading.Event()
+        self._ray: ModuleType | None = None
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._own, name="embedsearch-ray", daemon=False)
+        self._thread.start()
+        _last = self
+
+    def _own(self) -> None:
+        started = False
+        try:
+            self._ray = ray_module()
+            started = _connect(self._ray, self.options)
+        except Exception as exc:  # whatever it is, get() raises it again in the driver's thread
+            self._error = exc
+        finally:
+            self._ready.set()
+        if not started or self._ray is None:
+            return
+        while not self._stop.wait(0.2):
+            if not threading.main_thread().is_alive():  # the driver ended without close(): end Ray too
+                break
+        self._ray.shutdown()
+
+    @property
+    def ready(self) -> bool:
+        """Whether get() answers at once."""
+        return self._ready.is_set()
+
+    def get(self) -> ModuleType:
+        """Ray, connected (waiting for it if need be), or the error that stopped it."""
+        self._ready.wait()
+        if self._error is not None or self._ray is None:
+            raise self._error or ClusterError("Ray did not start; run again")
+        return self._ray
+
+    def close(self) -> None:
+        """The run is done with Ray: one it started shuts down in its thread, unwaited for."""
+        self._stop.set()
+
+    def __enter__(self) -> RayStart:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def join(self) -> None:
+        self._thread.join()
+
+
+_last: RayStart | None = None
+
+
+def settle() -> None:
+    """Wait until a Ray that a bulk run of this process started has shut down (at once if none)."""
+    if _last is not None:
+        _last.join()
 
 
 def _connect(ray: ModuleType, options: RayOptions) -> bool:
@@ -139,39 +222,76 @@ def _connect(ray: ModuleType, options: RayOptions) -> bool:
 
 
 def _stream(
-    ray: ModuleType,
-    files: list[FileInfo],
-    encoders: list[tuple[Encoder, int]],
-    specs: list[InputSpec],
-    max_pixels: int,
-    options: RayOptions,
-    workers: int | None,
+    start: RayStart, files: list[FileInfo], local: EncodeFiles, options: RayOptions, workers: int | None
 ) -> Iterator[Decoded]:
-    """Chunks round-robin over the actors, results in order, at most AHEAD calls per actor in flight."""
+    """The files' chunks in scan order: the driver's own while a local Ray starts, then the actors'.
+
+    Who decodes and encodes a chunk changes nothing in the result: a chunk is the same files
+    whoever takes it, through the same :class:`EncodeFiles`. The driver does not take chunks
+    while it joins a cluster at an address: an address that cannot be reached fails the run
+    before anything is committed.
+    """
     size = options.chunk
-    chunks = [files[i : i + size] for i in range(0, len(files), size)]
+    chunks = deque(files[i : i + size] for i in range(0, len(files), size))
+    while chunks and options.address is None and not start.ready:
+        yield from local.encode(chunks.popleft())  # as a local run would, committed as it goes
+    log.debug("Ray up after the driver's first %d files", len(files) - sum(map(len, chunks)))
+    if not chunks:
+        return
+    ray = start.get()
+    try:
+        yield from _on_actors(ray, chunks, local, workers)
+    except ray.exceptions.RayError as exc:
+        raise ClusterError(f"a Ray worker failed: {_first_line(exc)}; what was committed is kept, run again") from None
+
+
+def _on_actors(
+    ray: ModuleType, chunks: deque[list[FileInfo]], local: EncodeFiles, workers: int | None
+) -> Iterator[Decoded]:
+    """Chunks round-robin over the actors, results in order, at most AHEAD calls per actor in flight.
+
+    Until the actors first answer (their processes start and load the models: half a second
+    here) one call each is in flight and the driver takes the next chunks itself, at most
+    AHEAD per actor, whose results wait behind the actors' in scan order.
+    """
     count = min(workers or max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))), len(chunks))
     # Not restarted: a lost worker fails the run; its committed batches are kept and a re-run goes on.
     actor_class = ray.remote(num_cpus=1, max_restarts=0)(EncodeFiles)
-    models = ray.put(encoders)  # once for all the actors, not once per actor
-    actors = [actor_class.remote(models, specs, max_pixels) for _ in range(count)]
-    pending: deque[Any] = deque()
+    models = ray.put(local.encoders)  # once for all the actors, not once per actor
+    actors = [actor_class.remote(models, list(local.specs), local.max_pixels) for _ in range(count)]
+    pending: deque[Any] = deque()  # in scan order: the actors' calls (ObjectRefs), the driver's results (lists)
+    calls = in_flight = stolen = 0
+    answered = False
     try:
-        for n, part in enumerate(chunks):
-            pending.append(actors[n % count].encode.remote(part))
-            if len(pending) >= AHEAD * count:
-                yield from ray.get(pending.popleft())
-        while pending:
-            yield from ray.get(pending.popleft())
+        while chunks or pending:
+            while chunks and in_flight < (AHEAD if answered else 1) * count:
+                pending.append(actors[calls % count].encode.remote(chunks.popleft()))
+                calls, in_flight = calls + 1, in_flight + 1
+            head = pending.popleft()
+            if isinstance(head, list):
+                yield from head
+                continue
+            if not answered and chunks and len(pending) < AHEAD * count and not ray.wait([head], timeout=0)[0]:
+                pending.appendleft(head)
+                pending.append(local.encode(chunks.popleft()))  # the actors are still starting
+                stolen += 1
+                continue
+            if not answered:
+                log.debug("actors answered; the driver took %d more chunks meanwhile", stolen)
+            answered, in_flight = True, in_flight - 1
+            yield from ray.get(head)
     finally:  # also when the driver stops early: on a shared cluster the actors would linger
         for actor in actors:
             ray.kill(actor)
+        pending.clear()  # no ObjectRef may outlive the run: Ray shuts down in another thread
+        del models, actors
 
 
 def shard_runner(options: RayOptions) -> shards.Runner:
     """Sharded index building's jobs (:mod:`embedsearch.core.shards`) as Ray tasks, one CPU each."""
 
     def run(jobs: Sequence[shards.Job]) -> list[bytes]:
+        settle()
         ray = ray_module()
         started = _connect(ray, options)
         try:
