@@ -735,7 +735,7 @@ def _insert_images(conn: Connection, images: Sequence[dict[str, Any]]) -> dict[s
     table = cast(Table, Image.__table__)
     dialect = conn.dialect
     if _MARKS.get(dialect.paramstyle) is None:  # a driver with named or numeric markers: the portable way
-        return dict(conn.execute(insert(table).returning(Image.sha256, Image.id), list(images)).tuples().all())
+        return dict(conn.execute(insert(table).returning(Image.sha256, Image.id), list(images)).all())
     name = NameText()
     added_at = _bound(table.c.added_at.type, dialect, datetime.now(UTC))  # one instant for the batch's rows
     generated = _bound(table.c.generated.type, dialect, False)
@@ -758,13 +758,13 @@ def _insert_images(conn: Connection, images: Sequence[dict[str, Any]]) -> dict[s
     before = conn.execute(select(func.max(Image.id))).scalar() or 0
     _executemany(conn, table, (*_IMAGE_COLUMNS, "added_at", "generated"), rows)
     wanted = {v["sha256"] for v in images}
-    found = conn.execute(select(Image.sha256, Image.id).where(Image.id > before))
+    found = conn.execute(select(Image.sha256, Image.id).where(Image.id > before)).all()
     return {sha: int(i) for sha, i in found if sha in wanted}
 
 
 def _bound(kind: Any, dialect: Any, value: Any) -> Any:
     """``value`` as the driver takes it for a column of type ``kind`` (what SQLAlchemy would send)."""
-    process = kind.bind_processor(dialect)
+    process = kind.dialect_impl(dialect).bind_processor(dialect)  # the dialect's type (SQLite's DATETIME: text)
     return value if process is None else process(value)
 
 
