@@ -721,6 +721,7 @@ def _insert_entries(conn: Connection, rows: list[tuple[int, int, bytes, float | 
 
 #: The image columns a bulk run writes; added_at and generated are filled in once per batch.
 _IMAGE_COLUMNS = ("path", "sha256", "width", "height", "format", "mode", "label", "bytes", "mtime")
+_COLUMN_SET = frozenset(_IMAGE_COLUMNS)
 
 
 def _insert_images(conn: Connection, images: Sequence[dict[str, Any]]) -> dict[str, int]:
@@ -734,7 +735,8 @@ def _insert_images(conn: Connection, images: Sequence[dict[str, Any]]) -> dict[s
     """
     table = cast(Table, Image.__table__)
     dialect = conn.dialect
-    if _MARKS.get(dialect.paramstyle) is None:  # a driver with named or numeric markers: the portable way
+    plain = all(v.keys() == _COLUMN_SET for v in images)  # generated images carry provenance too: few, portable way
+    if not plain or _MARKS.get(dialect.paramstyle) is None:  # or a driver with named or numeric markers
         return dict(conn.execute(insert(table).returning(Image.sha256, Image.id), list(images)).all())
     name = NameText()
     added_at = _bound(table.c.added_at.type, dialect, datetime.now(UTC))  # one instant for the batch's rows
