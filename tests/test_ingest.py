@@ -40,6 +40,24 @@ def test_pool_decodes_every_file_in_order_like_the_serial_path(tmp_path: Path, m
             assert a.meta == b.meta and np.array_equal(a.pixels, b.pixels)
 
 
+def test_pool_ships_every_spec_of_a_chunk_as_the_serial_path_decodes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Workers answer with one array per spec per chunk; a failed file's row must not leak into a view.
+    files = folder(tmp_path / "data", 30, bad=(0, 13, 29))
+    monkeypatch.setattr(ingest, "POOL_THRESHOLD", 10)
+    monkeypatch.setattr(ingest, "CHUNK", 4)
+    specs = [InputSpec(8, 1), InputSpec(16, 3)]
+    pooled = list(ingest.decode_all(files, specs, workers=2))
+    serial = list(ingest.decode_all(files, specs, workers=1))
+    assert [d.file for d in pooled] == files
+    for a, b in zip(pooled, serial, strict=True):
+        assert (a.error, a.meta, len(a.views)) == (b.error, b.meta, len(b.views))
+        for x, y in zip(a.views, b.views, strict=True):
+            assert x.shape == y.shape and x.dtype == y.dtype == np.uint8 and np.array_equal(x, y)
+    assert [i for i, d in enumerate(pooled) if d.error] == [0, 13, 29]
+
+
 def test_one_decode_gives_the_array_of_every_spec_as_separate_decodes_do(tmp_path: Path) -> None:
     files = folder(tmp_path / "data", 5)
     grey, colour = InputSpec(8, 1), InputSpec(16, 3)

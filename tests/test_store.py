@@ -75,6 +75,35 @@ def test_deleting_an_image_deletes_its_entries(url: str) -> None:
     assert store.entry_stamp(model.id)[0] == 0
 
 
+def test_batch_inserted_images_are_stored_as_the_orm_stores_them(url: str) -> None:
+    # write_batch bypasses SQLAlchemy's per-row processing: names, times and flags must still be
+    # stored in the columns' own formats, and the ids returned must be the rows' ids.
+    from sqlalchemy import select, text
+
+    from embedsearch.core.schema import Image
+
+    store = Store(url)
+    model = store.add_model(name="m", kind="pixels", config={}, dim=2, metric="l2", image_size=1, channels=1)
+    odd = "/caf\udce9 %s ?.png"  # not UTF-8 on disk (a surrogate escape), and the drivers' markers
+    fields = {"width": 1, "height": 1, "format": "PNG", "mode": "L", "bytes": 1, "mtime": 1.5}
+    images = [{"path": odd, "sha256": "a" * 64, "label": "\udcff", **fields}]
+    images.append({"path": "/b.png", "sha256": "b" * 64, "label": None, **fields})
+    ids = store.write_batch({model.id: [(im["sha256"], b"\0" * 8) for im in images]}, images)
+    with store.session() as s:
+        s.add(Image(path="/orm.png", sha256="c" * 64, label="x", **fields))
+        s.flush()
+        rows = {r.sha256: r for r in s.scalars(select(Image))}
+        raw = dict(s.execute(text("SELECT sha256, added_at FROM images")).all())
+        generated = dict(s.execute(text("SELECT sha256, generated FROM images")).all())
+    assert {sha: rows[sha].id for sha in ids} == ids
+    assert (rows["a" * 64].path, rows["a" * 64].label) == (odd, "\udcff")
+    assert rows["b" * 64].label is None and rows["b" * 64].mtime == 1.5
+    assert type(raw["a" * 64]) is type(raw["c" * 64]) and len(str(raw["a" * 64])) == len(str(raw["c" * 64]))
+    assert generated["a" * 64] == generated["c" * 64] and not rows["a" * 64].generated
+    assert abs((rows["a" * 64].added_at - rows["c" * 64].added_at).total_seconds()) < 60
+    store.close()
+
+
 def test_unreadable_database_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "lib.db"
     bad.write_bytes(b"this is not a database" * 100)

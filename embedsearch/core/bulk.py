@@ -353,7 +353,8 @@ def _duplicate(
     if stored is not None:
         # If the stored image's own file turns out to have changed later in the run, this copy
         # takes its place (a swap of two files' contents, say).
-        state.copies.setdefault(values["sha256"], (values, inputs))
+        # A copy of its pixels: a pool's view would keep its whole chunk's array alive for the run.
+        state.copies.setdefault(values["sha256"], (values, [x.copy() for x in inputs]))
         _queue(batch, state, stored, inputs, missing_only=True)  # stored elsewhere, maybe not in every index
 
 

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, cast
@@ -41,7 +42,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from embedsearch.core.schema import Image, IndexEntry, Model
+from embedsearch.core.schema import Image, IndexEntry, Model, NameText
 from embedsearch.errors import (
     DiskFullError,
     EmbedSearchError,
@@ -599,10 +600,7 @@ class Store:
             if new_images:
                 # Core inserts (Table, not the ORM class): the ORM's per-row bookkeeping costs more
                 # than SQLite itself at thousands of rows per batch.
-                rows = s.execute(
-                    insert(cast(Table, Image.__table__)).returning(Image.sha256, Image.id), list(new_images)
-                )
-                ids = dict(rows.all())
+                ids = _insert_images(s.connection(), new_images)
             for model_id, given in entries.items():
                 pairs = [_triple(entry) for entry in given]
                 resolved = [(ids[key] if isinstance(key, str) else key, vec, score) for key, vec, score in pairs]
@@ -718,9 +716,63 @@ def _insert_entries(conn: Connection, rows: list[tuple[int, int, bytes, float | 
     Measured on a bulk run of 20k 784-d vectors: SQLAlchemy's per-row parameter processing cost 3x
     what SQLite itself spent inserting; these columns need none of it (ints, bytes, floats or NULL).
     """
+    _executemany(conn, cast(Table, IndexEntry.__table__), ("model_id", "image_id", "vector", "novelty"), rows)
+
+
+#: The image columns a bulk run writes; added_at and generated are filled in once per batch.
+_IMAGE_COLUMNS = ("path", "sha256", "width", "height", "format", "mode", "label", "bytes", "mtime")
+_COLUMN_SET = frozenset(_IMAGE_COLUMNS)
+
+
+def _insert_images(conn: Connection, images: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """INSERT new image rows with the driver's own executemany -> sha256 -> id of each.
+
+    SQLAlchemy's INSERT ... RETURNING processed every row's parameters in Python (a quarter of a
+    20k-PNG run's database time); here only the names pass through their column type (the file
+    system's names are stored losslessly), and the ids are read back afterwards: every new row's
+    id is above the largest id before the insert, and sha256 is unique, so the rows with these
+    shas above it are exactly these images.
+    """
+    table = cast(Table, Image.__table__)
+    dialect = conn.dialect
+    plain = all(v.keys() == _COLUMN_SET for v in images)  # generated images carry provenance too: few, portable way
+    if not plain or _MARKS.get(dialect.paramstyle) is None:  # or a driver with named or numeric markers
+        return dict(conn.execute(insert(table).returning(Image.sha256, Image.id), list(images)).all())
+    name = NameText()
+    added_at = _bound(table.c.added_at.type, dialect, datetime.now(UTC))  # one instant for the batch's rows
+    generated = _bound(table.c.generated.type, dialect, False)
+    rows = [
+        (
+            name.process_bind_param(v["path"], dialect),
+            v["sha256"],
+            v["width"],
+            v["height"],
+            v["format"],
+            v["mode"],
+            name.process_bind_param(v["label"], dialect),
+            v["bytes"],
+            v["mtime"],
+            added_at,
+            generated,
+        )
+        for v in images
+    ]
+    before = conn.execute(select(func.max(Image.id))).scalar() or 0
+    _executemany(conn, table, (*_IMAGE_COLUMNS, "added_at", "generated"), rows)
+    wanted = {v["sha256"] for v in images}
+    found = conn.execute(select(Image.sha256, Image.id).where(Image.id > before)).all()
+    return {sha: int(i) for sha, i in found if sha in wanted}
+
+
+def _bound(kind: Any, dialect: Any, value: Any) -> Any:
+    """``value`` as the driver takes it for a column of type ``kind`` (what SQLAlchemy would send)."""
+    process = kind.dialect_impl(dialect).bind_processor(dialect)  # the dialect's type (SQLite's DATETIME: text)
+    return value if process is None else process(value)
+
+
+def _executemany(conn: Connection, table: Table, names: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+    """INSERT ``rows`` (driver-ready values, in ``names``' order) into ``table`` in one executemany."""
     mark = _MARKS.get(conn.dialect.paramstyle)
-    table = cast(Table, IndexEntry.__table__)
-    names = ("model_id", "image_id", "vector", "novelty")
     if mark is None:  # a driver with named or numeric markers: the portable way
         conn.execute(insert(table), [dict(zip(names, row, strict=True)) for row in rows])
         return
