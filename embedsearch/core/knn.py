@@ -10,6 +10,7 @@ they live in FAISS's binary indexes, and their distance is the number of bits th
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -126,6 +127,17 @@ def serialize(index: Any, metric: str) -> bytes:
     """The index as bytes (FAISS writes binary and float indexes with functions of their own)."""
     data = faiss.serialize_index_binary(index) if is_binary(metric) else faiss.serialize_index(index)
     return bytes(data.tobytes())
+
+
+def write(index: Any, metric: str, path: Path) -> None:
+    """Write the index to ``path`` in FAISS's own format, straight from its memory (no bytes copy:
+    :func:`serialize` of a 20k x 784 flat index cost 0.14 s against 0.03 s, and twice its size)."""
+    (faiss.write_index_binary if is_binary(metric) else faiss.write_index)(index, str(path))
+
+
+def read(path: Path, metric: str) -> Any:
+    """The index of :func:`write`'s file; RuntimeError if it is not one of ``metric``'s."""
+    return (faiss.read_index_binary if is_binary(metric) else faiss.read_index)(str(path))
 
 
 def deserialize(data: np.ndarray, metric: str) -> Any:

@@ -24,7 +24,7 @@ from embedsearch.core.ann import IndexSpec
 from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
 from embedsearch.errors import VectorIndexError, os_errors
-from embedsearch.files import atomic_write
+from embedsearch.files import atomic_path, atomic_write
 
 log = logging.getLogger(__name__)
 _FILL_BATCH = 5000
@@ -194,7 +194,7 @@ class VectorIndex:
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         with os_errors(f"cannot write the index file {path}"):
-            atomic_write(path, knn.serialize(self.index, self.metric))
+            atomic_path(path, lambda tmp: knn.write(self.index, self.metric, tmp))
             # The stamp goes second: if we die in between, an old stamp only makes the next open
             # re-apply entries it already has, which sync() handles.
             atomic_write(path.with_suffix(".faiss.json"), json.dumps(asdict(self.stamp)).encode())
@@ -214,7 +214,7 @@ class VectorIndex:
         if not path.exists():
             return out
         try:
-            index = knn.deserialize(np.fromfile(path, dtype=np.uint8), metric)
+            index = knn.read(path, metric)
             stamp = Stamp(**json.loads(path.with_suffix(".faiss.json").read_text()))
         except (RuntimeError, OSError, ValueError, TypeError) as exc:
             out.problem = "a folder, not an index file" if path.is_dir() else f"unreadable: {exc}"

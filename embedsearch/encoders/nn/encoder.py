@@ -21,6 +21,7 @@ import torch
 from embedsearch.data.images import InputSpec
 from embedsearch.encoders.base import WEIGHTS_FILE, DecodingEncoder, PosteriorEncoder
 from embedsearch.encoders.base import Options as EncoderOptions
+from embedsearch.encoders.nn.memory import keep_freed_memory
 from embedsearch.encoders.nn.models import (
     Autoencoder,
     ModelConfig,
@@ -110,6 +111,7 @@ class NeuralEncoder(DecodingEncoder):
             raise ModelError(f"the model's dimension {dim} disagrees with its latent_dim {opts.latent_dim}")
         config = ModelConfig(opts.arch, spec.image_size, spec.channels, opts.latent_dim, cls.variational)
         use_all_cores()
+        keep_freed_memory()
         model, meta = load_weights(Path(directory) / WEIGHTS_FILE, config, pick_device())
         return cls(spec, dim, opts, model, _saved_report(meta))
 

@@ -24,6 +24,7 @@ from embedsearch.data.images import InputSpec
 from embedsearch.encoders.base import WEIGHTS_FILE, Options
 from embedsearch.encoders.nn import checkpoint as ckpt
 from embedsearch.encoders.nn.augment import augment_batch, info_nce, jpeg_pool
+from embedsearch.encoders.nn.memory import keep_freed_memory
 from embedsearch.encoders.nn.models import (
     ARCHS,
     LIKELIHOODS,
@@ -478,6 +479,7 @@ def train(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     use_all_cores()
+    keep_freed_memory()
     trainer = Trainer(images, spec, options, workdir)
     report = trainer.fit(resume)
     return trainer.model, report
