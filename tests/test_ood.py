@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, inspect, text
 
 from embedsearch.cli.main import main
+from embedsearch.core import novelty
 from embedsearch.core.novelty import split_novelty, with_novelty
 from embedsearch.core.ray_bulk import EncodeFiles
 from embedsearch.core.store import Store, alembic_config
@@ -37,6 +38,44 @@ def pixels_of(engine: Engine, model: str, paths: list[Path]) -> np.ndarray:
 
 
 # -- what is measured and stored -------------------------------------------------------------------
+
+
+def test_a_library_is_scored_whole_up_to_the_sample_then_in_proportion() -> None:
+    assert novelty.sample_rate(0, novelty.SAMPLE) == 1.0
+    assert novelty.sample_rate(0, 4 * novelty.SAMPLE) == 0.25  # a first large run: SAMPLE of it
+    assert novelty.sample_rate(novelty.SAMPLE // 2, novelty.SAMPLE // 2) == 1.0
+    big = novelty.sample_rate(10 * novelty.SAMPLE, 10 * novelty.SAMPLE)  # its share of the grown library
+    assert big == pytest.approx(1 / 20)
+    rng = np.random.default_rng(0)
+    shas = [rng.bytes(32).hex() for _ in range(4000)]
+    picked = [novelty.chosen(sha, 0.25) for sha in shas]
+    assert picked == [novelty.chosen(sha, 0.25) for sha in shas]  # the same content, the same answer
+    assert 0.22 < sum(picked) / len(shas) < 0.28
+    assert all(novelty.chosen(sha, 1.0) for sha in shas)
+
+
+def test_a_run_beyond_the_sample_scores_the_chosen_images_only(
+    engine: Engine, trained_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the sampled images go through the decoder; their values are the full computation's, the
+    others store none, and a query by id of one of those has no percentile (its neighbours are the same)."""
+    monkeypatch.setattr(novelty, "SAMPLE", 10)
+    engine.create_model("ae", "ae", str(trained_data), options={"epochs": 1, "latent_dim": 8, "batch_size": 16})
+    report = engine.index(str(trained_data), "ae", workers=0)
+    paths = sorted(trained_data.rglob("*.png"))
+    assert report.added == len(paths) > 20
+    rows = {str(p): engine.store.image_by_path(str(p)) for p in paths}
+    rate = novelty.sample_rate(0, len(paths))
+    stored = engine.store.entry_novelty(engine.model("ae").id, [r.id for r in rows.values()])
+    sampled = [p for p, r in rows.items() if novelty.chosen(r.sha256, rate)]
+    assert 0 < len(sampled) < len(paths)
+    assert {p for p, r in rows.items() if stored[r.id] is not None} == set(sampled)
+    want = engine.encoder("ae").novelty(pixels_of(engine, "ae", [Path(p) for p in sampled]))
+    np.testing.assert_allclose([stored[rows[p].id] for p in sampled], want, rtol=1e-5)
+    outside = next(r.id for p, r in rows.items() if p not in sampled)
+    inside = rows[sampled[0]].id
+    assert engine.query_image(outside, "ae", k=3).ood_percentile is None
+    assert engine.query_image(inside, "ae", k=3).ood_percentile is not None
 
 
 @pytest.mark.parametrize("kind", ["ae", "vae"])

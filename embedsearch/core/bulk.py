@@ -5,7 +5,8 @@ encode; the driver still scans, routes and commits, so the results are the same.
 
 Each batch is committed to the database in one transaction (images and their vectors together),
 then added to the in-memory FAISS index through the index cache, which writes the file when the
-run ends. A run killed at any moment therefore loses at most the batch in flight, and the next run (or any open) brings
+run ends. Batch N is encoded on a thread while N+1 is routed and N-1 committed (:mod:`embedsearch.core.overlap`),
+so a run killed at any moment loses at most the two batches in flight, and the next run (or any open) brings
 the FAISS file up to date from the database: every good image ends up indexed exactly once.
 """
 
@@ -18,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import numpy as np
 from embedsearch.core import novelty
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.models import ModelRegistry
+from embedsearch.core.overlap import Overlap
 from embedsearch.core.ray_bulk import RayOptions, RayStart, encode_on_ray, require_ray
 from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
@@ -45,6 +48,7 @@ class _Batch:
     def __init__(self, models: int) -> None:
         self.keys: list[list[int | str]] = [[] for _ in range(models)]  # image id, or sha256 of a new image
         self.inputs: list[list[np.ndarray]] = [[] for _ in range(models)]  # pixels, or codes (Ray)
+        self.sampled: list[list[bool]] = [[] for _ in range(models)]  # whose novelty to store (novelty.SAMPLE)
         self.new_images: list[dict[str, Any]] = []
         self.changed: list[dict[str, Any]] = []
         self.deleted: list[int] = []  # paths whose new content is stored under another path already
@@ -63,6 +67,7 @@ class _Target:
     view: int  # position of the model's input spec among the run's distinct specs
     indexed: set[int]  # image ids in this model's index, or queued for it in this run
     report: IndexReport
+    rate: float = 1.0  # the share of this run's images whose novelty is measured (novelty.sample_rate)
 
 
 def _ensure_model(
@@ -142,19 +147,25 @@ class BulkIndexer:
             work = plan(files, known)
             for target in targets:
                 target.report.scanned, target.report.unchanged = work.scanned, work.unchanged
+                target.rate = novelty.sample_rate(self.store.scored_count(target.row.id), len(work.todo))
                 target.report.skipped_endings = dict(skipped)
             state = _State(known, self.store.all_shas() if work.todo else {}, targets, encoded=ray is not None)
             progress_bar = _Progress(len(work.todo), progress)
             batch = _Batch(len(targets))
             try:
                 with ExitStack() as stack:
+                    # Batch N is encoded on a thread while batch N+1 is routed and N-1 committed.
+                    overlap = Overlap(partial(_encode_batch, state=state), partial(self._write, state=state))
+                    batches = stack.enter_context(overlap)
                     for item in self._items(work.todo, targets, specs, workers, ray, start, stack):
                         _route(item, state, batch)
                         progress_bar.update(targets[0].report)
                         if len(batch) + len(batch.touched) >= batch_size:
-                            self._flush(batch, state)
+                            batches.submit(batch)
                             batch = _Batch(len(targets))
-                    self._flush(batch, state)
+                    if len(batch) or batch.touched or batch.deleted:
+                        batches.submit(batch)
+                    batches.close()
             except DiskFullError as exc:
                 raise exc.keeping(_committed(state)) from None
             finally:
@@ -209,11 +220,8 @@ class BulkIndexer:
             return known
         return {path: (*v[:4], all(v[0] in t.indexed for t in targets)) for path, v in known.items()}
 
-    def _flush(self, batch: _Batch, state: _State) -> None:
-        if not (len(batch) or batch.touched or batch.deleted):
-            return
-        encoded = [_encode(t.encoder, xs, state.encoded) for t, xs in zip(state.targets, batch.inputs, strict=True)]
-        vectors = [vecs for vecs, _ in encoded]
+    def _write(self, batch: _Batch, encoded: list[tuple[np.ndarray, np.ndarray | None]], state: _State) -> None:
+        """Commit one encoded batch (image rows and every model's vectors), then add it to the indexes."""
         entries = {
             t.row.id: novelty.entries(keys, vecs, scores)
             for t, keys, (vecs, scores) in zip(state.targets, batch.keys, encoded, strict=True)
@@ -224,20 +232,32 @@ class BulkIndexer:
         state.shas.update(new_ids)
         state.batches, state.committed = state.batches + 1, state.committed + len(batch)
         self.cache.remove_images(batch.deleted)  # deleted rows leave every model's index
-        for target, keys, vecs in zip(state.targets, batch.keys, vectors, strict=True):
+        for target, keys, (vecs, _) in zip(state.targets, batch.keys, encoded, strict=True):
             ids = np.array([new_ids[k] if isinstance(k, str) else k for k in keys], dtype=np.int64)
             self.cache.add(target.row, ids, vecs)
             target.indexed.update(ids.tolist())
 
 
-def _encode(encoder: Encoder, inputs: list[np.ndarray], encoded: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """(N, dim) float32, or (N, bytes) uint8 bits, of a batch's images, and their (N,) novelties or None
-    (``encoded``: their codes already, novelty included: :func:`novelty.with_novelty`)."""
+def _encode_batch(batch: _Batch, state: _State) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Every model's vectors and novelties of a batch (on the run's encoding thread)."""
+    return [
+        _encode(t.encoder, xs, np.array(sampled, dtype=bool), state.encoded)
+        for t, xs, sampled in zip(state.targets, batch.inputs, batch.sampled, strict=True)
+    ]
+
+
+def _encode(
+    encoder: Encoder, inputs: list[np.ndarray], sampled: np.ndarray, encoded: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(N, dim) float32, or (N, bytes) uint8 bits, of a batch's images, and their (N,) novelties
+    (NaN outside the ``sampled`` mask) or None (``encoded``: their codes already, novelty included:
+    :func:`novelty.with_novelty`)."""
     if not inputs:
         return np.zeros((0, encoder.code_width), encoder.code_dtype), None
     if encoded:
-        return novelty.split_novelty(encoder, np.stack(inputs))
-    return encoder.encode_scored(np.stack(inputs))
+        codes, scores = novelty.split_novelty(encoder, np.stack(inputs))
+        return codes, novelty.keep_sampled(scores, sampled)
+    return novelty.encode_sampled(encoder, np.stack(inputs), sampled)
 
 
 @dataclass
@@ -296,7 +316,7 @@ def _route(item: Decoded, state: _State, batch: _Batch) -> None:
                 target.report.unchanged += 1
             else:
                 target.report.added += 1
-        _queue(batch, state, old[0], inputs, missing_only=True)
+        _queue(batch, state, old[0], inputs, meta.sha256, missing_only=True)
         return
     values = {
         "path": info.path,
@@ -316,7 +336,7 @@ def _route(item: Decoded, state: _State, batch: _Batch) -> None:
     elif old is None or _moved_to_copy(old, state, batch):
         # New, or the row went to a copy of its old content: either way this file is a new image.
         batch.new_images.append(values)
-        _queue(batch, state, meta.sha256, inputs)
+        _queue(batch, state, meta.sha256, inputs, meta.sha256)
         state.count("added")
     else:  # new content at a known path: its row is rewritten and re-encoded
         _rewrite(batch, state, old[0], values, inputs)
@@ -355,7 +375,9 @@ def _duplicate(
         # takes its place (a swap of two files' contents, say).
         # A copy of its pixels: a pool's view would keep its whole chunk's array alive for the run.
         state.copies.setdefault(values["sha256"], (values, [x.copy() for x in inputs]))
-        _queue(batch, state, stored, inputs, missing_only=True)  # stored elsewhere, maybe not in every index
+        _queue(
+            batch, state, stored, inputs, values["sha256"], missing_only=True
+        )  # stored elsewhere, maybe not in every index
 
 
 def _moved_to_copy(old: tuple[int, int, float | None, str, bool], state: _State, batch: _Batch) -> bool:
@@ -373,11 +395,13 @@ def _moved_to_copy(old: tuple[int, int, float | None, str, bool], state: _State,
 def _rewrite(batch: _Batch, state: _State, image_id: int, values: dict[str, Any], inputs: list[np.ndarray]) -> None:
     """The stored image ``image_id`` is now the file ``values`` describes: its row is rewritten and re-encoded."""
     batch.changed.append({"id": image_id, **values})
-    _queue(batch, state, image_id, inputs)
+    _queue(batch, state, image_id, inputs, values["sha256"])
     state.path_of[image_id] = values["path"]
 
 
-def _queue(batch: _Batch, state: _State, key: int | str, inputs: list[np.ndarray], missing_only: bool = False) -> None:
+def _queue(
+    batch: _Batch, state: _State, key: int | str, inputs: list[np.ndarray], sha256: str, missing_only: bool = False
+) -> None:
     """Queue an image for encoding by every model (``missing_only``: by those whose index lacks it)."""
     for n, target in enumerate(state.targets):
         if isinstance(key, int):
@@ -386,6 +410,7 @@ def _queue(batch: _Batch, state: _State, key: int | str, inputs: list[np.ndarray
             target.indexed.add(key)  # queued counts as indexed: never queue one image twice
         batch.keys[n].append(key)
         batch.inputs[n].append(inputs[n])
+        batch.sampled[n].append(novelty.chosen(sha256, target.rate))
 
 
 class _Progress:

@@ -647,6 +647,12 @@ class Store:
         with self.session() as s:
             return [float(n) for n in s.scalars(stmt) if n is not None]
 
+    def scored_count(self, model_id: int) -> int:
+        """How many of a model's entries have a measured novelty."""
+        stmt = select(func.count(IndexEntry.id)).where(IndexEntry.model_id == model_id, IndexEntry.novelty.is_not(None))
+        with self.session() as s:
+            return int(s.execute(stmt).scalar_one())
+
     def entry_image_ids(self, model_id: int) -> list[int]:
         with self.session() as s:
             return list(s.scalars(select(IndexEntry.image_id).where(IndexEntry.model_id == model_id)))
