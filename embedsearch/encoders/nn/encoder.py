@@ -21,6 +21,7 @@ import torch
 from embedsearch.data.images import InputSpec
 from embedsearch.encoders.base import WEIGHTS_FILE, DecodingEncoder, PosteriorEncoder
 from embedsearch.encoders.base import Options as EncoderOptions
+from embedsearch.encoders.nn.fuse import for_inference
 from embedsearch.encoders.nn.memory import keep_freed_memory
 from embedsearch.encoders.nn.models import (
     Autoencoder,
@@ -68,6 +69,7 @@ class NeuralEncoder(DecodingEncoder):
     ) -> None:
         super().__init__(spec, dim, options)
         self._model = model.eval() if model is not None else None
+        self._fast: Autoencoder | None = None
         self.report = report
 
     @property
@@ -75,6 +77,13 @@ class NeuralEncoder(DecodingEncoder):
         if self._model is None:
             raise ModelError(f"this {self.kind} model has no weights; train or load it first")
         return self._model
+
+    @property
+    def runtime(self) -> Autoencoder:
+        """The network every inference call runs: :func:`fuse.for_inference` of :attr:`model`, made once."""
+        if self._fast is None:
+            self._fast = for_inference(self.model)
+        return self._fast
 
     @property
     def device(self) -> torch.device:
@@ -146,7 +155,7 @@ class NeuralEncoder(DecodingEncoder):
     def encode(self, images: np.ndarray) -> np.ndarray:
         """(N, S, S, C) uint8 -> (N, latent_dim) float32: z for the AE, mu for the VAE."""
         with torch.inference_mode():
-            return self._numpy([self.model.encode(x) for x in self._batches(images)], self.dim)
+            return self._numpy([self.runtime.encode(x) for x in self._batches(images)], self.dim)
 
     def encode_scored(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, S, S, C) uint8 -> codes (N, latent_dim) float32 and novelty (N,) float64, in one forward pass.
@@ -158,7 +167,7 @@ class NeuralEncoder(DecodingEncoder):
         losses: list[torch.Tensor] = []
         with torch.inference_mode():
             for x in self._batches(images):
-                code, loss = self.model.novelty(x, likelihood)  # (B, L), (B,)
+                code, loss = self.runtime.novelty(x, likelihood)  # (B, L), (B,)
                 codes.append(code)
                 losses.append(loss)
         scores = torch.cat(losses).to("cpu", torch.float64).numpy() if losses else np.zeros(0)
@@ -177,7 +186,7 @@ class NeuralEncoder(DecodingEncoder):
         with torch.inference_mode():
             for start in range(0, len(z), ENCODE_BATCH):
                 batch = from_numpy(z[start : start + ENCODE_BATCH]).to(self.device)  # (B, L)
-                parts.append(tensor_to_images(self.model.decode(batch)).cpu().numpy())
+                parts.append(tensor_to_images(self.runtime.decode(batch)).cpu().numpy())
         return np.concatenate(parts) if parts else np.zeros((0, *self.spec.shape), dtype=np.uint8)
 
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
@@ -185,7 +194,7 @@ class NeuralEncoder(DecodingEncoder):
         parts: list[np.ndarray] = []
         with torch.inference_mode():
             for x in self._batches(images):
-                parts.append(tensor_to_images(self.model.decode(self.model.encode(x))).cpu().numpy())
+                parts.append(tensor_to_images(self.runtime.decode(self.runtime.encode(x))).cpu().numpy())
         return np.concatenate(parts) if parts else np.zeros((0, *self.spec.shape), dtype=np.uint8)
 
     def summary(self) -> dict[str, Any]:
@@ -251,7 +260,7 @@ class VAEEncoder(NeuralEncoder, PosteriorEncoder):
 
     def encode_dist(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, S, S, C) uint8 -> posterior mean and log-variance, each (N, latent_dim) float32."""
-        model = self.model
+        model = self.runtime
         if not isinstance(model, VariationalAutoencoder):
             raise ModelError("this model has no posterior variance")
         mus: list[torch.Tensor] = []
