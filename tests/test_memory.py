@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from embedsearch.engine import Engine
+
 SCRIPT = """
 import embedsearch.encoders.nn.memory as m
 print(m.keep_freed_memory(), m.keep_freed_memory())
@@ -28,3 +30,25 @@ def test_the_thresholds_are_raised_once_per_process() -> None:
 def test_thresholds_the_user_set_are_left_alone() -> None:
     env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "1000000"}
     assert _run(env) == "False False"
+
+
+LOAD_THEN_BULK = """
+import sys
+import embedsearch.encoders.nn.memory as m
+from embedsearch.engine import Engine
+with Engine(sys.argv[1]) as engine:
+    encoder = engine.encoder("ae")  # what the service does: load and encode, never bulk-index
+    loaded = m._done
+    with encoder.sharing_cores():  # a bulk run's encoding
+        pass
+print(loaded, m._done)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_loading_a_model_keeps_the_services_setting_and_a_bulk_run_raises_the_thresholds(trained: Engine) -> None:
+    home = str(trained.home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    run = subprocess.run([sys.executable, "-c", LOAD_THEN_BULK, home], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False True"

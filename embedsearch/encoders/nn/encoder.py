@@ -120,7 +120,6 @@ class NeuralEncoder(DecodingEncoder):
             raise ModelError(f"the model's dimension {dim} disagrees with its latent_dim {opts.latent_dim}")
         config = ModelConfig(opts.arch, spec.image_size, spec.channels, opts.latent_dim, cls.variational)
         use_all_cores()
-        keep_freed_memory()
         model, meta = load_weights(Path(directory) / WEIGHTS_FILE, config, pick_device())
         return cls(spec, dim, opts, model, _saved_report(meta))
 
@@ -131,6 +130,9 @@ class NeuralEncoder(DecodingEncoder):
         # Measured in a bulk run of 70k PNGs beside two decoding workers on 2 cores: with two torch
         # threads the encoder took most of the parent's time, waiting at OpenMP barriers; with one
         # the whole run went from about 4,800 to 5,700 images/s.
+        # A bulk run encodes batch after batch: keep the freed activations' memory (memory.py). Only
+        # here and in training, never on load: the service returns large buffers on purpose.
+        keep_freed_memory()
         before = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

@@ -7,6 +7,10 @@ fresh pages from the kernel on every forward pass and zero-fills them: in a bulk
 PNGs through a conv VAE that cost 1.2-1.8 s of system time of a 5-6 s run (measured 2026-12-04,
 with ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` set and not, alternately: 3.9-4.7 s
 against 5.4-6.2 s). Raising both thresholds keeps up to :data:`TRIM_BYTES` of freed memory mapped.
+
+Bulk runs (:meth:`NeuralEncoder.sharing_cores`) and training call it; loading a model does not:
+the HTTP service sets the opposite on purpose (:func:`embedsearch.http.memory.return_large_buffers`,
+so that a hostile client's decodes are given back), and must keep it.
 """
 
 from __future__ import annotations
