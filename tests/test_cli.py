@@ -77,6 +77,25 @@ def test_index_query_info_remove_end_to_end(tmp_path: Path, home: Path, shapes: 
     assert [row.split() for row in rows] == [["pixels", "pixels", "32x32x3", "pad", "3072", "l2", "42", "flat"]]
 
 
+def test_a_query_by_id_draws_its_image_in_the_grid_and_quiet_silences_the_wrote_line(
+    tmp_path: Path, home: Path, shapes: Path
+) -> None:
+    import numpy as np
+
+    run(home, "index", str(shapes), "--model", "pixels")
+    with Engine(home) as engine:
+        image_id = engine.store.image_by_path(str(sorted((shapes / "triangle").iterdir())[0])).id
+    grid = tmp_path / "grid.png"
+    code, out, err = run(home, "query", f"id:{image_id}", "--model", "pixels", "-k", "3", "--grid", str(grid), "-q")
+    assert code == 0 and out and err == ""  # the results on stdout, nothing for people on stderr
+    with Image.open(grid) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    placeholder = (pixels == (215, 215, 215)).all(axis=2).sum()  # an empty tile is a 96x96 block of it
+    assert placeholder < 96 * 96 // 2
+    code, _, err = run(home, "query", f"id:{image_id}", "--model", "pixels", "-k", "3", "--grid", str(grid))
+    assert code == 0 and err.strip() == f"wrote {grid}"
+
+
 def table_rows(out: str) -> list[dict[str, str]]:
     """The rows of the query command's table (one query): column name -> cell."""
     lines = out.splitlines()

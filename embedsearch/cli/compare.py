@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from embedsearch.cli.context import CONTEXT, settings
+from embedsearch.cli.context import CONTEXT, settings, status
 from embedsearch.cli.context import engine as _engine
 from embedsearch.cli.output import NO_PATHS, chosen, flatten, format_option, plural, write_rows
 from embedsearch.errors import EmbedSearchError
@@ -148,7 +148,7 @@ def compare(
         engine.open(create=True)  # compare makes the models it is asked for: a new library is fine
         result, artifacts = run_compare(engine, config, command, keep_models=keep_models)
         if report:
-            click.echo(f"wrote {write_report(result, artifacts, report)}", err=True)
+            status(ctx, f"wrote {write_report(result, artifacts, report)}")
     summary = result.summary()
     if fmt == "json":
         click.echo(json.dumps(summary))

@@ -74,6 +74,12 @@ def add_global_options(command: click.Command) -> None:
         add_global_options(sub)
 
 
+def status(ctx: click.Context, text: str) -> None:
+    """A line for people on stderr ("wrote grid.png"), which -q silences like progress and logs."""
+    if not settings(ctx).get("quiet"):
+        click.echo(text, err=True)
+
+
 def settings(ctx: click.Context) -> dict[str, Any]:
     """The main group's settings, or the environment's when a command runs on its own."""
     obj = ctx.find_object(dict)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from embedsearch.cli.context import CONTEXT, emit, printable
+from embedsearch.cli.context import CONTEXT, emit, printable, status
 from embedsearch.cli.context import engine as _engine
 from embedsearch.cli.output import chosen, format_option, plural, write_paths, write_rows
 
@@ -88,4 +88,4 @@ def duplicates(
     if grid:
         from embedsearch.render.duplicates import duplicates_grid
 
-        click.echo(f"wrote {printable(duplicates_grid(report.groups, Path(grid)))}", err=True)
+        status(ctx, f"wrote {printable(duplicates_grid(report.groups, Path(grid)))}")

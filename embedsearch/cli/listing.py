@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from embedsearch.cli.context import CONTEXT, printable
+from embedsearch.cli.context import CONTEXT, printable, status
 from embedsearch.cli.context import emit as _emit
 from embedsearch.cli.context import engine as _engine
 from embedsearch.cli.output import (
@@ -26,6 +26,7 @@ from embedsearch.cli.output import (
     write_paths,
     write_rows,
 )
+from embedsearch.errors import EmbedSearchError
 
 QUERY_COLUMNS = ["query", "model", "rank", "id", "path", "label", "distance"]
 MODEL_COLUMNS = ["name", "kind", "image_size", "channels", "fit", "dim", "metric", "vectors", "index"]
@@ -103,11 +104,24 @@ def query(
     if grid and results:
         from embedsearch.render.pictures import explained_grid, query_grid
 
-        out = explained_grid(results, explained, Path(grid)) if explain else query_grid(results, Path(grid))
-        click.echo(f"wrote {printable(out)}", err=True)
+        if explain:
+            out = explained_grid(results, explained, Path(grid))
+        else:
+            out = query_grid(results, Path(grid), query_files=[_query_file(ctx, r.query) for r in results])
+        status(ctx, f"wrote {printable(out)}")
     if failed:  # after every good result: a script sees them all, and the status says some are missing
         total = plural(good + failed, "query image")
         raise click.ClickException(f"{failed} of {total} could not be read (listed above)")
+
+
+def _query_file(ctx: click.Context, query: str) -> str | None:
+    """The file a query's grid tile shows: the query itself, or an id:N query's stored image."""
+    if not query.startswith("id:"):
+        return query
+    try:
+        return _engine(ctx).image(int(query[3:])).path
+    except (ValueError, EmbedSearchError):
+        return None
 
 
 def _write_query(fmt: str, result: Any, rows: Rows) -> None:

@@ -23,6 +23,7 @@ from embedsearch.cli.context import (
     log_level,
     printable,
     setup_logging,
+    status,
 )
 from embedsearch.cli.context import emit as _emit
 from embedsearch.cli.context import engine as _engine
@@ -281,9 +282,9 @@ def generate(
         include_generated=include_generated,
     )
     if grid:
-        click.echo(f"wrote {printable(candidates_grid(result, Path(grid)))}", err=True)
+        status(ctx, f"wrote {printable(candidates_grid(result, Path(grid)))}")
     if out:
-        click.echo(f"wrote {len(write_candidates(result, Path(out)))} candidates to {printable(out)}", err=True)
+        status(ctx, f"wrote {len(write_candidates(result, Path(out)))} candidates to {printable(out)}")
     if as_json:
         _emit(
             {

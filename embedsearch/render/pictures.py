@@ -29,11 +29,17 @@ def image_tile(path: str | None, caption: str, size: int = 96) -> Tile:
         return Tile(None, f"{caption} (unreadable)")
 
 
-def query_grid(results: list[QueryResult], out: Path, tile_size: int = 96) -> Path:
-    """One row per query: the query image, then each neighbour captioned '#rank distance'."""
+def query_grid(
+    results: list[QueryResult], out: Path, tile_size: int = 96, query_files: list[str | None] | None = None
+) -> Path:
+    """One row per query: the query image, then each neighbour captioned '#rank distance'.
+
+    ``query_files``: the file each query's tile shows where it is not the query itself (an id:N
+    query's stored file; None: a placeholder)."""
+    files: list[str | None] = list(query_files) if query_files is not None else [r.query for r in results]
     rows = []
-    for result in results:
-        row = [image_tile(result.query, "query", tile_size)]
+    for result, query_file in zip(results, files, strict=True):
+        row = [image_tile(query_file, "query", tile_size)]
         row += [image_tile(n.path, f"#{n.rank} {n.distance:.3f}", tile_size) for n in result.results]
         rows.append(row)
     return save_grid(rows, out, tile_size=tile_size, row_titles=[Path(r.query).name for r in results])
