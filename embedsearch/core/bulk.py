@@ -34,7 +34,7 @@ from embedsearch.core.schema import Model
 from embedsearch.core.store import Store
 from embedsearch.data.images import FileInfo, InputSpec, infer_spec, scan
 from embedsearch.data.ingest import Decoded, decode_all, plan, uses_pool
-from embedsearch.encoders.base import REGISTRY, Encoder, encoder_class
+from embedsearch.encoders.base import REGISTRY, DecodingEncoder, Encoder, encoder_class
 from embedsearch.errors import DiskFullError, InvalidArgumentError, UnknownModelError
 from embedsearch.progress import bar
 from embedsearch.results import IndexReport
@@ -147,7 +147,8 @@ class BulkIndexer:
             work = plan(files, known)
             for target in targets:
                 target.report.scanned, target.report.unchanged = work.scanned, work.unchanged
-                target.rate = novelty.sample_rate(self.store.scored_count(target.row.id), len(work.todo))
+                if isinstance(target.encoder, DecodingEncoder):  # only they have a novelty to sample
+                    target.rate = novelty.sample_rate(self.store.scored_count(target.row.id), len(work.todo))
                 target.report.skipped_endings = dict(skipped)
             state = _State(known, self.store.all_shas() if work.todo else {}, targets, encoded=ray is not None)
             progress_bar = _Progress(len(work.todo), progress)
