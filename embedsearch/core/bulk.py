@@ -376,9 +376,8 @@ def _duplicate(
         # takes its place (a swap of two files' contents, say).
         # A copy of its pixels: a pool's view would keep its whole chunk's array alive for the run.
         state.copies.setdefault(values["sha256"], (values, [x.copy() for x in inputs]))
-        _queue(
-            batch, state, stored, inputs, values["sha256"], missing_only=True
-        )  # stored elsewhere, maybe not in every index
+        # Stored elsewhere, maybe not in every index.
+        _queue(batch, state, stored, inputs, values["sha256"], missing_only=True)
 
 
 def _moved_to_copy(old: tuple[int, int, float | None, str, bool], state: _State, batch: _Batch) -> bool:
