@@ -130,9 +130,15 @@ def serialize(index: Any, metric: str) -> bytes:
 
 
 def write(index: Any, metric: str, path: Path) -> None:
-    """Write the index to ``path`` in FAISS's own format, straight from its memory (no bytes copy:
-    :func:`serialize` of a 20k x 784 flat index cost 0.14 s against 0.03 s, and twice its size)."""
-    (faiss.write_index_binary if is_binary(metric) else faiss.write_index)(index, str(path))
+    """Write the index to a new file ``path`` in FAISS's own format, in chunks straight from its memory.
+
+    No bytes copy (:func:`serialize` of a 20k x 784 flat index took 0.14 s and a second 63 MB; this
+    0.06 s). Through a Python file, not FAISS's own fopen, so that a full disk raises the OSError
+    (ENOSPC) that :func:`embedsearch.errors.os_errors` turns into DiskFullError, not a RuntimeError.
+    """
+    writer = faiss.write_index_binary if is_binary(metric) else faiss.write_index
+    with open(path, "xb") as fh:
+        writer(index, faiss.PyCallbackIOWriter(fh.write))  # type: ignore[attr-defined]  # not in the stubs
 
 
 def read(path: Path, metric: str) -> Any:
