@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from sqlalchemy import update
 
@@ -71,6 +72,29 @@ def test_damaged_stored_vector_is_reencoded(library_home: Path) -> None:
         assert repaired.ok and any("re-encoded 1" in line for line in repaired.repaired)
         again = dict(engine.store.entry_vectors(model.id, [image_id]))[image_id]
         assert np.allclose(np.frombuffer(again, np.float32), np.frombuffer(original, np.float32), atol=1e-5)
+
+
+def test_an_index_rebuilt_over_a_damaged_vector_leaves_it_out_and_check_repairs_it(
+    library_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stored vector of the wrong size used to stop the rebuild of the FAISS file (a ValueError from
+    every open); now the index holds the others, the log says what to run, and check --repair mends it."""
+    with Engine(library_home) as engine:
+        model = engine.model("pca")
+        ids = engine.store.entry_image_ids(model.id)
+        with engine.store.session() as s:
+            s.execute(
+                update(IndexEntry)
+                .where(IndexEntry.model_id == model.id, IndexEntry.image_id == ids[0])
+                .values(vector=b"\0\0")
+            )
+        path = engine.index_path("pca")
+    path.unlink()  # the cache file is gone: the next open rebuilds it from the database
+    with Engine(library_home) as engine, caplog.at_level("WARNING"):
+        assert sorted(engine.vector_index("pca").ids().tolist()) == sorted(ids[1:])
+        assert "wrong size" in caplog.text and "check --repair" in caplog.text
+        assert engine.check(repair=True).ok
+        assert sorted(engine.vector_index("pca").ids().tolist()) == sorted(ids)
 
 
 def test_tampered_checkpoint_cannot_be_repaired(library_home: Path) -> None:

@@ -246,9 +246,8 @@ class VectorIndex:
             return False
         fresh = store.entries_after(model_id, self.stamp.last_entry_id)
         if fresh:
-            ids = np.array([image_id for _, image_id, _ in fresh], dtype=np.int64)
-            self.remove(ids)  # re-encoded images come back with a new entry
-            self.add(ids, knn.from_bytes(b"".join(v for _, _, v in fresh), self.metric, self.dim))
+            self.remove(np.array([image_id for _, image_id, _ in fresh], dtype=np.int64))  # re-encoded: a new entry
+            self.add(*self._usable([(image_id, v) for _, image_id, v in fresh]))
         if len(self) != count:
             self._drop_and_fill(store, model_id)
         self.stamp = Stamp(last_entry_id=last, count=count, owner=self.stamp.owner, index=self.spec.to_json())
@@ -266,15 +265,29 @@ class VectorIndex:
             return
         self.stamp = Stamp(last_entry_id=last, count=count, owner=self.stamp.owner, index=self.spec.to_json())
 
+    def _usable(self, rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of stored (image id, vector) rows, leaving out (with a warning) any whose
+        vector has not the model's size: a damaged database must not stop every open of the library."""
+        width = knn.code_bytes(self.dim, self.metric)
+        good = [(i, v) for i, v in rows if len(v) == width]
+        if len(good) < len(rows):
+            bad = sorted(i for i, v in rows if len(v) != width)
+            log.warning(
+                "%d stored vectors have the wrong size and are left out of the index (images %s); "
+                "run 'embedsearch check --repair'",
+                len(bad),
+                ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else ""),
+            )
+        ids = np.array([i for i, _ in good], dtype=np.int64)
+        return ids, knn.from_bytes(b"".join(v for _, v in good), self.metric, self.dim)
+
     def _drop_and_fill(self, store: Store, model_id: int) -> None:
         have = set(self.ids().tolist())
         want = set(store.entry_image_ids(model_id))
         self.remove(np.array(sorted(have - want), dtype=np.int64))
         missing = sorted(want - have)
         for i in range(0, len(missing), _FILL_BATCH):
-            rows = store.entry_vectors(model_id, missing[i : i + _FILL_BATCH])
-            ids = np.array([r[0] for r in rows], dtype=np.int64)
-            self.add(ids, knn.from_bytes(b"".join(r[1] for r in rows), self.metric, self.dim))
+            self.add(*self._usable(store.entry_vectors(model_id, missing[i : i + _FILL_BATCH])))
         log.info("index brought in step with the database: %d removed, %d added", len(have - want), len(missing))
 
 
