@@ -591,7 +591,7 @@ def test_serve_takes_the_query_cap_and_the_number_of_decodes(
     import uvicorn
     from click.testing import CliRunner
 
-    import embedsearch.http.memory as memory
+    import embedsearch.malloc as memory
     from embedsearch.cli.serve import serve
     from embedsearch.http.state import DEFAULT_MAX_QUERY_PIXELS, default_decodes
 
@@ -613,7 +613,7 @@ def test_serve_takes_the_query_cap_and_the_number_of_decodes(
 
 def test_the_service_process_returns_large_freed_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
     """glibc would keep freed decodes in per-thread arenas (benchmarks/hostile.py: 1.18 GB against 520 MB)."""
-    from embedsearch.http.memory import return_large_buffers
+    from embedsearch.malloc import return_large_buffers
 
     if not sys.platform.startswith("linux"):
         pytest.skip("mallopt is glibc's")

@@ -126,9 +126,9 @@ def serve(
     """
     import uvicorn
 
-    from embedsearch.http.memory import return_large_buffers
     from embedsearch.http.state import default_decodes
     from embedsearch.http.workers import ServeConfig, run_workers, service_app
+    from embedsearch.malloc import return_large_buffers
 
     # Requests are small and many run at once: one torch thread each beats two threads fighting
     # over two cores for every single image (an explicit OMP_NUM_THREADS still wins). Workers inherit it.
@@ -171,8 +171,8 @@ def serve(
 def worker_app(config: ServeConfig) -> FastAPI:
     """The app of one ``serve --workers N`` process, built in it: a new process, so it first sets
     itself up as ``serve`` did (logging, memory), then opens its own Engine."""
-    from embedsearch.http.memory import return_large_buffers
     from embedsearch.http.workers import service_app
+    from embedsearch.malloc import return_large_buffers
 
     setup_logging(config.log_level)
     return_large_buffers()

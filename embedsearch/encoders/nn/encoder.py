@@ -22,7 +22,6 @@ from embedsearch.data.images import InputSpec
 from embedsearch.encoders.base import WEIGHTS_FILE, DecodingEncoder, PosteriorEncoder
 from embedsearch.encoders.base import Options as EncoderOptions
 from embedsearch.encoders.nn.fuse import for_inference
-from embedsearch.encoders.nn.memory import keep_freed_memory
 from embedsearch.encoders.nn.models import (
     Autoencoder,
     ModelConfig,
@@ -44,6 +43,7 @@ from embedsearch.encoders.nn.train import (
     train,
 )
 from embedsearch.errors import InvalidArgumentError, ModelError
+from embedsearch.malloc import keep_freed_memory
 from embedsearch.version import __version__
 
 ENCODE_BATCH = 256
@@ -130,8 +130,8 @@ class NeuralEncoder(DecodingEncoder):
         # Measured in a bulk run of 70k PNGs beside two decoding workers on 2 cores: with two torch
         # threads the encoder took most of the parent's time, waiting at OpenMP barriers; with one
         # the whole run went from about 4,800 to 5,700 images/s.
-        # A bulk run encodes batch after batch: keep the freed activations' memory (memory.py). Only
-        # here and in training, never on load: the service returns large buffers on purpose.
+        # A bulk run encodes batch after batch: keep the freed activations' memory (embedsearch.malloc).
+        # Only here and in training, never on load: the service returns large buffers on purpose.
         keep_freed_memory()
         before = torch.get_num_threads()
         torch.set_num_threads(1)

@@ -24,7 +24,6 @@ from embedsearch.data.images import InputSpec
 from embedsearch.encoders.base import WEIGHTS_FILE, Options
 from embedsearch.encoders.nn import checkpoint as ckpt
 from embedsearch.encoders.nn.augment import augment_batch, info_nce, jpeg_pool
-from embedsearch.encoders.nn.memory import keep_freed_memory
 from embedsearch.encoders.nn.models import (
     ARCHS,
     LIKELIHOODS,
@@ -39,6 +38,7 @@ from embedsearch.encoders.nn.models import (
 )
 from embedsearch.encoders.nn.recipe import DEFAULT_AUGMENT, DEFAULT_CONSISTENCY, DEFAULT_TEMPERATURE, parse_augment
 from embedsearch.errors import InvalidArgumentError, ModelError
+from embedsearch.malloc import keep_freed_memory
 from embedsearch.progress import bar
 
 log = logging.getLogger(__name__)
