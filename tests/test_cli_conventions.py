@@ -397,3 +397,24 @@ def test_index_prune_in_the_api_removes_from_every_model(engine: Engine, shapes:
     assert pixels.missing == pca.missing == [str(victim)] and pixels.pruned == pca.pruned == 1
     assert {m.name: m.vectors for m in engine.models()} == {"pca": 47, "pixels": 47}
     assert engine.index(str(shapes / "star"), "pixels").missing == []  # only the folder indexed counts
+
+
+def test_a_ctrl_c_logged_by_sqlalchemy_is_left_to_the_commands_own_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A Ctrl+C during a connection's return to the pool: SQLAlchemy logs it with a traceback, then
+    re-raises it; only the command's "interrupted" line should reach the terminal."""
+    import logging
+
+    from embedsearch.cli.context import setup_logging
+
+    setup_logging(logging.INFO)
+    pool = logging.getLogger("sqlalchemy.pool.impl.QueuePool")
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pool.error("Exception during reset or similar", exc_info=True)
+    try:
+        raise ValueError("a real problem")
+    except ValueError:
+        pool.error("Exception during reset or similar", exc_info=True)
+    err = capsys.readouterr().err
+    assert "KeyboardInterrupt" not in err and "ValueError: a real problem" in err

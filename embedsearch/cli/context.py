@@ -149,3 +149,17 @@ def setup_logging(level: int) -> None:
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+    # SQLAlchemy logs a Ctrl+C that lands while it returns a connection to its pool ("Exception during
+    # reset or similar", with a traceback) before re-raising it; the command reports the interrupt
+    # itself in one line. Its other warnings and errors still reach stderr as before.
+    library = logging.StreamHandler(sys.stderr)
+    library.setLevel(logging.WARNING)
+    library.addFilter(_not_an_interrupt)
+    sqlalchemy = logging.getLogger("sqlalchemy")
+    sqlalchemy.handlers[:] = [library]
+    sqlalchemy.propagate = False
+
+
+def _not_an_interrupt(record: logging.LogRecord) -> bool:
+    kind = record.exc_info[0] if record.exc_info else None
+    return not (kind is not None and issubclass(kind, KeyboardInterrupt))
