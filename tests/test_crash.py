@@ -138,6 +138,14 @@ def test_ctrl_c_during_a_pooled_run_stops_it_cleanly_and_keeps_what_was_committe
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def _proc_text(name: str) -> str:
+    """A /proc file's text, or "" once that process or thread is gone (it may end between two reads)."""
+    try:
+        return Path(f"/proc/{name}").read_text()
+    except OSError:
+        return ""
+
+
 def test_sigkill_of_a_pooled_run_takes_its_workers_along_without_tracebacks(tmp_path: Path, corpus: Path) -> None:
     home = tmp_path / "lib"
     cmd = [
@@ -159,7 +167,7 @@ def test_sigkill_of_a_pooled_run_takes_its_workers_along_without_tracebacks(tmp_
     children: list[str] = []
     deadline = time.monotonic() + 120
     while entries(home) == 0 and proc.poll() is None and time.monotonic() < deadline:
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split() or children
+        children = _proc_text(f"{proc.pid}/task/{proc.pid}/children").split() or children
         time.sleep(0.01)
     if proc.poll() is not None:
         pytest.skip("the run finished before the kill")
@@ -167,9 +175,5 @@ def test_sigkill_of_a_pooled_run_takes_its_workers_along_without_tracebacks(tmp_
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     time.sleep(0.5)
-    alive = [
-        c
-        for c in children
-        if Path(f"/proc/{c}").exists() and Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    ]
+    alive = [c for c in children if _proc_text(f"{c}/stat").rsplit(")", 1)[-1].split()[:1] not in ([], ["Z"])]
     assert alive == [] and "Traceback" not in err, err

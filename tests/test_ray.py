@@ -194,15 +194,22 @@ from PIL import Image
 from embedsearch.core.ray_bulk import RayOptions, settle
 from embedsearch.engine import Engine
 options, down = RayOptions(num_cpus=2, object_store_memory=int(2e8)), []
+def children():
+    found = []
+    for task in glob.glob(f"/proc/{{os.getpid()}}/task/*/children"):
+        try:
+            found += Path(task).read_text().split()
+        except FileNotFoundError:  # that thread ended between the listing and the read
+            pass
+    return found
 with Engine({str(tmp_path / "h")!r}) as engine:
     for n in range(2):
         if n:
             Image.new("RGB", (32, 32), (0, 90, 10)).save({str(shapes / "new.png")!r})
         print(engine.index({str(shapes)!r}, "pixels", ray=options).added)
         settle()
-        kids = "".join(Path(f).read_text() for f in glob.glob(f"/proc/{{os.getpid()}}/task/*/children"))
         alive = [t.name for t in threading.enumerate() if t.name.startswith("embedsearch")]
-        down.append(not ray.is_initialized() and not alive and not kids.split())
+        down.append(not ray.is_initialized() and not alive and not children())
 print(down)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
