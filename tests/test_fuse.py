@@ -64,3 +64,30 @@ def test_the_sub_pixel_form_equals_the_transposed_convolution() -> None:
     x = torch.randn(4, 5, 7, 7, generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(SubPixelDeconv(deconv)(x), deconv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_threads_that_ask_at_once_share_one_inference_copy_and_the_encoder_still_pickles() -> None:
+    import pickle
+    import threading
+
+    from embedsearch.data.images import InputSpec
+    from embedsearch.encoders.nn.encoder import VAEEncoder
+    from embedsearch.encoders.nn.train import VAEOptions
+
+    config = ModelConfig("conv", 28, 1, 8, True)
+    encoder = VAEEncoder(InputSpec(28, 1), 8, VAEOptions(latent_dim=8), model=_with_statistics(config))
+    start, seen = threading.Barrier(4), []
+
+    def ask() -> None:
+        start.wait()
+        seen.append(encoder.runtime)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(seen) == 4 and all(copy is seen[0] for copy in seen)
+    again = pickle.loads(pickle.dumps(encoder))  # what Ray does to ship it to its workers
+    x = torch.rand(2, 28, 28, 1, generator=torch.Generator().manual_seed(0)).mul(255).to(torch.uint8).numpy()
+    assert (again.encode(x) == encoder.encode(x)).all()

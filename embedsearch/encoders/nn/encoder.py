@@ -10,6 +10,7 @@ sampling would make the same image land somewhere else on every query.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +48,9 @@ from embedsearch.malloc import keep_freed_memory
 from embedsearch.version import __version__
 
 ENCODE_BATCH = 256
+#: Held while an inference copy is made: the service's first requests may arrive together. One lock
+#: for every model (a copy is made once per model and process), so that an encoder still pickles (Ray).
+_FUSING = threading.Lock()
 
 
 class NeuralEncoder(DecodingEncoder):
@@ -82,7 +86,9 @@ class NeuralEncoder(DecodingEncoder):
     def runtime(self) -> Autoencoder:
         """The network every inference call runs: :func:`fuse.for_inference` of :attr:`model`, made once."""
         if self._fast is None:
-            self._fast = for_inference(self.model)
+            with _FUSING:
+                if self._fast is None:  # made once, however many threads asked at the same time
+                    self._fast = for_inference(self.model)
         return self._fast
 
     @property
