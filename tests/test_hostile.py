@@ -31,8 +31,9 @@ from embedsearch.data.images import InputSpec, decode_bytes
 from embedsearch.engine import Engine
 from embedsearch.errors import DataError, ImageError
 from embedsearch.http.app import create_app
+from embedsearch.http.security import RequestLimit
 from embedsearch.results import QueryResult
-from helpers import noise_image, png_bytes
+from helpers import live_server, noise_image, png_bytes
 
 #: The Engine runs use a lowered pixel limit, so that a real (decodable) image can be over it.
 LOW_MAX_PIXELS = 250_000
@@ -609,6 +610,49 @@ def test_serve_takes_the_query_cap_and_the_number_of_decodes(
     service = calls[-1].state.service  # type: ignore[attr-defined]
     assert (service.max_query_pixels, service.decodes.slots) == (4_000_000, 3)
     assert CliRunner().invoke(serve, ["--max-decodes", "0"], obj=obj).exit_code == 2
+    assert CliRunner().invoke(serve, ["--max-requests", "5"], obj=obj).exit_code == 0
+    limits = [m.kwargs["limit"] for m in calls[-1].user_middleware if m.cls is RequestLimit]  # type: ignore[attr-defined]
+    assert limits == [5]
+    assert CliRunner().invoke(serve, ["--max-requests", "0"], obj=obj).exit_code == 2
+
+
+def test_clients_that_hold_requests_open_get_json_503s_beyond_the_limit_and_nothing_else_changes(
+    pixels_engine: Engine,
+) -> None:
+    """Two uploads that send their headers and then nothing hold the two request places of a
+    service with --max-requests 2: a third request gets 503 JSON with Retry-After, at once; once
+    they hang up, requests are answered again."""
+    import socket
+    from urllib.parse import urlsplit
+
+    before = pixels_engine.stats()["images"]
+    with live_server(create_app(pixels_engine, max_requests=2)) as url:
+        address = urlsplit(url)
+        held = []
+        for _ in range(2):
+            conn = socket.create_connection((address.hostname, address.port), timeout=10)
+            conn.sendall(
+                b"POST /api/images HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+                b"Content-Type: multipart/form-data; boundary=x\r\n\r\n--x"
+            )
+            held.append(conn)
+        with httpx.Client(base_url=url, timeout=10) as http:
+            deadline = time.monotonic() + 10
+            busy = http.get("/api/health")
+            while busy.status_code != 503 and time.monotonic() < deadline:  # until both are in progress
+                time.sleep(0.05)
+                busy = http.get("/api/health")
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+            assert busy.headers["content-type"] == "application/json"
+            assert "busy with 2 requests" in busy.json()["error"]
+            for conn in held:
+                conn.close()
+            answered = http.get("/api/health")
+            while answered.status_code == 503 and time.monotonic() < deadline:
+                time.sleep(0.05)
+                answered = http.get("/api/health")
+            assert answered.status_code == 200
+    assert pixels_engine.stats()["images"] == before
 
 
 def test_the_service_process_returns_large_freed_buffers(monkeypatch: pytest.MonkeyPatch) -> None:

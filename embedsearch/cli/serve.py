@@ -89,6 +89,14 @@ def worker_count(n: int) -> int:
     "(default: cores - 1 shared by the workers, at least 1 each).",
 )
 @click.option(
+    "--max-requests",
+    default=32,  # http.state.DEFAULT_MAX_REQUESTS
+    show_default=True,
+    type=click.IntRange(1),
+    help="Requests in progress at once, per worker process; more get 503 with Retry-After at once "
+    "(with --max-upload-mb, a bound on the memory clients can make the service hold).",
+)
+@click.option(
     "--workers",
     default=1,
     show_default=True,
@@ -114,6 +122,7 @@ def serve(
     max_upload_mb: float,
     max_query_pixels: int,
     max_decodes: int | None,
+    max_requests: int,
     allow_host: tuple[str, ...],
     workers: int,
 ) -> None:
@@ -152,6 +161,7 @@ def serve(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         max_query_pixels=max_query_pixels,
         max_decodes=max_decodes if max_decodes is not None else default_decodes(workers),
+        max_requests=max_requests,
         allowed_hosts=tuple(names),
         log_level=logging.getLogger("embedsearch").level or logging.INFO,
     )

@@ -49,8 +49,15 @@ from embedsearch.errors import (
     UnknownModelError,
     from_os_error,
 )
-from embedsearch.http.security import SiteGuard, allowed_names, public_text
-from embedsearch.http.state import DEFAULT_MAX_QUERY_PIXELS, DEFAULT_MAX_UPLOAD, DecodeSlots, Service, default_decodes
+from embedsearch.http.security import RequestLimit, SiteGuard, allowed_names, public_text
+from embedsearch.http.state import (
+    DEFAULT_MAX_QUERY_PIXELS,
+    DEFAULT_MAX_REQUESTS,
+    DEFAULT_MAX_UPLOAD,
+    DecodeSlots,
+    Service,
+    default_decodes,
+)
 from embedsearch.version import __version__
 
 if TYPE_CHECKING:
@@ -297,6 +304,7 @@ def create_app(
     max_decodes: int | None = None,
     allowed_hosts: Iterable[str] = (),
     close_engine: bool = False,
+    max_requests: int = DEFAULT_MAX_REQUESTS,
 ) -> FastAPI:
     """The service over an open Engine (shared, not closed here unless ``close_engine``) or a library
     home (opened and closed here).
@@ -308,6 +316,7 @@ def create_app(
     one per core but one) decode at once, others wait briefly and then get 503 with Retry-After.
     ``allowed_hosts``: Host names answered besides localhost, 127.0.0.1 and ::1 (any port); a write
     whose ``Origin`` is not one of them, or that says ``Sec-Fetch-Site: cross-site``, gets 403.
+    ``max_requests``: requests in progress at once; more get 503 with Retry-After.
     """
     from embedsearch.http import generate_routes, library_routes
     from embedsearch.http.explain_routes import router as explain_router
@@ -319,8 +328,8 @@ def create_app(
     # The refresher saves changed index files every SAVE_SECONDS and when the app stops: not one
     # write of a whole index per upload (measured: 43 ms per upload into a 70k index, against 12).
     deferred = engine.defer_index_saves(True)
-    if max_query_pixels < 1:
-        raise InvalidArgumentError("max_query_pixels must be at least 1")
+    if max_query_pixels < 1 or max_requests < 1:
+        raise InvalidArgumentError("max_query_pixels and max_requests must be at least 1")
     decodes = DecodeSlots(max_decodes if max_decodes is not None else default_decodes())
     service = Service(engine, token or None, token_for_reads, max_upload_bytes, owned, max_query_pixels, decodes)
 
@@ -357,6 +366,7 @@ def create_app(
     _add_page(app)
     app.add_middleware(BodyLimit, limit=max_upload_bytes)
     app.add_middleware(SiteGuard, allowed=allowed_names(allowed_hosts))  # before anything reads the body
+    app.add_middleware(RequestLimit, limit=max_requests)
     app.add_middleware(SecurityHeaders)
     return app
 

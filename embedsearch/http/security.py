@@ -89,6 +89,36 @@ class SiteGuard:
         return parts.scheme in ("http", "https") and host_name(parts.netloc) in self.allowed
 
 
+class RequestLimit:
+    """At most ``limit`` requests in progress at once; another gets a JSON 503 with ``Retry-After``
+    at once, before its body is read.
+
+    Each request may hold an upload of up to the body limit, and each open one holds a task, so
+    this bounds what many slow or idle clients together can make the service keep (uvicorn's own
+    ``limit_concurrency`` answers text, not JSON). The count is of one event loop: no lock.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            message = f"the service is busy with {self.limit} requests already; try again shortly"
+            busy = JSONResponse({"error": message}, status_code=503, headers={"Retry-After": "1"})
+            await busy(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 # -- no server paths in answers ---------------------------------------------------------------------
 
 _DB_URL = re.compile(r"\b(sqlite|postgres\w*|mysql\w*|mariadb\w*|oracle\w*|mssql\w*)(\+\w+)?://[^\s'\"]*")

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from embedsearch.engine import Engine
 
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
+#: Requests in progress at once per service process (more get 503): with the upload limit, a bound
+#: on what clients can make it hold (32 x 20 MB). A browser opens at most 6 connections to a site,
+#: and a page of results asks for 16-50 thumbnails in those.
+DEFAULT_MAX_REQUESTS = 32
 #: Query images (``POST /api/search``, not stored) with more pixels than this are refused from their
 #: header, before decoding. 16 MP holds a 4618x3464 (4:3) photo, more than phones save by default
 #: (12 MP), while a model looks at 28-1024 pixels a side: a larger query only costs memory. A PNG

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from embedsearch.errors import EmbedSearchError, InvalidArgumentError
-from embedsearch.http.state import DEFAULT_MAX_QUERY_PIXELS, DEFAULT_MAX_UPLOAD
+from embedsearch.http.state import DEFAULT_MAX_QUERY_PIXELS, DEFAULT_MAX_REQUESTS, DEFAULT_MAX_UPLOAD
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -62,6 +62,7 @@ class ServeConfig:
     max_query_pixels: int = DEFAULT_MAX_QUERY_PIXELS
     #: Per process: with N workers, up to N x this many large images decode at once on the machine.
     max_decodes: int | None = None
+    max_requests: int = DEFAULT_MAX_REQUESTS  # per process
     allowed_hosts: tuple[str, ...] = ()
     log_level: int = logging.INFO
 
@@ -84,6 +85,7 @@ def service_app(config: ServeConfig, engine: Engine | None = None) -> FastAPI:
         max_upload_bytes=config.max_upload_bytes,
         max_query_pixels=config.max_query_pixels,
         max_decodes=config.max_decodes,
+        max_requests=config.max_requests,
         allowed_hosts=config.allowed_hosts,
     )
 
