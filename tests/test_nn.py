@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -96,7 +97,7 @@ def test_tiny_model_overfits_a_handful_of_images(cls: type, tmp_path: Path) -> N
     # Binary images, so that the Bernoulli loss can fall towards 0 (grey pixels have an entropy floor);
     # each image 16 times per epoch, so that few epochs (and checkpoints) give many steps.
     images = shapes(8, 28, 1, binary=True)
-    options = {"latent_dim": 16, "epochs": 5, "lr": 3e-3, "val_fraction": 0.0}
+    options = {"latent_dim": 16, "epochs": 5, "val_fraction": 0.0}  # the default rate and schedule
     if cls is VAEEncoder:
         options["beta"] = 0.05  # a little KL still lets 8 images be told apart
     enc = fit(cls, np.repeat(images, 16, axis=0), tmp_path, **options)
@@ -124,6 +125,33 @@ def test_options_round_trip_and_validate() -> None:
             AEOptions(**bad)  # type: ignore[arg-type]
     assert [VAEOptions(beta=2.0, kl_warmup=4).kl_weight(e) for e in (0, 2, 4, 9)] == [0.0, 1.0, 2.0, 2.0]
     assert AEOptions().kl_weight(5) == 0.0
+
+
+def test_the_cosine_schedule_warms_up_to_the_peak_then_falls_to_zero_and_constant_stays() -> None:
+    cosine = AEOptions(epochs=10, lr=4e-3)
+    assert cosine.lr_schedule == "cosine" and AEOptions().lr == 4e-3
+    rates = [cosine.rate(p / 100) for p in range(1, 1001)]  # 100 steps an epoch
+    peak = rates.index(max(rates))
+    assert 45 <= peak <= 55 and max(rates) == pytest.approx(4e-3, rel=0.01)  # 5 % of 1,000 steps
+    assert all(a < b for a, b in zip(rates[:peak], rates[1:peak], strict=False))  # rises
+    assert all(a > b for a, b in zip(rates[peak:-1], rates[peak + 1 :], strict=True))  # then falls
+    assert rates[0] > 0 and rates[-1] == pytest.approx(0.0, abs=1e-12)
+    constant = AEOptions(epochs=10, lr=1e-3, lr_schedule="constant")
+    assert {constant.rate(p / 10) for p in range(1, 101)} == {1e-3}
+    assert AEOptions.from_dict(constant.to_dict()) == constant
+    with pytest.raises(InvalidArgumentError, match="lr_schedule"):
+        AEOptions(lr_schedule="step")
+
+
+def test_training_runs_at_the_scheduled_rate(tmp_path: Path) -> None:
+    """The optimiser's rate follows the options' curve: at the last step, nearly 0 (cosine), or lr."""
+    images = shapes(16, 28, 1)
+    for schedule, last in (("cosine", 4e-3 * 0.5 * (1 + math.cos(math.pi))), ("constant", 4e-3)):
+        options = AEOptions(latent_dim=4, epochs=2, batch_size=8, val_fraction=0.0, lr_schedule=schedule)
+        options.augment, options.consistency = [], 0.0
+        trainer = Trainer(images, InputSpec(28, 1), options, tmp_path / schedule)
+        trainer.fit(resume=False)
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(last, abs=1e-12)
 
 
 def test_training_logs_one_line_per_epoch_and_keeps_the_best(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -154,11 +182,13 @@ def test_same_seed_same_result(tmp_path: Path) -> None:
 def test_resume_trains_only_the_missing_epochs_and_matches_a_straight_run(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # A constant rate: a cosine schedule ends where --epochs says, so a run extended on resume follows
+    # another curve than a straight one (an interrupted cosine run resumes on its own, checked below).
     images = shapes(8, 28, 1)
-    straight = fit(VAEEncoder, images, tmp_path / "straight", epochs=4)
-    fit(VAEEncoder, images, tmp_path / "split", epochs=2)
+    straight = fit(VAEEncoder, images, tmp_path / "straight", epochs=4, lr_schedule="constant")
+    fit(VAEEncoder, images, tmp_path / "split", epochs=2, lr_schedule="constant")
     spec = InputSpec(28, 1)
-    options = VAEOptions(latent_dim=8, epochs=4, batch_size=8, val_fraction=0.25)
+    options = VAEOptions(latent_dim=8, epochs=4, batch_size=8, val_fraction=0.25, lr_schedule="constant")
     with caplog.at_level(logging.INFO, logger="embedsearch.encoders.nn.train"):
         caplog.clear()  # only the resumed run's epochs (an earlier CLI test may have set INFO already)
         resumed = VAEEncoder.fit(images, spec, options, tmp_path / "split", resume=True)
@@ -187,6 +217,8 @@ def test_interrupted_run_keeps_its_last_epoch_and_resumes(tmp_path: Path, monkey
     options = AEOptions(latent_dim=8, epochs=4, batch_size=8, val_fraction=0.25)
     resumed = AEEncoder.fit(images, InputSpec(28, 1), options, tmp_path, resume=True)
     assert [h.epoch for h in resumed.report.history] == [1, 2, 3, 4]
+    straight = fit(AEEncoder, images, tmp_path / "straight", epochs=4)  # the default cosine schedule
+    assert np.array_equal(resumed.encode(images), straight.encode(images))  # the same curve, resumed
     assert len(list(tmp_path.glob("resume-*.safetensors"))) == 1
 
 

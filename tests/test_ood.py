@@ -239,7 +239,7 @@ def test_shapes_rank_low_and_noise_above_the_99th_percentile(learnt: tuple[Engin
     engine, _, held_out = learnt
     shapes = [engine.query_bytes(p.read_bytes(), kind, k=3) for p in sorted(held_out.rglob("*.png"))]
     ranks = [s.ood_percentile for s in shapes]
-    assert all(r is not None and r < 99 for r in ranks), ranks
+    assert all(r is not None and r < 99 for r in ranks), sorted(ranks)[-5:]
     # Unseen images rank higher than the training images they are compared with (the model fits what it
     # saw), yet none is out: measured here, 3.8 to 97.5, median about 47.
     assert float(np.median(np.asarray(ranks, dtype=float))) < 70, ranks

@@ -189,6 +189,7 @@ def _options(kind: str, config: CompareConfig) -> dict[str, Any]:
             "epochs": config.train_epochs,
             "batch_size": config.batch_size,
             "lr": config.lr,
+            "lr_schedule": config.lr_schedule,
             "seed": config.seed,
             "augment": config.augment,
             "consistency": config.consistency,

@@ -289,7 +289,7 @@ def _settings(result: CompareResult) -> list[str]:
         f"- {result.queries} queries, {result.database} database images, k = {c.k}, seed {c.seed}",
         (
             f"- models created here: arch {c.arch}, latent/PCA dim {c.latent_dim}, {c.train_epochs} epochs, "
-            f"batch size {c.batch_size}, lr {c.lr}, metric {c.metric or 'each kind default'} "
+            f"batch size {c.batch_size}, lr {c.lr} ({c.lr_schedule}), metric {c.metric or 'each kind default'} "
             "(AE and VAE share every setting)"
         ),
         (

@@ -33,7 +33,8 @@ class CompareConfig:
     arch: str = "conv"
     latent_dim: int = 32
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = recipe.DEFAULT_LR
+    lr_schedule: str = "cosine"
     metric: str | None = None  # None: each kind's own default (cosine for AE and VAE, L2 otherwise)
     # Augmentation-consistent training (None: the training defaults, resolved here so the report
     # states what was used).
@@ -68,6 +69,8 @@ class CompareConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CompareConfig:
         known = {f.name for f in fields(cls)}
+        # A result written before the learning-rate schedule existed was trained at a constant rate.
+        values = {"lr_schedule": "constant", **values}
         return cls(**{k: v for k, v in values.items() if k in known})
 
 

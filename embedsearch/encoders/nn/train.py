@@ -36,7 +36,15 @@ from embedsearch.encoders.nn.models import (
     unit_float,
     use_all_cores,
 )
-from embedsearch.encoders.nn.recipe import DEFAULT_AUGMENT, DEFAULT_CONSISTENCY, DEFAULT_TEMPERATURE, parse_augment
+from embedsearch.encoders.nn.recipe import (
+    DEFAULT_AUGMENT,
+    DEFAULT_CONSISTENCY,
+    DEFAULT_LR,
+    DEFAULT_TEMPERATURE,
+    LR_SCHEDULES,
+    WARMUP,
+    parse_augment,
+)
 from embedsearch.errors import InvalidArgumentError, ModelError
 from embedsearch.malloc import keep_freed_memory
 from embedsearch.progress import bar
@@ -69,7 +77,10 @@ class AEOptions(Options):
     latent_dim: int = 32
     epochs: int = 20
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = DEFAULT_LR
+    #: "cosine": the rate rises over the first WARMUP of the steps to ``lr``, then falls along a
+    #: half cosine to 0 at the last step of ``epochs``; "constant": ``lr`` throughout.
+    lr_schedule: str = "cosine"
     seed: int = 0
     val_fraction: float = 0.1
     likelihood: str = "bernoulli"
@@ -97,6 +108,10 @@ class AEOptions(Options):
         _check_int("batch_size", self.batch_size, 1, 1 << 20)
         _check_int("seed", self.seed, 0, 2**62)
         _check_float("lr", self.lr, 0.0, 10.0, low_open=True)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InvalidArgumentError(
+                f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
+            )
         _check_float("val_fraction", self.val_fraction, 0.0, 0.9)
         _check_float("consistency", self.consistency, 0.0, 1e6)
         _check_float("temperature", self.temperature, 0.0, 100.0, low_open=True)
@@ -106,6 +121,15 @@ class AEOptions(Options):
     def kl_weight(self, progress: float) -> float:
         """Weight of the KL term after ``progress`` epochs (the AE has no KL term)."""
         return 0.0
+
+    def rate(self, progress: float) -> float:
+        """The learning rate after ``progress`` of ``epochs`` epochs (a function of the step alone,
+        so a resumed run continues on the same curve)."""
+        if self.lr_schedule == "constant":
+            return float(self.lr)
+        share = min(1.0, progress / self.epochs)
+        warm = min(1.0, share / WARMUP)
+        return float(self.lr) * warm * 0.5 * (1.0 + math.cos(math.pi * share))
 
 
 @dataclass
@@ -346,6 +370,8 @@ class Trainer:
             idx = order[step * size : (step + 1) * size]
             progress = epoch - 1 + step / steps  # in epochs
             beta = self.options.kl_weight(progress)  # ramps within epochs too
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.options.rate(progress + 1 / steps)  # > 0 from the first step
             total, recon, kl, nce = self._step_loss(idx, beta, self.noise_gen, self.augment_gen)
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
