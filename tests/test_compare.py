@@ -283,19 +283,26 @@ def test_compare_trains_ae_and_vae_with_the_recipe_asked_for_and_states_it(tmp_p
         "5",
         "--temperature",
         "0.3",
+        "--lr",
+        "0.002",
+        "--lr-schedule",
+        "cosine",
         "--report",
         str(out),
         "--keep-models",
     ]
     code, stdout, stderr = run(tmp_path / "home", *args)
     assert code == 0, stderr
-    assert stdout.splitlines()[-1].endswith("augment crop,noise, consistency 5.0, temperature 0.3")
+    recipe = "augment crop,noise, consistency 5.0, temperature 0.3, lr 0.002 (cosine)"
+    assert stdout.splitlines()[-1].endswith(recipe)
     text = (out / "report.md").read_text()
-    assert "augment crop,noise, consistency 5.0, temperature 0.3" in text and "--augment crop,noise" in text
+    assert "augment crop,noise, consistency 5.0, temperature 0.3" in text and "lr 0.002 (cosine)" in text
+    assert "--augment crop,noise" in text and "--lr 0.002 --lr-schedule cosine" in text
     with Engine(tmp_path / "home") as engine:
         for kind in ("ae", "vae"):
             options = engine.model(kind).config["options"]
             assert (options["augment"], options["consistency"], options["temperature"]) == (["crop", "noise"], 5.0, 0.3)
+            assert (options["lr"], options["lr_schedule"]) == (0.002, "cosine")
         assert {m.name: m.metric for m in engine.models()} == {"ae": "cosine", "vae": "cosine", "pixels": "l2"}
 
 

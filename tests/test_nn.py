@@ -97,7 +97,7 @@ def test_tiny_model_overfits_a_handful_of_images(cls: type, tmp_path: Path) -> N
     # Binary images, so that the Bernoulli loss can fall towards 0 (grey pixels have an entropy floor);
     # each image 16 times per epoch, so that few epochs (and checkpoints) give many steps.
     images = shapes(8, 28, 1, binary=True)
-    options = {"latent_dim": 16, "epochs": 5, "val_fraction": 0.0}  # the default rate and schedule
+    options = {"latent_dim": 16, "epochs": 5, "lr": 3e-3, "val_fraction": 0.0}
     if cls is VAEEncoder:
         options["beta"] = 0.05  # a little KL still lets 8 images be told apart
     enc = fit(cls, np.repeat(images, 16, axis=0), tmp_path, **options)
@@ -128,8 +128,8 @@ def test_options_round_trip_and_validate() -> None:
 
 
 def test_the_cosine_schedule_warms_up_to_the_peak_then_falls_to_zero_and_constant_stays() -> None:
-    cosine = AEOptions(epochs=10, lr=4e-3)
-    assert cosine.lr_schedule == "cosine" and AEOptions().lr == 4e-3
+    cosine = AEOptions(epochs=10, lr=4e-3, lr_schedule="cosine")
+    assert (AEOptions().lr_schedule, AEOptions().lr) == ("constant", 1e-3)
     rates = [cosine.rate(p / 100) for p in range(1, 1001)]  # 100 steps an epoch
     peak = rates.index(max(rates))
     assert 45 <= peak <= 55 and max(rates) == pytest.approx(4e-3, rel=0.01)  # 5 % of 1,000 steps
@@ -147,7 +147,7 @@ def test_training_runs_at_the_scheduled_rate(tmp_path: Path) -> None:
     """The optimiser's rate follows the options' curve: at the last step, nearly 0 (cosine), or lr."""
     images = shapes(16, 28, 1)
     for schedule, last in (("cosine", 4e-3 * 0.5 * (1 + math.cos(math.pi))), ("constant", 4e-3)):
-        options = AEOptions(latent_dim=4, epochs=2, batch_size=8, val_fraction=0.0, lr_schedule=schedule)
+        options = AEOptions(latent_dim=4, epochs=2, batch_size=8, val_fraction=0.0, lr=4e-3, lr_schedule=schedule)
         options.augment, options.consistency = [], 0.0
         trainer = Trainer(images, InputSpec(28, 1), options, tmp_path / schedule)
         trainer.fit(resume=False)
@@ -217,9 +217,27 @@ def test_interrupted_run_keeps_its_last_epoch_and_resumes(tmp_path: Path, monkey
     options = AEOptions(latent_dim=8, epochs=4, batch_size=8, val_fraction=0.25)
     resumed = AEEncoder.fit(images, InputSpec(28, 1), options, tmp_path, resume=True)
     assert [h.epoch for h in resumed.report.history] == [1, 2, 3, 4]
-    straight = fit(AEEncoder, images, tmp_path / "straight", epochs=4)  # the default cosine schedule
-    assert np.array_equal(resumed.encode(images), straight.encode(images))  # the same curve, resumed
     assert len(list(tmp_path.glob("resume-*.safetensors"))) == 1
+
+
+def test_an_interrupted_cosine_run_resumes_on_its_curve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = shapes(8, 28, 1)
+    straight = fit(AEEncoder, images, tmp_path / "straight", epochs=4, lr_schedule="cosine")
+    real_epoch = Trainer._epoch
+
+    def interrupted(self: Trainer, epoch: int):  # type: ignore[no-untyped-def]
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(AEEncoder, images, tmp_path / "split", epochs=4, lr_schedule="cosine")
+    monkeypatch.setattr(Trainer, "_epoch", real_epoch)
+    options = AEOptions(latent_dim=8, epochs=4, batch_size=8, val_fraction=0.25, lr_schedule="cosine")
+    resumed = AEEncoder.fit(images, InputSpec(28, 1), options, tmp_path / "split", resume=True)
+    assert resumed.report.resumed_from == 2
+    assert np.array_equal(resumed.encode(images), straight.encode(images))  # the same curve, resumed
 
 
 def test_resume_refuses_other_data_or_settings(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ def _command_line(home: str | None, c: CompareConfig, fmt: str, report: str | No
     args += ["--metric", c.metric] if c.metric else []
     args += ["--augment", ",".join(c.augment or []) or "none"]
     args += ["--consistency", str(c.consistency), "--temperature", str(c.temperature)]
+    args += ["--lr", str(c.lr), "--lr-schedule", str(c.lr_schedule)]
     args += (["--format", fmt] if fmt != "table" else []) + (["--report", report] if report else [])
     return shlex.join(args)
 
@@ -90,6 +91,12 @@ def _command_line(home: str | None, c: CompareConfig, fmt: str, report: str | No
 )
 @click.option("--consistency", type=click.FloatRange(0), help="InfoNCE weight of the AE and VAE made here [30].")
 @click.option("--temperature", type=click.FloatRange(0, min_open=True), help="InfoNCE temperature [0.1].")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Learning rate of the AE and VAE made here [1e-3].")
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(["constant", "cosine"]),
+    help="Their learning-rate schedule, as train's [constant].",
+)
 @format_option(NO_PATHS, json_help="Same as --format json: the results as one JSON object.")
 @click.option("--report", type=click.Path(file_okay=False), help="Write report.md with PNG plots into this folder.")
 @click.option("--keep-models", is_flag=True, help="Keep the models made here in the library (default: deleted after).")
@@ -107,6 +114,8 @@ def compare(
     augment: str | None,
     consistency: float | None,
     temperature: float | None,
+    lr: float | None,
+    lr_schedule: str | None,
     fmt: str | None,
     as_json: bool,
     report: str | None,
@@ -142,6 +151,8 @@ def compare(
             augment=None if augment is None else augment.split(","),
             consistency=consistency,
             temperature=temperature,
+            lr=lr,
+            lr_schedule=lr_schedule,
         )
         command = _command_line(settings(ctx).get("home"), config, fmt, report)
         engine = _engine(ctx)

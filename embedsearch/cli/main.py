@@ -116,11 +116,11 @@ def main(ctx: click.Context, home: str, db: str | None, quiet: bool, verbose: bo
 @click.option("--latent-dim", type=click.IntRange(1), help="AE/VAE latent size [32].")
 @click.option("--epochs", type=click.IntRange(1), help="AE/VAE epochs [20].")
 @click.option("--batch-size", type=click.IntRange(1), help="AE/VAE batch size [256].")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), help="AE/VAE peak learning rate [4e-3].")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="AE/VAE learning rate (a cosine's peak) [1e-3].")
 @click.option(
     "--lr-schedule",
     type=click.Choice(["cosine", "constant"]),
-    help="AE/VAE: cosine (5%% warm-up to --lr, then down to 0 over --epochs) or constant [cosine].",
+    help="AE/VAE: constant, or cosine (5%% warm-up to --lr, then down to 0 over --epochs) [constant].",
 )
 @click.option("--seed", type=int, help="Random seed [0].")
 @click.option("--val-fraction", type=click.FloatRange(0, 0.9), help="AE/VAE validation share [0.1].")

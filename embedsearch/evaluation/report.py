@@ -98,7 +98,8 @@ def training_line(result: CompareResult) -> str:
     augment = ",".join(c.augment or []) or "none"
     return (
         f"AE/VAE made here: {c.arch}, latent {c.latent_dim}, {c.train_epochs} epochs, batch {c.batch_size}, "
-        f"augment {augment}, consistency {c.consistency}, temperature {c.temperature}"
+        f"augment {augment}, consistency {c.consistency}, temperature {c.temperature}, "
+        f"lr {c.lr} ({c.lr_schedule})"
     )
 
 

@@ -33,8 +33,8 @@ class CompareConfig:
     arch: str = "conv"
     latent_dim: int = 32
     batch_size: int = 256
-    lr: float = recipe.DEFAULT_LR
-    lr_schedule: str = "cosine"
+    lr: float | None = None  # None: the training default (recipe.DEFAULT_LR), resolved here as below
+    lr_schedule: str | None = None  # None: the training default (constant)
     metric: str | None = None  # None: each kind's own default (cosine for AE and VAE, L2 otherwise)
     # Augmentation-consistent training (None: the training defaults, resolved here so the report
     # states what was used).
@@ -58,6 +58,8 @@ class CompareConfig:
         if self.metric is not None and self.metric not in FLOAT_METRICS:  # the hashes' hamming is theirs alone
             raise InvalidArgumentError(f"unknown metric {self.metric!r}; choose one of {', '.join(FLOAT_METRICS)}")
         self.augment = list(recipe.DEFAULT_AUGMENT) if self.augment is None else recipe.parse_augment(self.augment)
+        self.lr = recipe.DEFAULT_LR if self.lr is None else self.lr
+        self.lr_schedule = recipe.LR_SCHEDULES[0] if self.lr_schedule is None else self.lr_schedule
         if self.consistency is None:
             self.consistency = recipe.DEFAULT_CONSISTENCY if self.augment else 0.0
         if self.temperature is None:

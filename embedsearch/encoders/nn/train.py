@@ -80,7 +80,7 @@ class AEOptions(Options):
     lr: float = DEFAULT_LR
     #: "cosine": the rate rises over the first WARMUP of the steps to ``lr``, then falls along a
     #: half cosine to 0 at the last step of ``epochs``; "constant": ``lr`` throughout.
-    lr_schedule: str = "cosine"
+    lr_schedule: str = LR_SCHEDULES[0]
     seed: int = 0
     val_fraction: float = 0.1
     likelihood: str = "bernoulli"
