@@ -23,6 +23,7 @@ from embedsearch.core import ray_bulk
 from embedsearch.core.browse import Browser, ImagePage, LabelCount, VectorMap
 from embedsearch.core.bulk import BulkIndexer
 from embedsearch.core.check import Checker
+from embedsearch.core.database import writer_lock_for
 from embedsearch.core.dedup import DuplicateFinder, DuplicateReport
 from embedsearch.core.explain import Explainer, Explanation
 from embedsearch.core.generate import GenerateRequest, Generation, Generator
@@ -34,7 +35,7 @@ from embedsearch.core.ray_bulk import RayOptions
 from embedsearch.core.reindex import Reindexer
 from embedsearch.core.schema import Model
 from embedsearch.core.search import Search
-from embedsearch.core.store import Store, writer_lock_for
+from embedsearch.core.store import Store
 from embedsearch.core.thumbs import DEFAULT_SIZE, Thumbnails
 from embedsearch.core.vectors import VectorIndex
 from embedsearch.data.images import DEFAULT_MAX_PIXELS, InputSpec

@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection that embedsearch hands over (see store.upgrade).
+"""Alembic environment: runs on the connection that embedsearch hands over (see embedsearch.core.database.upgrade).
 
 Run by hand from the repository root with ``alembic -x url=sqlite:///indexes/library.db upgrade head``
 or, simpler, ``embedsearch db upgrade``.

@@ -25,7 +25,7 @@ import pytest
 from filelock import FileLock
 from PIL import Image
 
-from embedsearch.core.store import writer_lock_for
+from embedsearch.core.database import writer_lock_for
 from embedsearch.core.vectors import VectorIndex
 from embedsearch.engine import Engine
 

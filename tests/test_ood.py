@@ -18,9 +18,10 @@ from sqlalchemy import create_engine, inspect, text
 
 from embedsearch.cli.main import main
 from embedsearch.core import novelty
+from embedsearch.core.database import alembic_config
 from embedsearch.core.novelty import split_novelty, with_novelty
 from embedsearch.core.ray_bulk import EncodeFiles
-from embedsearch.core.store import Store, alembic_config
+from embedsearch.core.store import Store
 from embedsearch.data.images import decode_file, scan
 from embedsearch.engine import Engine
 from embedsearch.http.app import create_app
@@ -189,7 +190,7 @@ def test_upgrading_a_library_from_before_novelty_keeps_its_entries_unscored(url:
     scored entries; downgrade drops the column again."""
     from alembic import command
 
-    from embedsearch.core.store import make_engine
+    from embedsearch.core.database import make_engine
 
     old = create_engine(url)
     with old.begin() as conn:

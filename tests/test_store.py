@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 
-from embedsearch.core.store import Store, alembic_config
+from embedsearch.core.database import alembic_config
+from embedsearch.core.store import Store
 from embedsearch.errors import StoreError
 
 
@@ -182,7 +183,7 @@ def test_upgrading_a_library_from_before_the_fit_keeps_its_models_as_they_were(u
     from alembic import command
     from sqlalchemy import create_engine
 
-    from embedsearch.core.store import make_engine
+    from embedsearch.core.database import make_engine
 
     old = create_engine(url)
     with old.begin() as conn:
@@ -238,7 +239,7 @@ def test_a_postgresql_url_without_its_driver_says_how_to_install_it(monkeypatch:
 
 
 def test_the_writer_lock_of_an_unreachable_postgresql_server_is_one_line(tmp_path: Path) -> None:
-    from embedsearch.core.store import AdvisoryLock
+    from embedsearch.core.database import AdvisoryLock
 
     lock = AdvisoryLock(f"postgresql+psycopg://someone:secret@/images?host={tmp_path}")  # no server there
     with pytest.raises(StoreError, match="cannot take the writer lock of") as caught:
