@@ -94,7 +94,7 @@ def _command_line(home: str | None, c: CompareConfig, fmt: str, report: str | No
 @click.option("--lr", type=click.FloatRange(0, min_open=True), help="Learning rate of the AE and VAE made here [1e-3].")
 @click.option(
     "--lr-schedule",
-    type=click.Choice(["constant", "cosine"]),
+    type=click.Choice(["constant", "cosine"]),  # recipe.LR_SCHEDULES
     help="Their learning-rate schedule, as train's [constant].",
 )
 @format_option(NO_PATHS, json_help="Same as --format json: the results as one JSON object.")

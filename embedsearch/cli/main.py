@@ -119,7 +119,7 @@ def main(ctx: click.Context, home: str, db: str | None, quiet: bool, verbose: bo
 @click.option("--lr", type=click.FloatRange(0, min_open=True), help="AE/VAE learning rate (a cosine's peak) [1e-3].")
 @click.option(
     "--lr-schedule",
-    type=click.Choice(["cosine", "constant"]),
+    type=click.Choice(["constant", "cosine"]),  # recipe.LR_SCHEDULES, literal so that --help needs no imports
     help="AE/VAE: constant, or cosine (5%% warm-up to --lr, then down to 0 over --epochs) [constant].",
 )
 @click.option("--seed", type=int, help="Random seed [0].")

@@ -46,8 +46,8 @@ def allowed_names(names: Iterable[str]) -> frozenset[str]:
     return frozenset(LOOPBACK_NAMES) | {n for n in given if n not in ANY_INTERFACE}
 
 
-def _refuse(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _refuse(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class SiteGuard:
@@ -109,8 +109,7 @@ class RequestLimit:
             return
         if self.active >= self.limit:
             message = f"the service is busy with {self.limit} requests already; try again shortly"
-            busy = JSONResponse({"error": message}, status_code=503, headers={"Retry-After": "1"})
-            await busy(scope, receive, send)
+            await _refuse(503, message, {"Retry-After": "1"})(scope, receive, send)
             return
         self.active += 1
         try:
