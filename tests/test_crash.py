@@ -137,7 +137,6 @@ def test_ctrl_c_during_a_pooled_run_stops_it_cleanly_and_keeps_what_was_committe
         assert engine.index(str(corpus), "pixels").added == N_GOOD - kept
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
 def _proc_text(name: str) -> str:
     """A /proc file's text, or "" once that process or thread is gone (it may end between two reads)."""
     try:
@@ -146,6 +145,7 @@ def _proc_text(name: str) -> str:
         return ""
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
 def test_sigkill_of_a_pooled_run_takes_its_workers_along_without_tracebacks(tmp_path: Path, corpus: Path) -> None:
     home = tmp_path / "lib"
     cmd = [

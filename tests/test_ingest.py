@@ -87,6 +87,9 @@ class _RecordingPool:
         result = fn(*args)
 
         class Done:
+            def ready(self):
+                return True
+
             def get(self):
                 return result
 

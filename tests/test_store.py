@@ -245,3 +245,31 @@ def test_the_writer_lock_of_an_unreachable_postgresql_server_is_one_line(tmp_pat
     with pytest.raises(StoreError, match="cannot take the writer lock of") as caught:
         lock.acquire(timeout=1)
     assert "secret" not in str(caught.value)
+
+
+def test_ctrl_c_during_a_batch_commit_lets_the_batch_commit_whole(url: str) -> None:
+    """SIGINT in the middle of write_batch's bulk insert (on PostgreSQL a pipelined executemany,
+    which an interrupt left mid-protocol: "cannot exit pipeline mode while busy"): the transaction
+    completes, then the KeyboardInterrupt arrives."""
+    import os
+    import signal
+
+    from sqlalchemy import event
+
+    store = Store(url)
+    model = store.add_model(name="m", kind="pixels", config={}, dim=2, metric="l2", image_size=1, channels=1)
+    fields = {"width": 1, "height": 1, "format": "PNG", "mode": "L", "label": None, "bytes": 1, "mtime": 0.0}
+    images = [{"path": f"/{i}.png", "sha256": f"{i:064x}", **fields} for i in range(50)]
+    sent = []
+
+    def interrupt(*_args: object) -> None:
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    event.listen(store.engine, "before_cursor_execute", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_batch({model.id: [(im["sha256"], b"\0" * 8) for im in images]}, images)
+    event.remove(store.engine, "before_cursor_execute", interrupt)
+    assert sent and store.entry_stamp(model.id)[0] == 50  # every row of the batch, none lost
+    store.close()

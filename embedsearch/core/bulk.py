@@ -16,8 +16,8 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import ExitStack
+from collections.abc import Generator
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from embedsearch import interrupts
 from embedsearch.core import novelty
 from embedsearch.core.index_cache import IndexCache
 from embedsearch.core.models import ModelRegistry
@@ -155,10 +156,17 @@ class BulkIndexer:
             batch = _Batch(len(targets))
             try:
                 with ExitStack() as stack:
+                    # Ctrl-C stops the run between two files (embedsearch.interrupts), not inside a
+                    # commit, a fork or a lock; it is polled until the batches in flight are dropped.
+                    stack.enter_context(interrupts.polled())
                     # Batch N is encoded on a thread while batch N+1 is routed and N-1 committed.
                     overlap = Overlap(partial(_encode_batch, state=state), partial(self._write, state=state))
                     batches = stack.enter_context(overlap)
-                    for item in self._items(work.todo, targets, specs, workers, ray, start, stack):
+                    # Closed here, not whenever it is collected: its pool or Ray ends at a known point.
+                    executor = self._items(work.todo, targets, specs, workers, ray, start, stack)
+                    items = stack.enter_context(closing(executor))
+                    for item in items:
+                        interrupts.check()
                         _route(item, state, batch)
                         progress_bar.update(targets[0].report)
                         if len(batch) + len(batch.touched) >= batch_size:
@@ -186,7 +194,7 @@ class BulkIndexer:
         ray: RayOptions | None,
         start: RayStart | None,
         stack: ExitStack,
-    ) -> Iterator[Decoded]:
+    ) -> Generator[Decoded, None, None]:
         """The executor, the only difference between a local and a Ray run: decoded files in scan order."""
         if ray is not None:
             encoders = [(t.encoder, t.view) for t in targets]

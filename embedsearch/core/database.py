@@ -41,6 +41,7 @@ from embedsearch.errors import (
     ReadOnlyError,
     StoreError,
 )
+from embedsearch.interrupts import deferred
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ MIGRATE_LOCK_KEY = int.from_bytes(hashlib.sha256(b"embedsearch.migrate").digest(
 def upgrade(engine: SAEngine) -> None:
     from alembic import command
 
-    with engine.begin() as conn:
+    with deferred(), engine.begin() as conn:  # DDL and the revision stamp: whole or not at all
         if conn.dialect.name == "postgresql":
             # Several processes opening a new library at once would each create the tables (found by
             # tests/test_concurrency.py: "alembic_version already exists"). The lock is held until
@@ -212,10 +213,11 @@ class AdvisoryLock:
         if self._count or self._conn is None:
             return
         conn, self._conn = self._conn, None
-        try:
-            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": WRITER_LOCK_KEY})
-        finally:
-            conn.close()  # ends the session: the server drops the lock even if the unlock failed
+        with deferred():
+            try:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": WRITER_LOCK_KEY})
+            finally:
+                conn.close()  # ends the session: the server drops the lock even if the unlock failed
 
 
 def writer_lock_for(url: str) -> AdvisoryLock | None:

@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -114,7 +114,7 @@ def encode_on_ray(
     options: RayOptions,
     workers: int | None = None,
     start: RayStart | None = None,
-) -> Iterator[Decoded]:
+) -> Generator[Decoded, None, None]:
     """``files`` decoded and encoded by every ``(encoder, view)`` on Ray, in order, as they are consumed.
 
     ``workers``: Ray actors, one CPU each (default: the cluster's CPUs). Each good item carries

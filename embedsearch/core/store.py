@@ -56,6 +56,7 @@ from embedsearch.errors import (
     from_os_error,
 )
 from embedsearch.files import disk_size
+from embedsearch.interrupts import deferred
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +169,11 @@ class Store:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """One transaction: committed on success, rolled back on any error."""
+        """One transaction: committed on success, rolled back on any error; Ctrl-C waits for its end."""
         if self._sessions is None:
             self.open()
         assert self._sessions is not None  # open() sets it or raises
-        with self._sessions() as session:
+        with deferred(), self._sessions() as session:
             try:
                 with session.begin():
                     yield session
@@ -272,7 +273,7 @@ class Store:
     def labels_paths(self, ids: Sequence[int]) -> dict[int, tuple[str | None, str | None]]:
         """id -> (path, label): the hot path of every query, so plain Core rows, no ORM objects."""
         try:
-            with self.engine.connect() as conn:
+            with deferred(), self.engine.connect() as conn:
                 rows = conn.execute(*self._by_ids_statement(ids))
                 return {row[0]: (row[1], row[2]) for row in rows}
         except SQLAlchemyError as exc:

@@ -13,12 +13,14 @@ import os
 import signal
 import sys
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.pool import AsyncResult, Pool
+from typing import Any
 
 import numpy as np
 
+from embedsearch import interrupts
 from embedsearch.data.images import (
     DEFAULT_MAX_PIXELS,
     FileInfo,
@@ -99,7 +101,7 @@ def _decode(info: FileInfo, specs: Specs, max_pixels: int) -> Decoded:
 
 
 def decode_chunk(files: list[FileInfo], specs: Specs, max_pixels: int) -> list[Decoded]:
-    """Read, hash and decode ``files`` in order: the one per-file path of every executor (pool or Ray)."""
+    """Read, hash and decode ``files`` in order (Ray's executor; pool workers run the same ``_decode``)."""
     return [_decode(f, specs, max_pixels) for f in files]
 
 
@@ -108,16 +110,24 @@ def decode_chunk(files: list[FileInfo], specs: Specs, max_pixels: int) -> list[D
 Packed = tuple[list[np.ndarray], list[tuple[str, int, int, str, str, int] | str]]
 
 
+#: In a pool worker: the parent's "stop" flag (decode_all), set when it reads no more results.
+_STOP: Any = None
+
+
 def decode_packed(files: list[FileInfo], specs: Specs, max_pixels: int) -> Packed:
     """:func:`decode_chunk` in a form that crosses the process boundary cheaply.
 
     Pickling a Decoded (with its FileInfo, ImageMeta and one small array per spec) cost about 10 µs
     a file on the two sides of the pipe, as much as decoding a 28x28 PNG; one array per spec and
-    plain tuples cost a fraction of it, and the parent already has the FileInfo.
+    plain tuples cost a fraction of it, and the parent already has the FileInfo. Once the parent
+    has stopped reading, the rest of the chunk is left out (nobody unpacks it).
     """
     arrays = [np.zeros((len(files), *spec.shape), np.uint8) for spec in specs]  # (n, S, S, C) each
     results: list[tuple[str, int, int, str, str, int] | str] = []
-    for n, item in enumerate(decode_chunk(files, specs, max_pixels)):
+    for n, file in enumerate(files):
+        if _STOP is not None and _STOP.value:
+            break
+        item = _decode(file, specs, max_pixels)
         if item.error is not None or item.meta is None:
             results.append(item.error or "unknown error")
             continue
@@ -143,7 +153,7 @@ def decode_all(
     specs: InputSpec | Sequence[InputSpec],
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int | None = None,
-) -> Iterator[Decoded]:
+) -> Generator[Decoded, None, None]:
     """Decode ``files`` in order, each once for all ``specs``, in a process pool when there is much work."""
     specs = (specs,) if isinstance(specs, InputSpec) else tuple(specs)
     workers = workers if workers is not None else (os.cpu_count() or 1)
@@ -154,11 +164,34 @@ def decode_all(
     # breaks scripts without an ``if __name__ == "__main__"`` guard). The children only run Pillow
     # and hashlib, never torch or OpenMP, so a parent with torch's threads forks safely.
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers, initializer=_worker_setup, initargs=(os.getpid(),)) as pool:
+    stop = ctx.RawValue("b", 0)  # shared memory, read by the workers without a lock
+    pool = ctx.Pool(workers, initializer=_worker_setup, initargs=(os.getpid(), stop))
+    try:
         yield from _bounded(pool, files, specs, max_pixels, workers)
+    finally:
+        _finish(pool, stop)
 
 
-def _worker_setup(parent: int) -> None:
+def _finish(pool: Pool, stop: Any) -> None:
+    """End the pool by letting each worker finish the file it is on and exit.
+
+    Pool.terminate() kills the workers wherever they are, and one killed while it sends a result
+    leaves the result queue's lock held: terminate() then waits forever on the pool's thread that
+    is blocked on that lock (benchmarks/interrupts.py: once in about 100 interrupted runs). Told to stop,
+    the workers skip what is left of their chunks, so this takes about one file's decoding.
+    """
+    stop.value = 1
+    pool.close()
+    try:
+        pool.join()
+    except BaseException:  # a second Ctrl-C while waiting: stop at once
+        pool.terminate()
+        raise
+
+
+def _worker_setup(parent: int, stop: Any) -> None:
+    global _STOP
+    _STOP = stop
     # Ctrl-C reaches the whole process group: the parent stops the run and ends the pool; a worker
     # that took the KeyboardInterrupt itself would only print "Process ForkPoolWorker-1:" noise.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -191,10 +224,18 @@ def _bounded(pool: Pool, files: list[FileInfo], specs: Specs, max_pixels: int, w
         pending.append((part, pool.apply_async(decode_packed, (part, specs, max_pixels))))
         if len(pending) >= AHEAD:
             part, result = pending.popleft()
-            yield from unpack(part, result.get())
+            yield from unpack(part, _ready(result))
     while pending:
         part, result = pending.popleft()
-        yield from unpack(part, result.get())
+        yield from unpack(part, _ready(result))
+
+
+def _ready(result: AsyncResult[Packed]) -> Packed:
+    """A chunk's result; while it is decoded, Ctrl-C in a polled run (:mod:`embedsearch.interrupts`) stops it."""
+    while not result.ready():
+        result.wait(0.1)
+        interrupts.check()
+    return result.get()
 
 
 def _chunk_size(files: list[FileInfo], workers: int) -> int:
