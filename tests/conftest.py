@@ -32,12 +32,16 @@ A trained library, built once per module that asks for it (training is the slow 
   (latent 8, 2 epochs). Tests of one module share it: they assert what holds whatever the others added.
 * ``learnt``: (engine, home, held-out shapes): 8 shapes x 20 with an AE and a VAE of 10 epochs, which
   tell shapes from noise (out-of-distribution tests).
+
+Signals: ``sigint_raises`` gives SIGINT Python's default handler for the test (a background
+shell may have left it ignored), for tests that interrupt their own process.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -50,6 +54,15 @@ from embedsearch.engine import Engine
 from embedsearch.results import CheckReport
 from helpers import PostgresUnavailable, admin_sql, database_url, noise_image, png_bytes
 from helpers import postgres_server as postgres_server_at
+
+
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt during the test, as in a terminal: a shell that started pytest
+    in the background (as .ci/run may be) leaves SIGINT ignored, and Python keeps it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(autouse=True)

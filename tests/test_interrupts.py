@@ -13,7 +13,7 @@ import pytest
 
 from embedsearch.interrupts import check, deferred, polled
 
-pytestmark = pytest.mark.no_store
+pytestmark = [pytest.mark.no_store, pytest.mark.usefixtures("sigint_raises")]
 
 
 def test_a_sigint_inside_the_block_waits_for_its_end_then_interrupts() -> None:

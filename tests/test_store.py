@@ -247,6 +247,7 @@ def test_the_writer_lock_of_an_unreachable_postgresql_server_is_one_line(tmp_pat
     assert "secret" not in str(caught.value)
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_during_a_batch_commit_lets_the_batch_commit_whole(url: str) -> None:
     """SIGINT in the middle of write_batch's bulk insert (on PostgreSQL a pipelined executemany,
     which an interrupt left mid-protocol: "cannot exit pipeline mode while busy"): the transaction
