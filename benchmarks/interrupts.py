@@ -82,9 +82,9 @@ def one_run(home: Path, data: Path, rng: np.random.Generator, mode: int) -> str:
     outcome = {
         (130, True): "exit 130",
         (0, False): "exit 0 (finished first)",
-        # Ending by the signal itself was CPython's mark of an interrupt that escaped an exec()
-        # (embedsearch/cli/main.py, _Group.main): 8 runs in 150 before that fix. Counted apart,
-        # and a pass only if the library is whole: a shell reports 130 either way.
+        # Ending by the signal after the line was CPython's mark of an interrupt that escaped an
+        # exec() (embedsearch/cli/main.py, _Group.main); without the line it is a signal that came
+        # during Python's own shutdown. Counted apart, and a pass only if the library is whole.
         (-signal.SIGINT, True): "ended by the signal, after its line",
         (-signal.SIGINT, False): "ended by the signal, without its line",
     }.get((proc.returncode, said))
